@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates the
+# virtual environment, installs torch and the rest, and builds the extension when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# A range would pull a multi-GB CUDA wheel; GPU users pass their own, e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.ext-built
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/* csrc/cuda/*)
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench cuda-check info clean
+
+$(DEPS): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
+		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" "pytest>=8" "pytest-benchmark>=4"
+	touch $@
+
+# --no-build-isolation: the extension must link against the torch installed above.
+$(BUILT): $(DEPS) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILT)
+	$(VENV)/bin/zounlearn demo
+
+info: $(BUILT)
+	$(VENV)/bin/zounlearn info
+
+# pytest exits 5 when it collected no test; make treats that as the failure it is.
+test: $(BUILT)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_ARGS)
+
+# Build and test against the CUDA build of torch (no GPU needed to compile).
+cuda-check:
+	bash scripts/cuda-check.sh
+
+clean:
+	rm -rf build *.egg-info zounlearn/*.so $(VENV)

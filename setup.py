@@ -1,0 +1,66 @@
+"""Builds zounlearn's C++ CPU extension always and its CUDA extension when it can.
+
+Environment: ZOUNLEARN_SKIP_CUDA=1 never builds CUDA; ZOUNLEARN_FORCE_CUDA=1 builds it
+even without a visible GPU (needs nvcc and a CUDA build of torch); TORCH_CUDA_ARCH_LIST
+and MAX_JOBS are honoured by torch.utils.cpp_extension. Build with
+`pip install --no-build-isolation .` so the extension links against the torch you run.
+"""
+
+import os
+import shutil
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+# -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it.
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_wanted() -> tuple[bool, str]:
+    if _flag("ZOUNLEARN_SKIP_CUDA"):
+        return False, "ZOUNLEARN_SKIP_CUDA is set"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU build"
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if not nvcc or not os.path.exists(nvcc):
+        return False, "nvcc not found (set CUDA_HOME)"
+    if not (torch.cuda.is_available() or _flag("ZOUNLEARN_FORCE_CUDA") or os.environ.get("TORCH_CUDA_ARCH_LIST")):
+        return False, "no GPU visible; set TORCH_CUDA_ARCH_LIST or ZOUNLEARN_FORCE_CUDA=1"
+    return True, ""
+
+
+def extensions() -> list:
+    exts = [
+        CppExtension(
+            "zounlearn._C_cpu",
+            [os.path.join("csrc", "cpu", "perturb_cpu.cpp")],
+            include_dirs=[CSRC],
+            extra_compile_args={"cxx": CXX_FLAGS},
+        )
+    ]
+    wanted, why = _cuda_wanted()
+    if wanted:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(
+            CUDAExtension(
+                "zounlearn._C_cuda",
+                [os.path.join("csrc", "cuda", "perturb_cuda.cpp"), os.path.join("csrc", "cuda", "perturb_kernel.cu")],
+                include_dirs=[CSRC],
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--fmad=true", "-lineinfo"]},
+            )
+        )
+    else:
+        print(f"zounlearn: not building the CUDA extension: {why}")
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,0 +1,105 @@
+"""ZO-RNG v1 in pure PyTorch: the oracle every backend is tested against (docs/rng.md).
+
+Unsigned 32-bit words live in int64 tensors; products are split into 16-bit
+halves so that nothing overflows a signed 64-bit lane. Runs on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
+PHILOX_ROUND_A = 0xD2511F53  # multiplies counter word 0
+PHILOX_ROUND_B = 0xCD9E8D57  # multiplies counter word 2
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
+MIN_UNIFORM = 1.0e-7
+TWO_PI = 6.283185307179586
+RADEMACHER_PER_BLOCK = 128
+GAUSSIAN_PER_BLOCK = 4
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def _mul_lo_hi(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * m) mod 2^32 and (x * m) >> 32 for 32-bit x (int64 tensor) and constant m."""
+    p_lo = (x & 0xFFFF) * m
+    mid = (x >> 16) * m + (p_lo >> 16)
+    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return lo, mid >> 16
+
+
+def philox(seed: int, block: torch.Tensor, stream: int = 0) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counters (block lo, block hi, stream lo, stream hi) under key seed.
+
+    block is an int64 tensor of non-negative block indices; returns four int64
+    tensors holding the unsigned 32-bit output words.
+    """
+    seed &= MASK64
+    stream &= MASK64
+    k0, k1 = seed & MASK32, seed >> 32
+    c0 = block & MASK32
+    c1 = block >> 32
+    c2 = torch.full_like(block, stream & MASK32)
+    c3 = torch.full_like(block, stream >> 32)
+    for _ in range(PHILOX_ROUNDS):
+        lo_b, hi_b = _mul_lo_hi(c2, PHILOX_ROUND_B)
+        lo_a, hi_a = _mul_lo_hi(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform(word: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: a 32-bit word to float32 in [0, 1)."""
+    signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's pair_uniform_to_normal, in float32."""
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp(u1, min=MIN_UNIFORM)))
+    theta = torch.tensor(TWO_PI, dtype=torch.float32) * u2
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def _check(seed: int, stream: int, offset: int, numel: int, dist: str) -> None:
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    for name, value in (("seed", seed), ("stream", stream), ("offset", offset), ("numel", numel)):
+        if not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if offset < 0 or numel < 0 or offset + numel > 1 << 63:
+        raise ValueError(f"elements [{offset}, {offset + numel}) must lie in [0, 2^63)")
+
+
+def sample(
+    seed: int,
+    stream: int,
+    offset: int,
+    numel: int,
+    dist: str = "rademacher",
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """z for global elements offset .. offset + numel - 1, as a float32 vector."""
+    _check(seed, stream, offset, numel, dist)
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    per_block = RADEMACHER_PER_BLOCK if dist == "rademacher" else GAUSSIAN_PER_BLOCK
+    first, last = offset // per_block, (offset + numel - 1) // per_block
+    blocks = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = philox(seed, blocks, stream)
+    if dist == "rademacher":
+        shifts = torch.arange(32, dtype=torch.int64, device=device)
+        bits = (torch.stack(words, dim=1).unsqueeze(-1) >> shifts) & 1  # [blocks, 4, 32]
+        values = (1 - 2 * bits).to(torch.float32).reshape(-1)
+    else:
+        n0, n1 = box_muller(uniform(words[0]), uniform(words[1]))
+        n2, n3 = box_muller(uniform(words[2]), uniform(words[3]))
+        values = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
+    start = offset - first * per_block
+    return values[start : start + numel]
