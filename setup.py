@@ -1,6 +1,8 @@
 """Builds zounlearn's C++ CPU extension always and its CUDA extension when it can.
 
-Environment: ZOUNLEARN_SKIP_CUDA=1 never builds CUDA; ZOUNLEARN_FORCE_CUDA=1 builds it
+Environment: ZOUNLEARN_CPU_ARCH=generic builds the CPU op for any x86-64 (default: AVX2/FMA/F16C
+when the building machine has them, as source-built extensions usually are run where they
+were built; `native` passes -march=native); ZOUNLEARN_SKIP_CUDA=1 never builds CUDA; ZOUNLEARN_FORCE_CUDA=1 builds it
 even without a visible GPU (needs nvcc and a CUDA build of torch); TORCH_CUDA_ARCH_LIST
 and MAX_JOBS are honoured by torch.utils.cpp_extension. Build with
 `pip install --no-build-isolation .` so the extension links against the torch you run.
@@ -17,11 +19,25 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 # -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cpu_arch_flags() -> list[str]:
+    arch = os.environ.get("ZOUNLEARN_CPU_ARCH", "auto")
+    if arch == "generic":
+        return []
+    if arch == "native":
+        return ["-march=native"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
 
 
 def _cuda_wanted() -> tuple[bool, str]:
@@ -43,7 +59,7 @@ def extensions() -> list:
             "zounlearn._C_cpu",
             [os.path.join("csrc", "cpu", "perturb_cpu.cpp")],
             include_dirs=[CSRC],
-            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_compile_args={"cxx": CXX_FLAGS + _cpu_arch_flags()},
         )
     ]
     wanted, why = _cuda_wanted()
@@ -55,7 +71,7 @@ def extensions() -> list:
                 "zounlearn._C_cuda",
                 [os.path.join("csrc", "cuda", "perturb_cuda.cpp"), os.path.join("csrc", "cuda", "perturb_kernel.cu")],
                 include_dirs=[CSRC],
-                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--fmad=true", "-lineinfo"]},
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=true", "-lineinfo"]},
             )
         )
     else:

@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define ZO_HD __host__ __device__ __forceinline__
@@ -41,6 +42,20 @@ ZO_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
+// One Philox4x32 round; all four new words come from the old ones.
+ZO_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  const uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
+  const uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
+  c1 = 0xCD9E8D57u * c2;
+  c3 = 0xD2511F53u * c0;
+  c0 = n0;
+  c2 = n2;
+}
+
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
 // Philox4x32-10, word for word Triton's tl.philox with 32-bit counters.
 ZO_HD Words philox(uint64_t seed, uint64_t block, uint64_t stream) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -49,15 +64,10 @@ ZO_HD Words philox(uint64_t seed, uint64_t block, uint64_t stream) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
-    const uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * c2;
-    c3 = 0xD2511F53u * c0;
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
   return Words{{c0, c1, c2, c3}};
 }
@@ -66,7 +76,9 @@ ZO_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
-  return __builtin_bit_cast(uint32_t, x);
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
 #endif
 }
 
@@ -74,7 +86,9 @@ ZO_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  return __builtin_bit_cast(float, u);
+  float x;
+  memcpy(&x, &u, sizeof x);
+  return x;
 #endif
 }
 
@@ -86,28 +100,90 @@ ZO_HD uint32_t rademacher_bit(const Words& r, uint64_t e) {
   return (r.w[(e >> 5) & 3] >> (e & 31)) & 1u;
 }
 
-// Triton's uint_to_uniform_float for 32-bit words.
+// Triton's uint_to_uniform_float for 32-bit words: negatives fold as ~x (x ^ (x >> 31)).
 ZO_HD float uniform(uint32_t word) {
-  int32_t x = static_cast<int32_t>(word);
-  x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
+  const int32_t x = static_cast<int32_t>(word);
+  return static_cast<float>(x ^ (x >> 31)) * 4.6566127342e-10f;
 }
 
-// Triton's pair_uniform_to_normal (Box-Muller), in float32 with the precise math library.
-ZO_HD void box_muller(uint32_t w1, uint32_t w2, float& n1, float& n2) {
+// cond ? a : b without a branch, so loops that use it still vectorise.
+ZO_HD float select(bool cond, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(cond);
+  return bits_float((float_bits(a) & m) | (float_bits(b) & ~m));
+}
+
+#if !defined(__CUDA_ARCH__)
+// Host-side log and sincos: branch-free float32 Cephes polynomials that the compiler
+// vectorises (glibc's are scalar calls). About 1 ulp on the ranges Box-Muller uses;
+// tests hold the results to 1e-6 of torch's. The device uses CUDA's own logf/sincosf.
+inline float log_poly(float x) {  // x normal and positive
+  const uint32_t bits = float_bits(x);
+  int e = static_cast<int>(bits >> 23) - 126;  // x = m * 2^e with m in [0.5, 1)
+  float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);
+  const bool low = m < 0.707106781186547524f;
+  e -= static_cast<int>(low);
+  m = select(low, m + m - 1.0f, m - 1.0f);
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * fe;
+}
+
+inline void sincos_poly(float t, float& s, float& c) {  // 0 <= t <= 2 pi
+  const float kf = static_cast<float>(static_cast<int>(t * 0.63661977236758134f + 0.5f));
+  const int k = static_cast<int>(kf);
+  // Cody-Waite reduction with pi/2 in three parts: r in [-pi/4, pi/4].
+  const float r = ((t - kf * 1.5703125f) - kf * 4.837512969970703125e-4f) - kf * 7.54978995489188216e-8f;
+  const float r2 = r * r;
+  const float sp = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
+  const float cp = ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 -
+                   0.5f * r2 + 1.0f;
+  // Quadrant k: sin t = (sp, cp, -sp, -cp)[k & 3], cos t = (cp, -sp, -cp, sp)[k & 3].
+  const bool odd = k & 1;
+  s = bits_float(float_bits(select(odd, cp, sp)) ^ ((static_cast<uint32_t>(k) & 2u) << 30));
+  c = bits_float(float_bits(select(odd, sp, cp)) ^ ((static_cast<uint32_t>(k + 1) & 2u) << 30));
+}
+#endif
+
+// Triton's pair_uniform_to_normal (Box-Muller) in float32, in three steps that the
+// CPU op runs as separate loops (each vectorises; fused, gcc gives up).
+ZO_HD float box_muller_radius(uint32_t w1) {
   float u1 = uniform(w1);
-  u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
-  const float r = sqrtf(-2.0f * logf(u1));
-  const float t = 6.283185307179586f * uniform(w2);
+  u1 = select(u1 > 1.0e-7f, u1, 1.0e-7f);  // not fmaxf or ?: -- either keeps the loop scalar
 #if defined(__CUDA_ARCH__)
-  float s, c;
+  return sqrtf(-2.0f * logf(u1));
+#else
+  return sqrtf(-2.0f * log_poly(u1));
+#endif
+}
+
+ZO_HD float box_muller_angle(uint32_t w2) { return 6.283185307179586f * uniform(w2); }
+
+ZO_HD void box_muller_sincos(float t, float& s, float& c) {
+#if defined(__CUDA_ARCH__)
   sincosf(t, &s, &c);
+#else
+  sincos_poly(t, s, c);
+#endif
+}
+
+ZO_HD void box_muller(uint32_t w1, uint32_t w2, float& n1, float& n2) {
+  const float r = box_muller_radius(w1);
+  float s, c;
+  box_muller_sincos(box_muller_angle(w2), s, c);
   n1 = r * c;
   n2 = r * s;
-#else
-  n1 = r * cosf(t);
-  n2 = r * sinf(t);
-#endif
 }
 
 // The four normals of one Gaussian block, lanes e & 3 = 0..3.

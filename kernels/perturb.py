@@ -1,12 +1,15 @@
 """Triton kernel for the fused in-place update of ZO-RNG v1 (docs/rng.md).
 
-theta <- round_to_dtype(alpha * theta + sum_k coef_k * z(seed, stream_k, e)), float32 math.
+    theta <- round_to_dtype(alpha * theta + sum_k coefs[k] * z(seed, streams[k], e))
 
-Each program owns GROUPS_PER_PROGRAM whole Philox blocks ("groups") of the global
-index space: 128 elements per group for Rademacher, 4 for Gaussian. Its tile is
-[GROUPS_PER_PROGRAM, GROUP_SIZE], rows aligned to global groups, so Philox runs on a
-1-D [GROUPS_PER_PROGRAM] vector (once per group) and its words are broadcast along
-the row. Elements of a row that fall outside the tensor are masked out.
+in float32, terms added left to right, one rounding at the store.
+
+Tile layout: a program owns GROUPS_PER_PROGRAM whole Philox blocks ("groups") of the
+global index space, 128 elements each for Rademacher and 4 for Gaussian, as a
+[GROUPS_PER_PROGRAM, GROUP_SIZE] tile whose rows are global groups. Philox runs on
+the 1-D vector of the tile's group indices, once per group, and its words are
+broadcast along the rows. The first and last tiles of a tensor overhang it and are
+masked.
 """
 
 from __future__ import annotations
@@ -14,21 +17,42 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import pair_uniform_to_normal, philox_impl, uint_to_uniform_float
+from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 MAX_TERMS = 8
 DISTRIBUTIONS = ("rademacher", "gaussian")
-RADEMACHER_GROUP = 128  # elements per Philox call
+RADEMACHER_GROUP = 128  # elements served by one Philox call
 GAUSSIAN_GROUP = 4
-# ~4096 elements per program: enough bytes in flight per thread to hide latency.
-RADEMACHER_GROUPS_PER_PROGRAM = 32
-GAUSSIAN_GROUPS_PER_PROGRAM = 1024
-NUM_WARPS = 4
+# Tiles of 2048 (Rademacher) and 1024 (Gaussian) elements: 16 and 8 per thread at 4
+# warps. Larger tiles push K = 8 past ~190 registers (and Gaussian into spills), for no
+# gain in a memory-bound op.
+RADEMACHER_GROUPS_PER_PROGRAM = 16
+GAUSSIAN_GROUPS_PER_PROGRAM = 256
+LAUNCH_OPTIONS = {
+    "num_warps": 4,
+    # Keeps alpha * theta rounded before the first add, as the CUDA op does (__fmul_rn),
+    # so Rademacher results match the other backends bit for bit.
+    "enable_fp_fusion": False,
+}
+# Philox4x32-10 constants (tl.philox's); jit code reads only constexpr globals.
+PHILOX_ROUNDS = tl.constexpr(10)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
 def _philox_words(seed, stream, block):
-    """Philox4x32-10 with key seed and counters (block lo, block hi, stream lo, stream hi)."""
+    """Philox4x32-10 under key seed of counters (block lo, block hi, stream lo, stream hi).
+
+    Same rounds as tl.philox. The rounds run in a runtime `while` loop on purpose:
+    Triton does not rematerialize a while loop into another layout, so Philox stays in
+    the 1-D layout of `block` (each thread computes one group) instead of being
+    recomputed by every thread that holds a piece of a row (16 to 32 threads per
+    Rademacher row); the words reach the tile through one layout conversion in shared
+    memory. LLVM still unrolls the loop.
+    """
     seed = tl.cast(seed, tl.int64).to(tl.uint64, bitcast=True)
     stream = tl.cast(stream, tl.int64).to(tl.uint64, bitcast=True)
     zero = tl.zeros(block.shape, tl.uint32)
@@ -38,42 +62,54 @@ def _philox_words(seed, stream, block):
     c3 = zero + (stream >> 32).to(tl.uint32)
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
-    rnd = 0
-    while rnd < 10:
-        _c0, _c2 = c0, c2
-        c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
-        c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
-        c1 = tl.mul(0xCD9E8D57, _c2, sanitize_overflow=False)
-        c3 = tl.mul(0xD2511F53, _c0, sanitize_overflow=False)
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
-        rnd += 1
+    round_index = 0
+    while round_index < PHILOX_ROUNDS:
+        old_c0, old_c2 = c0, c2
+        c0 = tl.umulhi(PHILOX_ROUND_B, old_c2) ^ c1 ^ k0
+        c2 = tl.umulhi(PHILOX_ROUND_A, old_c0) ^ c3 ^ k1
+        c1 = tl.mul(PHILOX_ROUND_B, old_c2, sanitize_overflow=False)
+        c3 = tl.mul(PHILOX_ROUND_A, old_c0, sanitize_overflow=False)
+        k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+        round_index += 1
     return c0, c1, c2, c3
 
 
 @triton.jit
 def _add_term(acc, coef, stream, seed, block, col, GAUSSIAN: tl.constexpr):
-    """acc + coef * z for the [groups, group size] tile whose rows are Philox blocks `block`."""
+    """acc + coef * z for the tile whose rows are the Philox blocks `block`."""
     w0, w1, w2, w3 = _philox_words(seed, stream, block)
     coef = tl.cast(coef, tl.float32)
     if GAUSSIAN:
         n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
         n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(w2), uint_to_uniform_float(w3))
         lane = col[None, :]
-        z = tl.where(
-            lane == 0, n0[:, None], tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None]))
-        )
+        z = tl.where(lane == 0, n0[:, None],
+                     tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])))
         return acc + coef * z
     else:
         word_index = (col >> 5)[None, :]
-        word = tl.where(
-            word_index == 0,
-            w0[:, None],
-            tl.where(word_index == 1, w1[:, None], tl.where(word_index == 2, w2[:, None], w3[:, None])),
-        )
-        bit = (word >> (col & 31).to(tl.uint32)[None, :]) & 1
-        # coef * (+-1) is exact: select the sign instead of multiplying.
-        return acc + tl.where(bit != 0, -coef, coef)
+        word = tl.where(word_index == 0, w0[:, None],
+                        tl.where(word_index == 1, w1[:, None],
+                                 tl.where(word_index == 2, w2[:, None], w3[:, None])))
+        # coef * z with z = -1 iff bit (e & 31) is set: move that bit onto coef's sign bit.
+        # Exact, like the product, and leaves no multiply for the compiler to fuse.
+        sign = (word << (31 - (col & 31)).to(tl.uint32)[None, :]) & 0x80000000
+        return acc + (coef.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 x rounded to nearest even in dtype."""
+    if dtype == tl.bfloat16:
+        # By hand because Triton's interpreter truncates float32 -> bfloat16; on a GPU
+        # this is what cvt.rn.bf16.f32 computes. NaN would round to -0 or inf: keep it NaN.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit(do_not_specialize=["first_group", "seed", "stream0", "stream1", "stream2", "stream3", "stream4",
@@ -81,12 +117,14 @@ def _add_term(acc, coef, stream, seed, block, col, GAUSSIAN: tl.constexpr):
 def _perturb_kernel(
     param_ptr,
     numel,
-    lead,  # (base offset) mod GROUP_SIZE: local index of the first element is -lead in the tile
-    first_group: tl.int64,  # (base offset) // GROUP_SIZE
+    lead,  # base offset mod GROUP_SIZE: the tensor starts `lead` elements into its first group
+    first_group: tl.int64,  # base offset // GROUP_SIZE
     alpha: tl.float32,
     seed: tl.int64,
-    # Terms as scalar arguments (unused ones are 0): no device buffer, so no host-to-device
-    # copy per call; NUM_TERMS prunes the unused ones at compile time.
+    # The terms are scalar arguments, unused ones 0: no device buffer to fill (and no
+    # host-to-device copy) per call, and NUM_TERMS drops the unused ones at compile time.
+    # The int64 annotations and do_not_specialize keep one compiled kernel per dtype/K/dist
+    # whatever the seed and stream values.
     coef0: tl.float32, coef1: tl.float32, coef2: tl.float32, coef3: tl.float32,
     coef4: tl.float32, coef5: tl.float32, coef6: tl.float32, coef7: tl.float32,
     stream0: tl.int64, stream1: tl.int64, stream2: tl.int64, stream3: tl.int64,
@@ -96,13 +134,19 @@ def _perturb_kernel(
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
+    TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
     pid = tl.program_id(0).to(tl.int64)
-    group = pid * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM).to(tl.int64)
+    # Per-program scalars are int64; offsets inside the tile fit int32.
+    tile_start = pid * TILE - lead  # local index of the tile's first element (negative for the first tile)
+    row = tl.arange(0, GROUPS_PER_PROGRAM)
     col = tl.arange(0, GROUP_SIZE)
-    local = group[:, None] * GROUP_SIZE + col[None, :] - lead
-    mask = (local >= 0) & (local < numel)
-    theta = tl.load(param_ptr + local, mask=mask).to(tl.float32)
-    block = tl.cast(first_group, tl.int64) + group
+    pos = row[:, None] * GROUP_SIZE + col[None, :]
+    first_valid = tl.maximum(-tile_start, 0).to(tl.int32)
+    end_valid = tl.minimum(numel - tile_start, TILE).to(tl.int32)
+    mask = (pos >= first_valid) & (pos < end_valid)
+    ptrs = param_ptr + tile_start + pos
+    theta = tl.load(ptrs, mask=mask).to(tl.float32)
+    block = tl.cast(first_group, tl.int64) + pid * GROUPS_PER_PROGRAM + row
 
     acc = tl.cast(alpha, tl.float32) * theta
     acc = _add_term(acc, coef0, stream0, seed, block, col, GAUSSIAN)
@@ -120,11 +164,11 @@ def _perturb_kernel(
         acc = _add_term(acc, coef6, stream6, seed, block, col, GAUSSIAN)
     if NUM_TERMS > 7:
         acc = _add_term(acc, coef7, stream7, seed, block, col, GAUSSIAN)
-    tl.store(param_ptr + local, acc.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, _round_to(acc, param_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_int64(value: int) -> int:
-    """A 64-bit value (any Python int, taken mod 2^64) as the signed int64 with the same bits."""
+    """The signed int64 with the bits of value mod 2^64."""
     return (value + 2**63) % 2**64 - 2**63
 
 
@@ -139,13 +183,17 @@ def perturb_(
 ) -> None:
     """theta <- alpha * theta + sum_k coefs[k] * z(seed, streams[k], offset + i), in place.
 
-    Tensors are contiguous float32/bfloat16/float16 on one device, validated by the caller.
+    The caller has validated the tensors: contiguous float32/bfloat16/float16. One launch
+    per non-empty tensor, on the current stream.
     """
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    if not 1 <= len(coefs) <= MAX_TERMS or len(streams) != len(coefs):
+        raise ValueError(f"need 1 to {MAX_TERMS} coefs and as many streams, got {len(coefs)} and {len(streams)}")
     gaussian = dist == "gaussian"
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
-    num_terms = len(coefs)
-    padding = MAX_TERMS - num_terms
+    padding = MAX_TERMS - len(coefs)
     term_args = [float(c) for c in coefs] + [0.0] * padding + [_as_int64(s) for s in streams] + [0] * padding
     for param, offset in zip(params, offsets):
         numel = param.numel()
@@ -161,10 +209,9 @@ def perturb_(
             float(alpha),
             _as_int64(seed),
             *term_args,
-            NUM_TERMS=num_terms,
+            NUM_TERMS=len(coefs),
             GAUSSIAN=gaussian,
             GROUP_SIZE=group_size,
             GROUPS_PER_PROGRAM=groups_per_program,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
+            **LAUNCH_OPTIONS,
         )

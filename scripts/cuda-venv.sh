@@ -15,10 +15,12 @@ STAMP="$VENV/.cuda-venv-done"
 
 if [ ! -f "$STAMP" ]; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    # pip's own config (find-links / extra-index-url on local disk) supplies the ~0.5 GB torch
-    # wheel and its nvidia-* / triton wheels; pip prefers an already-downloaded wheel of the
-    # same version, so nothing big comes over the network. torch pins triton itself (~=3.8).
-    "$VENV/bin/python" -m pip install ${PIP_LOG:+--log "$PIP_LOG"} --quiet "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel
+    # pip's config (find-links + file:// extra indexes) holds the 0.5 GB torch wheel and its
+    # ~3 GB of nvidia-*/triton wheels; for an equal version pip takes the local file, so only
+    # small pure-Python/newer deps (cuda-bindings, nvjitlink, ...) come from PyPI.
+    # torch pins triton (~=3.8) itself. -qq hides the flood of "Location ... is ignored"
+    # warnings the file:// indexes print for projects they lack; errors still show.
+    "$VENV/bin/python" -m pip install -qq "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel
     "$VENV/bin/python" - <<'EOF'
 import torch, triton
 assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"

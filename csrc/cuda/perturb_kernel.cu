@@ -258,7 +258,7 @@ cudaError_t launch_all(void* const* ptrs, const int64_t* numels, const int64_t* 
     b.ptr[b.n] = ptrs[i];
     b.numel[b.n] = numels[i];
     b.base[b.n] = offsets[i];
-    tiles += (numels[i] + kTile - 1) / kTile;
+    tiles += numels[i] / kTile + (numels[i] % kTile != 0);  // no numel + kTile - 1: it could overflow
     b.tile_end[b.n] = tiles;
     if (++b.n == kMaxTensors) {
       const cudaError_t err = launch_batch<T, D>(b, terms, sm_count, stream);

@@ -1,0 +1,214 @@
+// The CPU kernel of the fused op, free of torch headers so it can be built and
+// benchmarked on its own: theta <- alpha * theta + sum_k c_k * z_k, in place.
+// Work is split into groups of 128 global elements (one Rademacher Philox block,
+// or 32 Gaussian blocks); each group is loaded once, updated in a float32 buffer
+// for every term and stored with one rounding. No parameter-sized temporaries.
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "../zo_rng.h"
+
+namespace zo::cpu {
+
+// Storage types with the same layout as at::BFloat16 / at::Half.
+struct bf16 {
+  uint16_t bits;
+};
+using f16 = _Float16;  // IEEE binary16: conversions round to nearest even (F16C when enabled)
+
+inline float load(float x) { return x; }
+inline float load(bf16 x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
+inline float load(f16 x) { return static_cast<float>(x); }
+
+inline void store(float x, float& out) { out = x; }
+inline void store(float x, f16& out) { out = static_cast<f16>(x); }
+// Round to nearest even, as torch does; NaN stays a quiet NaN. Branch-free so it vectorises.
+inline void store(float x, bf16& out) {
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = ((u >> 16) | 0x40u) & 0xFFFFu;
+  out.bits = static_cast<uint16_t>(x != x ? nan : rounded);
+}
+
+constexpr int64_t kGroup = kRademacherPerBlock;
+
+#if defined(__AVX2__)
+// (a * b) mod 2^32 and (a * b) >> 32 for 8 lanes: two widening multiplies and blends;
+// gcc's own vectorisation of the scalar round shuffles far more (and uses vpmulld).
+inline void mul_lo_hi_x8(__m256i a, __m256i b, __m256i& lo, __m256i& hi) {
+  const __m256i even = _mm256_mul_epu32(a, b);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+#endif
+
+// Philox4x32-10 of blocks first .. first + N - 1 of one stream: words into c0..c3[0 .. N).
+// first is a multiple of N (a power of two), so the blocks share their high 32 bits.
+template <int N>
+inline void philox_lanes(uint64_t seed, uint64_t first, uint64_t stream, uint32_t* c0, uint32_t* c1, uint32_t* c2,
+                         uint32_t* c3) {
+  static_assert(N % 8 == 0 && (N & (N - 1)) == 0, "N: a power of two, 8 lanes at a time");
+  // Counters are written whole-vector (no scalar stores that vector loads would stall on).
+  for (int i = 0; i < N; ++i) {
+    c0[i] = static_cast<uint32_t>(first) + static_cast<uint32_t>(i);
+    c1[i] = static_cast<uint32_t>(first >> 32);
+    c2[i] = static_cast<uint32_t>(stream);
+    c3[i] = static_cast<uint32_t>(stream >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__AVX2__)
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  // Rounds outside, lanes inside: the N / 8 chains are independent, so their
+  // multiply latencies overlap instead of adding up.
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int i = 0; i < N; i += 8) {
+      __m256i* p0 = reinterpret_cast<__m256i*>(c0 + i);
+      __m256i* p1 = reinterpret_cast<__m256i*>(c1 + i);
+      __m256i* p2 = reinterpret_cast<__m256i*>(c2 + i);
+      __m256i* p3 = reinterpret_cast<__m256i*>(c3 + i);
+      __m256i lo_b, hi_b, lo_a, hi_a;
+      mul_lo_hi_x8(_mm256_loadu_si256(p2), mb, lo_b, hi_b);
+      mul_lo_hi_x8(_mm256_loadu_si256(p0), ma, lo_a, hi_a);
+      _mm256_storeu_si256(p0, _mm256_xor_si256(_mm256_xor_si256(hi_b, _mm256_loadu_si256(p1)), key0));
+      _mm256_storeu_si256(p2, _mm256_xor_si256(_mm256_xor_si256(hi_a, _mm256_loadu_si256(p3)), key1));
+      _mm256_storeu_si256(p1, lo_b);
+      _mm256_storeu_si256(p3, lo_a);
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+#else
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int i = 0; i < N; ++i) philox_round(c0[i], c1[i], c2[i], c3[i], k0, k1);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+#endif
+}
+
+// The 128 normals of one group: 32 Gaussian blocks whose Philox rounds and Box-Muller
+// run lane-parallel over the 32 blocks, so both loops vectorise.
+inline void gaussian_group(uint64_t seed, uint64_t group, uint64_t stream, float* z) {
+  constexpr int kBlocks = kGroup / kGaussianPerBlock;
+  alignas(32) uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  philox_lanes<kBlocks>(seed, group * kBlocks, stream, c0, c1, c2, c3);
+  // box_muller step by step: words (0, 1) give lanes 0, 1 and words (2, 3) lanes 2, 3.
+  float r01[kBlocks], r23[kBlocks], t01[kBlocks], t23[kBlocks];
+  for (int i = 0; i < kBlocks; ++i) {
+    r01[i] = box_muller_radius(c0[i]);
+    r23[i] = box_muller_radius(c2[i]);
+  }
+  for (int i = 0; i < kBlocks; ++i) {
+    t01[i] = box_muller_angle(c1[i]);
+    t23[i] = box_muller_angle(c3[i]);
+  }
+  for (int i = 0; i < kBlocks; ++i) {
+    float s01, c01, s23, c23;
+    box_muller_sincos(t01[i], s01, c01);
+    box_muller_sincos(t23[i], s23, c23);
+    z[4 * i] = r01[i] * c01;
+    z[4 * i + 1] = r01[i] * s01;
+    z[4 * i + 2] = r23[i] * c23;
+    z[4 * i + 3] = r23[i] * s23;
+  }
+}
+
+// Groups are numbered by global index: group g holds elements [128 g, 128 g + 128).
+inline int64_t first_group(uint64_t base) { return static_cast<int64_t>(base / kGroup); }
+inline int64_t end_group(uint64_t base, int64_t numel) {
+  return numel == 0 ? first_group(base) : static_cast<int64_t>((base + numel - 1) / kGroup) + 1;
+}
+
+// One full group of 128 elements, K terms, one load and one store per element. The
+// fixed trip counts (K is a template argument) let the compiler vectorise over b.
+template <int K, typename T>
+inline void rademacher_full_group(T* p, const Words* r, const Terms& t) {
+  for (int q = 0; q < 4; ++q) {
+    T* pq = p + 32 * q;
+    for (uint32_t b = 0; b < 32; ++b) {
+      float x = scale(t.alpha, load(pq[b]));
+      for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
+      store(x, pq[b]);
+    }
+  }
+}
+
+template <int K, typename T>
+inline void gaussian_full_group(T* p, const float (*z)[kGroup], const Terms& t) {
+  for (int j = 0; j < kGroup; ++j) {
+    float x = scale(t.alpha, load(p[j]));
+    for (int k = 0; k < K; ++k) x = add_term(x, t.coef[k], z[k][j]);
+    store(x, p[j]);
+  }
+}
+
+// The first and last group of a tensor may hold fewer elements: lanes lane0 .. lane0 + len - 1.
+template <int K, typename T>
+inline void partial_group(T* p, int64_t lane0, int64_t len, const Words* r, const float (*z)[kGroup],
+                          const Terms& t, Dist dist) {
+  for (int64_t j = 0; j < len; ++j) {
+    float x = scale(t.alpha, load(p[j]));
+    for (int k = 0; k < K; ++k) {
+      x = dist == Dist::kRademacher ? x + signed_coef(t.coef[k], rademacher_bit(r[k], lane0 + j))
+                                    : add_term(x, t.coef[k], z[k][lane0 + j]);
+    }
+    store(x, p[j]);
+  }
+}
+
+template <int K, typename T>
+void perturb_groups_k(T* data, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0, int64_t g1) {
+  Words r[K];
+  float z[K][kGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint64_t group_start = static_cast<uint64_t>(g) * kGroup;
+    const uint64_t e0 = std::max(group_start, base);
+    const uint64_t e1 = std::min(group_start + kGroup, base + numel);
+    T* p = data + (e0 - base);
+    for (int k = 0; k < K; ++k) {
+      if (dist == Dist::kRademacher) {
+        r[k] = philox(t.seed, g, t.stream[k]);
+      } else {
+        gaussian_group(t.seed, g, t.stream[k], z[k]);
+      }
+    }
+    if (e1 - e0 == kGroup) {
+      if (dist == Dist::kRademacher) {
+        rademacher_full_group<K>(p, r, t);
+      } else {
+        gaussian_full_group<K>(p, z, t);
+      }
+    } else {
+      partial_group<K>(p, static_cast<int64_t>(e0 - group_start), static_cast<int64_t>(e1 - e0), r, z, t, dist);
+    }
+  }
+}
+
+// Updates the elements of one tensor (data, numel, global offset base) that fall in groups [g0, g1).
+template <typename T>
+void perturb_groups(T* data, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0, int64_t g1) {
+  switch (t.count) {
+    case 1: return perturb_groups_k<1>(data, numel, base, t, dist, g0, g1);
+    case 2: return perturb_groups_k<2>(data, numel, base, t, dist, g0, g1);
+    case 3: return perturb_groups_k<3>(data, numel, base, t, dist, g0, g1);
+    case 4: return perturb_groups_k<4>(data, numel, base, t, dist, g0, g1);
+    case 5: return perturb_groups_k<5>(data, numel, base, t, dist, g0, g1);
+    case 6: return perturb_groups_k<6>(data, numel, base, t, dist, g0, g1);
+    case 7: return perturb_groups_k<7>(data, numel, base, t, dist, g0, g1);
+    case 8: return perturb_groups_k<8>(data, numel, base, t, dist, g0, g1);
+    default: return;  // callers check 1 <= count <= kMaxTerms
+  }
+}
+
+}  // namespace zo::cpu

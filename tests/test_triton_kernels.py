@@ -1,0 +1,311 @@
+"""The Triton kernel (kernels/perturb.py) against the ZO-RNG v1 oracle (zounlearn.rng).
+
+Without a GPU the kernels run in Triton's interpreter; the compile test also builds
+them for sm_90 (PTX and cubin) in a subprocess, which needs no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit below runs
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from zounlearn import rng  # noqa: E402
+
+try:
+    from zounlearn.kernels import perturb as perturb_module
+except ModuleNotFoundError:  # no install maps kernels/ to zounlearn.kernels yet
+    _spec = importlib.util.spec_from_file_location(
+        "zounlearn_kernels_perturb", pathlib.Path(__file__).resolve().parents[1] / "kernels" / "perturb.py"
+    )
+    perturb_module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(perturb_module)
+perturb_ = perturb_module.perturb_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEEDS = [0, 1, 2**32 + 5, 2**63 + 3 - 2**64, -1]  # the last two: 2**63 + 3 and 2**64 - 1 as signed int64
+STREAMS = [0, 1, 2**40 + 7]
+OFFSETS = [0, 5, 2**32 - 70, 2**40 + 3]  # 2**32 - 70 crosses 2^32 inside the tensor
+SIZES = [0, 1, 127, 128, 129, 4097]
+SHAPES_2D = [(3, 45), (7, 129)]
+
+
+def kernel_sample(seed: int, stream: int, offset: int, shape: tuple[int, ...], dist: str) -> torch.Tensor:
+    """z through the fused op: perturb_ of zeros with alpha = 0 and one term of coef 1."""
+    z = torch.zeros(shape, dtype=torch.float32, device=DEVICE)
+    perturb_([z], [offset], 0.0, [1.0], [stream], seed, dist)
+    return z.cpu()
+
+
+def oracle(seed: int, stream: int, offset: int, shape: tuple[int, ...], dist: str) -> torch.Tensor:
+    return rng.sample(seed, stream, offset, torch.Size(shape).numel(), dist).reshape(shape)
+
+
+def reference_update(theta, offset, alpha, coefs, streams, seed, dist, round_every_term=False):
+    """The float32 formula of docs/rng.md; round_every_term is the wrong variant, to show tests can tell."""
+    acc = theta.float().cpu() * torch.tensor(alpha, dtype=torch.float32)
+    for coef, stream in zip(coefs, streams):
+        z = rng.sample(seed, stream, offset, theta.numel(), dist).reshape(theta.shape)
+        acc = acc + torch.tensor(coef, dtype=torch.float32) * z
+        if round_every_term:
+            acc = acc.to(theta.dtype).float()
+    return acc.to(theta.dtype)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """Distance from |x| to the next float32 up."""
+    a = x.abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rademacher_bit_exact(seed, stream):
+    cases = [(offset, (size,)) for offset in OFFSETS for size in (1, 129, 4097)] + [(2**32 - 70, SHAPES_2D[1])]
+    zs = [torch.zeros(shape, device=DEVICE) for _, shape in cases]
+    perturb_(zs, [offset for offset, _ in cases], 0.0, [1.0], [stream], seed, "rademacher")
+    for z, (offset, shape) in zip(zs, cases):
+        assert torch.equal(z.cpu(), oracle(seed, stream, offset, shape, "rademacher")), (offset, shape)
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_rademacher_bit_exact_all_sizes(offset):
+    seed, stream = SEEDS[3], STREAMS[2]
+    for shape in [(size,) for size in SIZES] + SHAPES_2D:
+        assert torch.equal(kernel_sample(seed, stream, offset, shape, "rademacher"),
+                           oracle(seed, stream, offset, shape, "rademacher")), shape
+
+
+@pytest.mark.parametrize(("seed", "stream"), [(0, 0), (2**32 + 5, 1), (-1, 2**40 + 7)])
+def test_gaussian_within_1e6(seed, stream):
+    for offset in OFFSETS:
+        for shape in [(1,), (130,), (4097,), SHAPES_2D[0]]:
+            got = kernel_sample(seed, stream, offset, shape, "gaussian")
+            torch.testing.assert_close(got, oracle(seed, stream, offset, shape, "gaussian"), rtol=0, atol=1e-6)
+
+
+@triton.jit
+def _triton_random_kernel(seed, first_block, words_ptr, normals_ptr, BLOCKS: tl.constexpr):
+    """Triton's own tl.randint4x / tl.randn4x of blocks first_block + j, stored lane by lane."""
+    j = tl.arange(0, BLOCKS)
+    blocks = first_block + j.to(tl.int64)
+    i0, i1, i2, i3 = tl.randint4x(seed, blocks)
+    n0, n1, n2, n3 = tl.randn4x(seed, blocks)
+    tl.store(words_ptr + 4 * j + 0, i0.to(tl.int64))
+    tl.store(words_ptr + 4 * j + 1, i1.to(tl.int64))
+    tl.store(words_ptr + 4 * j + 2, i2.to(tl.int64))
+    tl.store(words_ptr + 4 * j + 3, i3.to(tl.int64))
+    tl.store(normals_ptr + 4 * j + 0, n0)
+    tl.store(normals_ptr + 4 * j + 1, n1)
+    tl.store(normals_ptr + 4 * j + 2, n2)
+    tl.store(normals_ptr + 4 * j + 3, n3)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 5, 2**64 - 1])
+@pytest.mark.parametrize("first_block", [0, 2**32 - 3])
+def test_oracle_matches_triton_random(seed, first_block):
+    """The oracle (stream 0) is Triton's tl.randint4x / tl.randn4x, code none of us wrote."""
+    blocks = 64
+    words = torch.zeros(4 * blocks, dtype=torch.int64, device=DEVICE)
+    normals = torch.zeros(4 * blocks, dtype=torch.float32, device=DEVICE)
+    _triton_random_kernel[(1,)](seed, first_block, words, normals, BLOCKS=blocks)
+    expected_words = torch.stack(rng.philox(seed, torch.arange(first_block, first_block + blocks)), dim=1)
+    assert torch.equal(words.cpu(), expected_words.reshape(-1))
+    expected_normals = rng.sample(seed, 0, 4 * first_block, 4 * blocks, "gaussian")
+    torch.testing.assert_close(normals.cpu(), expected_normals, rtol=0, atol=1e-6)
+
+
+FUSED_STREAMS = [3, 0, 2**40 + 7, -5, 1, 2**63 + 11 - 2**64, 77, 2**32]
+
+
+@pytest.mark.parametrize("num_terms", [1, 3, 8])
+@pytest.mark.parametrize("alpha", [1.0, 0.999])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_fused_float32(dist, alpha, num_terms):
+    generator = torch.Generator().manual_seed(num_terms)
+    offset = 2**32 - 1000 + 3
+    theta = torch.randn(3000, generator=generator)
+    coefs = (torch.randn(num_terms, generator=generator) * 1e-2).tolist()
+    streams = FUSED_STREAMS[:num_terms]
+    seed = 2**63 + 3 - 2**64
+    got = theta.to(DEVICE, copy=True)
+    perturb_([got], [offset], alpha, coefs, streams, seed, dist)
+    expected = reference_update(theta, offset, alpha, coefs, streams, seed, dist)
+    if dist == "rademacher":
+        # c * z is exact and the kernel turns off FMA contraction, so even alpha != 1 is bit-exact.
+        assert torch.equal(got.cpu(), expected)
+    else:
+        tolerance = ulp(expected) + 1e-6 * sum(abs(c) for c in coefs)
+        assert ((got.cpu() - expected).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("num_terms", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_low_precision_rounds_once(dtype, num_terms):
+    generator = torch.Generator().manual_seed(7)
+    theta = torch.randn(5000, generator=generator).to(dtype)
+    offset, alpha, seed = 2**40 + 3, 0.999, 12345
+    coefs, streams = [0.02, -0.05, 0.011][:num_terms], [0, 2**40 + 7, 9][:num_terms]
+    got = theta.to(DEVICE, copy=True)
+    perturb_([got], [offset], alpha, coefs, streams, seed, "rademacher")
+    expected = reference_update(theta, offset, alpha, coefs, streams, seed, "rademacher")
+    assert torch.equal(got.cpu(), expected)
+    rounded_per_term = reference_update(theta, offset, alpha, coefs, streams, seed, "rademacher", True)
+    # One rounding per pass is observable here: rounding every term would give other values.
+    assert torch.equal(expected, rounded_per_term) == (num_terms == 1)
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    """Ties, a carry into the exponent, huge values, inf and NaN, rounded like torch."""
+    values = [1.0, 1.0078125, 1.9921875, -1.0078125, 3.3895e38, float("inf"), float("-inf"), float("nan")]
+    theta = torch.tensor(values * 16, dtype=torch.bfloat16)
+    coefs, streams, seed = [2.0**-8], [0], 4  # half a bfloat16 ulp at 1: every finite sum below 2 is a tie
+    got = theta.to(DEVICE, copy=True)
+    perturb_([got], [0], 1.0, coefs, streams, seed, "rademacher")
+    expected = reference_update(theta, 0, 1.0, coefs, streams, seed, "rademacher")
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_plus_then_minus_restores(dist):
+    theta = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    offset, seed, stream, coef = 2**32 - 70, -1, 2**40 + 7, 3e-3
+    perturbed = theta.to(DEVICE, copy=True)
+    perturb_([perturbed], [offset], 1.0, [coef], [stream], seed, dist)
+    restored = perturbed.clone()
+    perturb_([restored], [offset], 1.0, [-coef], [stream], seed, dist)
+    tolerance = ulp(torch.maximum(theta.abs(), perturbed.cpu().abs()))
+    assert not torch.equal(perturbed.cpu(), theta)
+    assert ((restored.cpu() - theta).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_split_into_tensors_equals_flat(dist):
+    """Base offsets make a list of tensors behave as one flat vector."""
+    base, seed, coefs, streams = 2**32 - 1000, 99, [0.5, -0.25], [1, 2]
+    flat = torch.randn(5000, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    pieces = [flat[:1000].clone(), flat[1000:1135].clone().reshape(3, 45), flat[1135:].clone()]
+    perturb_(pieces, [base, base + 1000, base + 1135], 1.0, coefs, streams, seed, dist)
+    perturb_([flat], [base], 1.0, coefs, streams, seed, dist)
+    assert torch.equal(torch.cat([p.reshape(-1) for p in pieces]), flat)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_touches_only_its_elements(dist):
+    """Tiles overhang a tensor at both ends (lead = 5, ragged end): the overhang stays untouched."""
+    buffer = torch.zeros(9000, device=DEVICE)
+    view = buffer[300:4500]  # contiguous, with neighbours on both sides
+    perturb_([view], [2**32 - 70 + 5], 1.0, [1.0], [7], 11, dist)
+    torch.testing.assert_close(view.cpu(), oracle(11, 7, 2**32 - 70 + 5, (4200,), dist), rtol=0, atol=1e-6)
+    assert (buffer[:300] == 0).all() and (buffer[4500:] == 0).all()
+
+
+def test_empty_tensor_and_bad_arguments():
+    empty = torch.zeros(0, device=DEVICE)
+    perturb_([empty], [7], 1.0, [1.0], [0], 0, "rademacher")
+    assert empty.numel() == 0
+    theta = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError):
+        perturb_([theta], [0], 1.0, [1.0], [0], 0, "uniform")
+    with pytest.raises(ValueError):
+        perturb_([theta], [0], 1.0, [1.0] * 9, [0] * 9, 0, "rademacher")
+    with pytest.raises(ValueError):
+        perturb_([theta], [0], 1.0, [1.0, 2.0], [0], 0, "rademacher")
+    assert torch.equal(theta.cpu(), torch.zeros(4))
+
+
+# Compiles the kernel for sm_90 with a fresh cache, in a process where TRITON_INTERPRET
+# is unset (under the interpreter @triton.jit gives an interpreter object, not a compiler one).
+COMPILE_SCRIPT = r"""
+import importlib.util, json, sys
+import triton
+from triton.backends import backends
+from triton.backends.compiler import GPUTarget
+
+path, = sys.argv[1:]
+if "nvidia" not in backends:
+    print("SKIP: this triton has no CUDA backend")
+    sys.exit(0)
+spec = importlib.util.spec_from_file_location("perturb_under_compile", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kernel = module._perturb_kernel
+if not isinstance(kernel, triton.runtime.JITFunction):
+    sys.exit("the kernel is not a JITFunction: TRITON_INTERPRET is still set")
+types = {"numel": "i32", "lead": "i32", "first_group": "i64", "alpha": "fp32", "seed": "i64"}
+types.update({f"coef{k}": "fp32" for k in range(module.MAX_TERMS)})
+types.update({f"stream{k}": "i64" for k in range(module.MAX_TERMS)})
+results = {}
+for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher", 1),
+                               ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
+    gaussian = dist == "gaussian"
+    constexprs = {
+        "NUM_TERMS": num_terms,
+        "GAUSSIAN": gaussian,
+        "GROUP_SIZE": module.GAUSSIAN_GROUP if gaussian else module.RADEMACHER_GROUP,
+        "GROUPS_PER_PROGRAM": module.GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else module.RADEMACHER_GROUPS_PER_PROGRAM,
+    }
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "*" + dtype) for name in kernel.arg_names}
+    # What the launcher's specialization gives an aligned tensor: 16-divisible pointer, numel and lead.
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("param_ptr", "numel", "lead")}
+    try:
+        compiled = triton.compile(
+            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+            target=GPUTarget("cuda", 90, 32),
+            options=module.LAUNCH_OPTIONS,
+        )
+    except RuntimeError as error:
+        if "Cannot find ptxas" in str(error):
+            print(f"SKIP: {error} (TRITON_PTXAS_PATH can point to a CUDA toolkit's ptxas)")
+            sys.exit(0)
+        raise
+    ptx = compiled.asm.get("ptx", "")
+    results[f"{dtype}-{dist}-{num_terms}"] = {
+        "num_terms": num_terms,
+        "has_ptx": "ptx" in compiled.asm,
+        "sm_90": ".target sm_90" in ptx,
+        "cubin_bytes": len(compiled.asm.get("cubin", b"")),
+        "mul_hi": ptx.count("mul.hi.u32"),
+        "fma_f32": ptx.count("fma.rn.f32"),
+        "vector_loads": ptx.count("ld.global.v"),
+    }
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_build(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, perturb_module.__file__],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    last_line = done.stdout.strip().splitlines()[-1]
+    if last_line.startswith("SKIP: "):
+        pytest.skip(last_line[len("SKIP: "):])
+    return json.loads(last_line)
+
+
+@pytest.mark.parametrize("variant", ["fp32-rademacher-3", "bf16-rademacher-1", "fp32-gaussian-1", "bf16-gaussian-2"])
+def test_compiles_for_sm90(sm90_build, variant):
+    build = sm90_build[variant]
+    assert build["has_ptx"] and build["sm_90"] and build["cubin_bytes"] > 0, build
+    assert build["vector_loads"] > 0, f"an aligned tensor should get vector loads: {build}"
+    if "rademacher" in variant:
+        # One Philox per group per thread, not one per thread per row piece (8 Philox of ~20 mul.hi).
+        assert build["mul_hi"] <= 20 * build["num_terms"], build
+        # enable_fp_fusion=False reached the compiler: alpha * theta is not fused into the first add.
+        assert build["fma_f32"] == 0, build
