@@ -41,7 +41,7 @@ def philox(seed: int, block: torch.Tensor, stream: int = 0) -> tuple[torch.Tenso
     stream &= MASK64
     k0, k1 = seed & MASK32, seed >> 32
     c0 = block & MASK32
-    c1 = block >> 32
+    c1 = (block >> 32) & MASK32  # also right for blocks given as negative int64
     c2 = torch.full_like(block, stream & MASK32)
     c3 = torch.full_like(block, stream >> 32)
     for _ in range(PHILOX_ROUNDS):

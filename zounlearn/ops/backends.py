@@ -99,8 +99,9 @@ def status() -> dict[str, str | None]:
 
 def select(device_type: str, requested: str | None = None) -> tuple[str, PerturbFn]:
     """(name, function) of the backend that runs the op for tensors on device_type."""
-    requested = requested or os.environ.get(ENV_VAR) or None
-    if requested and requested != "auto":
+    if requested in (None, "auto"):
+        requested = os.environ.get(ENV_VAR) or "auto"
+    if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS} or 'auto'")
         if not runs_on(requested, device_type):

@@ -94,8 +94,8 @@ def perturb_(
     seed = as_int64(seed, "seed")
     offsets = flat_offsets(params) if offsets is None else list(offsets)
     coefs = [float(c) for c in coefs]
-    check_perturb_args(params, offsets, coefs, streams, dist)
-    if not params:
+    if not params:  # nothing to dispatch on; still reject bad terms
+        check_perturb_args(params, offsets, coefs, streams, dist)
         return
     _perturb_op(params, offsets, float(alpha), coefs, streams, seed, dist, backend or "auto")
 

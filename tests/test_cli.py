@@ -1,0 +1,38 @@
+"""The command line: `zounlearn info` and the README's demo command, run as a user would."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from zounlearn.ops import backends
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "zounlearn", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_info_lists_every_backend_with_a_reason():
+    text = run("info")
+    for name, why in backends.status().items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        assert ("available" in line) and (why is None or "unavailable: " in line)
+    assert re.search(r"default for cpu tensors: (cpp|reference)", text)
+
+
+def test_demo_round_trip_restores_parameters():
+    text = run("demo", "--numel", "100000", "--repeats", "1")
+    rows = [r for r in map(str.split, text.splitlines()) if len(r) == 5 and r[1] in ("rademacher", "gaussian")]
+    assert {(r[0], r[1]) for r in rows} >= {("reference", "rademacher"), ("reference", "gaussian")}
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        # +mu, -2mu, +mu with mu = 1e-3 on N(0, 1) values: a few float32 roundings, never a lost step
+        assert float(row[4]) < 1e-5
+
+
+def test_bad_command_exits_nonzero():
+    out = subprocess.run([sys.executable, "-m", "zounlearn", "frobnicate"], capture_output=True, text=True)
+    assert out.returncode != 0 and "invalid choice" in out.stderr
