@@ -6,10 +6,8 @@ them for sm_90 (PTX and cubin) in a subprocess, which needs no GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -23,14 +21,8 @@ import triton.language as tl  # noqa: E402
 
 from zounlearn import rng  # noqa: E402
 
-try:
-    from zounlearn.kernels import perturb as perturb_module
-except ModuleNotFoundError:  # no install maps kernels/ to zounlearn.kernels yet
-    _spec = importlib.util.spec_from_file_location(
-        "zounlearn_kernels_perturb", pathlib.Path(__file__).resolve().parents[1] / "kernels" / "perturb.py"
-    )
-    perturb_module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(perturb_module)
+from zounlearn.kernels import perturb as perturb_module  # noqa: E402
+
 perturb_ = perturb_module.perturb_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
