@@ -28,10 +28,6 @@ def run_reference(params, offsets, alpha, coefs, streams, seed, dist):
     return out
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max()) if a.numel() else 0
-
-
 CASES = [
     # (alpha, coefs, streams)
     (1.0, [1e-3], [0]),
@@ -98,7 +94,6 @@ def test_plus_then_minus_restores_float32(backend, dist):
     perturb_(x, -1e-3, 11, dist=dist, backend=backend)
     one_ulp = torch.nextafter(scale, torch.full_like(scale, float("inf"))) - scale
     assert bool(((x - theta).abs() <= one_ulp).all())
-    assert ulps(x, theta) <= 8  # and never far in theta's own units for N(0, 1) values
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)

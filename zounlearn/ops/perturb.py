@@ -58,7 +58,8 @@ def _perturb_op(
 
 @_perturb_op.register_fake
 def _(params, offsets, alpha, coefs, streams, seed, dist, backend) -> None:
-    return None
+    # Tracing validates too; and a list mixing meta with real tensors dispatches here.
+    check_perturb_args(params, offsets, coefs, streams, dist)
 
 
 def perturb_(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor  # tensors torch.compile traces with
 
 from ..rng import DISTRIBUTIONS
 
@@ -19,6 +20,13 @@ def as_int64(value: int, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value %= 1 << 64
     return value - (1 << 64) if value > INT64_MAX else value
+
+
+def _address(t: torch.Tensor) -> int | None:
+    """The tensor's data address, or None when it has no data (empty, meta or fake tensors)."""
+    if t.numel() == 0 or t.device.type == "meta" or isinstance(t, FakeTensor):
+        return None
+    return t.data_ptr()
 
 
 def _describe(i: int, t: torch.Tensor) -> str:
@@ -68,7 +76,8 @@ def check_perturb_args(
                 f"offsets[{i}] = {off} for {_describe(i, t)}: global indices must lie in [0, 2^63); "
                 "base offsets are non-negative"
             )
-        if t.numel() and t.data_ptr() in seen:
-            raise ValueError(f"params[{i}] and params[{seen[t.data_ptr()]}] share memory; each tensor may appear once")
-        if t.numel():
-            seen[t.data_ptr()] = i
+        address = _address(t)
+        if address in seen:
+            raise ValueError(f"params[{i}] and params[{seen[address]}] share memory; each tensor may appear once")
+        if address is not None:
+            seen[address] = i
