@@ -19,7 +19,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 # -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop; without it the op runs on one thread.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 
 def _flag(name: str) -> bool:
@@ -60,6 +61,7 @@ def extensions() -> list:
             [os.path.join("csrc", "cpu", "perturb_cpu.cpp")],
             include_dirs=[CSRC],
             extra_compile_args={"cxx": CXX_FLAGS + _cpu_arch_flags()},
+            extra_link_args=["-fopenmp"],
         )
     ]
     wanted, why = _cuda_wanted()

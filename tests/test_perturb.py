@@ -188,3 +188,11 @@ def test_cpp_more_than_2_31_elements():
     for start in (0, 2**31 - 200, n - 500):
         want = rng.sample(42, 0, base + start, 500).to(torch.bfloat16)
         assert torch.equal(z[start : start + 500], want), start
+
+
+@pytest.mark.skipif(backends.status()["cpp"] is not None, reason="C++ extension not built")
+def test_cpp_uses_torch_threads():
+    """Built without OpenMP, at::parallel_for silently runs the op on one thread."""
+    import zounlearn._C_cpu as ext
+
+    assert ext.parallel_threads() == torch.get_num_threads()
