@@ -30,6 +30,19 @@ struct Terms {
   int count;
 };
 
+// Terms from the ops' arguments: seed and streams arrive as int64 holding uint64 bits.
+inline Terms make_terms(double alpha, const double* coefs, const int64_t* streams, int count, int64_t seed) {
+  Terms t{};
+  t.seed = static_cast<uint64_t>(seed);
+  t.alpha = static_cast<float>(alpha);
+  t.count = count;
+  for (int k = 0; k < count; ++k) {
+    t.coef[k] = static_cast<float>(coefs[k]);
+    t.stream[k] = static_cast<uint64_t>(streams[k]);
+  }
+  return t;
+}
+
 struct Words {
   uint32_t w[4];
 };

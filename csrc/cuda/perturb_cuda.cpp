@@ -32,14 +32,8 @@ void perturb_(const std::vector<at::Tensor>& params, const std::vector<int64_t>&
   TORCH_CHECK(!coefs.empty() && coefs.size() <= zo::kMaxTerms && coefs.size() == streams.size(),
               "perturb_: 1 to 8 terms, one stream per coefficient");
   TORCH_CHECK(dist == 0 || dist == 1, "perturb_: dist must be 0 (rademacher) or 1 (gaussian), got ", dist);
-  zo::Terms terms{};
-  terms.seed = static_cast<uint64_t>(seed);
-  terms.alpha = static_cast<float>(alpha);
-  terms.count = static_cast<int>(coefs.size());
-  for (int k = 0; k < terms.count; ++k) {
-    terms.coef[k] = static_cast<float>(coefs[k]);
-    terms.stream[k] = static_cast<uint64_t>(streams[k]);
-  }
+  const zo::Terms terms =
+      zo::make_terms(alpha, coefs.data(), streams.data(), static_cast<int>(coefs.size()), seed);
 
   std::vector<Group> groups;
   for (size_t i = 0; i < params.size(); ++i) {
