@@ -36,3 +36,18 @@ def test_demo_round_trip_restores_parameters():
 def test_bad_command_exits_nonzero():
     out = subprocess.run([sys.executable, "-m", "zounlearn", "frobnicate"], capture_output=True, text=True)
     assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
+def test_import_without_extensions_falls_back_to_reference():
+    """A missing extension never breaks `import zounlearn`: info says why, the op still runs."""
+    code = (
+        "import sys; sys.modules['zounlearn._C_cpu'] = None; sys.modules['zounlearn._C_cuda'] = None\n"
+        "import torch, zounlearn\n"
+        "from zounlearn.ops import backends\n"
+        "assert 'not built' in backends.status()['cpp'], backends.status()\n"
+        "assert backends.select('cpu')[0] == 'reference'\n"
+        "x = torch.zeros(300); zounlearn.perturb_(x, 1.0, 5, alpha=0.0)\n"
+        "assert torch.equal(x, zounlearn.rng.sample(5, 0, 0, 300))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

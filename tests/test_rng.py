@@ -4,6 +4,7 @@ C++ op against the oracle, and the statistics of both distributions."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from zounlearn.ops import backends, sample
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
-SEEDS = [0, 1, 12345, 2**32, 2**32 + 5, 2**63 + 3, 2**64 - 1]
+# Fixed edge cases plus fresh random 64-bit seeds each run (their values name the test case).
+SEEDS = [0, 1, 12345, 2**32, 2**32 + 5, 2**63 + 3, 2**64 - 1] + [random.getrandbits(64) for _ in range(3)]
 STREAMS = [0, 1, 7, 2**40 + 7, 2**64 - 1]
 OFFSETS = [0, 5, 1000, 2**32 - 70, 2**40 + 3]  # 2**32 - 70 crosses 2^32 inside the tensor
 SIZES = [0, 1, 127, 128, 129, 4097]
