@@ -18,7 +18,8 @@ def info() -> int:
     print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print("backends:")
     for name, reason in backends.status().items():
-        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        detail = f" ({backends.build_info(name)})" if reason is None and backends.build_info(name) else ""
+        print(f"  {name:<10} {'available' + detail if reason is None else 'unavailable: ' + reason}")
     for device in ("cpu", "cuda"):
         try:
             chosen, _ = backends.select(device)

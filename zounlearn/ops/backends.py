@@ -85,6 +85,13 @@ def load(name: str) -> PerturbFn:
     return _LOADERS[name]()
 
 
+def build_info(name: str) -> str:
+    """What a compiled backend was built for, e.g. the CPU op's instruction set."""
+    if name == "cpp":
+        return f"built for {importlib.import_module('zounlearn._C_cpu').isa}"
+    return ""
+
+
 def status() -> dict[str, str | None]:
     """Backend name -> None when it can run here, else the reason it cannot."""
     result: dict[str, str | None] = {}
