@@ -9,7 +9,9 @@ VENV=${1:-.venv-cuda}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-STAMP="$VENV/.cuda-venv-done"
+PACKAGES="$TORCH_SPEC numpy scipy pytest ninja pybind11 setuptools wheel"
+# The stamp names the package list, so a changed list re-runs the install.
+STAMP="$VENV/.cuda-venv-$(echo "$PACKAGES" | md5sum | cut -c1-8)"
 
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "cuda-venv: no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
 
@@ -20,7 +22,8 @@ if [ ! -f "$STAMP" ]; then
     # small pure-Python/newer deps (cuda-bindings, nvjitlink, ...) come from PyPI.
     # torch pins triton (~=3.8) itself. -qq hides the flood of "Location ... is ignored"
     # warnings the file:// indexes print for projects they lack; errors still show.
-    "$VENV/bin/python" -m pip install -qq "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -qq $PACKAGES
     "$VENV/bin/python" - <<'EOF'
 import torch, triton
 assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"

@@ -12,8 +12,6 @@ import torch
 from zounlearn import rng
 from zounlearn.ops import backends, sample
 
-scipy_stats = pytest.importorskip("scipy.stats")
-
 # Fixed edge cases plus fresh random 64-bit seeds each run (their values name the test case).
 SEEDS = [0, 1, 12345, 2**32, 2**32 + 5, 2**63 + 3, 2**64 - 1] + [random.getrandbits(64) for _ in range(3)]
 STREAMS = [0, 1, 7, 2**40 + 7, 2**64 - 1]
@@ -102,6 +100,7 @@ def _draw(dist: str, seed: int = 123, stream: int = 0, offset: int = 0) -> torch
 
 
 def test_rademacher_values_and_balance():
+    scipy_stats = pytest.importorskip("scipy.stats")
     z = _draw("rademacher")
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     plus = int((z > 0).sum())
@@ -110,6 +109,7 @@ def test_rademacher_values_and_balance():
 
 
 def test_gaussian_moments_and_ks():
+    scipy_stats = pytest.importorskip("scipy.stats")
     z = _draw("gaussian")
     n = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
