@@ -6,6 +6,7 @@
 #include <atomic>
 #include <vector>
 
+#include "../op_args.h"
 #include "perturb_cpu_kernel.h"
 
 namespace {
@@ -36,12 +37,7 @@ void run_groups(const Span& s, const zo::Terms& terms, zo::Dist d, int64_t g0, i
 void perturb_(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, double alpha,
               const std::vector<double>& coefs, const std::vector<int64_t>& streams, int64_t seed,
               int64_t dist) {
-  TORCH_CHECK(params.size() == offsets.size(), "perturb_: one offset per tensor");
-  TORCH_CHECK(!coefs.empty() && coefs.size() <= zo::kMaxTerms && coefs.size() == streams.size(),
-              "perturb_: 1 to 8 terms, one stream per coefficient");
-  TORCH_CHECK(dist == 0 || dist == 1, "perturb_: dist is 0 (rademacher) or 1 (gaussian)");
-  const zo::Terms terms =
-      zo::make_terms(alpha, coefs.data(), streams.data(), static_cast<int>(coefs.size()), seed);
+  const zo::Terms terms = zo::checked_terms(params.size(), offsets, alpha, coefs, streams, seed, dist);
   std::vector<Span> spans;
   std::vector<int64_t> starts{0};  // prefix sums of group counts: one task space for all tensors
   for (size_t i = 0; i < params.size(); ++i) {

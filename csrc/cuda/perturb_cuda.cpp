@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "../op_args.h"
 #include "perturb_kernel.cuh"
 
 namespace {
@@ -28,12 +29,7 @@ struct Group {
 void perturb_(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, double alpha,
               const std::vector<double>& coefs, const std::vector<int64_t>& streams, int64_t seed,
               int64_t dist) {
-  TORCH_CHECK(params.size() == offsets.size(), "perturb_: one offset per tensor");
-  TORCH_CHECK(!coefs.empty() && coefs.size() <= zo::kMaxTerms && coefs.size() == streams.size(),
-              "perturb_: 1 to 8 terms, one stream per coefficient");
-  TORCH_CHECK(dist == 0 || dist == 1, "perturb_: dist must be 0 (rademacher) or 1 (gaussian), got ", dist);
-  const zo::Terms terms =
-      zo::make_terms(alpha, coefs.data(), streams.data(), static_cast<int>(coefs.size()), seed);
+  const zo::Terms terms = zo::checked_terms(params.size(), offsets, alpha, coefs, streams, seed, dist);
 
   std::vector<Group> groups;
   for (size_t i = 0; i < params.size(); ++i) {
