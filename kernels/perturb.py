@@ -167,11 +167,6 @@ def _perturb_kernel(
     tl.store(ptrs, _round_to(acc, param_ptr.dtype.element_ty), mask=mask)
 
 
-def _as_int64(value: int) -> int:
-    """The signed int64 with the bits of value mod 2^64."""
-    return (value + 2**63) % 2**64 - 2**63
-
-
 def perturb_(
     params: list[torch.Tensor],
     offsets: list[int],
@@ -183,8 +178,9 @@ def perturb_(
 ) -> None:
     """theta <- alpha * theta + sum_k coefs[k] * z(seed, streams[k], offset + i), in place.
 
-    The caller has validated the tensors: contiguous float32/bfloat16/float16. One launch
-    per non-empty tensor, on the current stream.
+    The caller has validated the tensors: contiguous float32/bfloat16/float16. seed and
+    streams arrive as signed int64 (zounlearn.ops.validation.as_int64); the kernel reads
+    their bits as uint64. One launch per non-empty tensor, on the current stream.
     """
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
@@ -194,7 +190,7 @@ def perturb_(
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
     padding = MAX_TERMS - len(coefs)
-    term_args = [float(c) for c in coefs] + [0.0] * padding + [_as_int64(s) for s in streams] + [0] * padding
+    term_args = [float(c) for c in coefs] + [0.0] * padding + list(streams) + [0] * padding
     for param, offset in zip(params, offsets):
         numel = param.numel()
         if numel == 0:
@@ -207,7 +203,7 @@ def perturb_(
             lead,
             offset // group_size,
             float(alpha),
-            _as_int64(seed),
+            seed,
             *term_args,
             NUM_TERMS=len(coefs),
             GAUSSIAN=gaussian,

@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from zounlearn import rng  # noqa: E402
+from zounlearn.ops import reference  # noqa: E402
 
 from zounlearn.kernels import perturb as perturb_module  # noqa: E402
 
@@ -44,14 +45,19 @@ def oracle(seed: int, stream: int, offset: int, shape: tuple[int, ...], dist: st
     return rng.sample(seed, stream, offset, torch.Size(shape).numel(), dist).reshape(shape)
 
 
-def reference_update(theta, offset, alpha, coefs, streams, seed, dist, round_every_term=False):
-    """The float32 formula of docs/rng.md; round_every_term is the wrong variant, to show tests can tell."""
+def reference_update(theta, offset, alpha, coefs, streams, seed, dist):
+    """The shared oracle (zounlearn.ops.reference) on a CPU copy of theta."""
+    out = theta.cpu().clone()
+    reference.perturb_([out], [offset], alpha, coefs, streams, seed, dist)
+    return out
+
+
+def rounded_after_every_term(theta, offset, alpha, coefs, streams, seed, dist):
+    """The wrong variant (a rounding per term instead of per pass), to show the tests can tell."""
     acc = theta.float().cpu() * torch.tensor(alpha, dtype=torch.float32)
     for coef, stream in zip(coefs, streams):
         z = rng.sample(seed, stream, offset, theta.numel(), dist).reshape(theta.shape)
-        acc = acc + torch.tensor(coef, dtype=torch.float32) * z
-        if round_every_term:
-            acc = acc.to(theta.dtype).float()
+        acc = (acc + torch.tensor(coef, dtype=torch.float32) * z).to(theta.dtype).float()
     return acc.to(theta.dtype)
 
 
@@ -153,7 +159,7 @@ def test_fused_low_precision_rounds_once(dtype, num_terms):
     perturb_([got], [offset], alpha, coefs, streams, seed, "rademacher")
     expected = reference_update(theta, offset, alpha, coefs, streams, seed, "rademacher")
     assert torch.equal(got.cpu(), expected)
-    rounded_per_term = reference_update(theta, offset, alpha, coefs, streams, seed, "rademacher", True)
+    rounded_per_term = rounded_after_every_term(theta, offset, alpha, coefs, streams, seed, "rademacher")
     # One rounding per pass is observable here: rounding every term would give other values.
     assert torch.equal(expected, rounded_per_term) == (num_terms == 1)
 

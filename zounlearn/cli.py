@@ -18,7 +18,8 @@ def info() -> int:
     print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print("backends:")
     for name, reason in backends.status().items():
-        detail = f" ({backends.build_info(name)})" if reason is None and backends.build_info(name) else ""
+        built = backends.build_info(name) if reason is None else ""
+        detail = f" ({built})" if built else ""
         print(f"  {name:<10} {'available' + detail if reason is None else 'unavailable: ' + reason}")
     for device in ("cpu", "cuda"):
         try:
