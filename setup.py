@@ -58,7 +58,7 @@ def extensions() -> list:
     exts = [
         CppExtension(
             "zounlearn._C_cpu",
-            [os.path.join("csrc", "cpu", "perturb_cpu.cpp")],
+            [os.path.join("csrc", "cpu", f) for f in ("module_cpu.cpp", "perturb_cpu.cpp", "update_cpu.cpp")],
             include_dirs=[CSRC],
             extra_compile_args={"cxx": CXX_FLAGS + _cpu_arch_flags()},
             extra_link_args=["-fopenmp"],

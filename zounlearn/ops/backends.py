@@ -11,23 +11,32 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 from ..rng import DISTRIBUTIONS
 
-PerturbFn = Callable[..., None]
 BACKENDS = ("cpp", "cuda", "triton", "reference")
 PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 ENV_VAR = "ZOUNLEARN_BACKEND"
+
+
+class Kernels(NamedTuple):
+    """One backend's implementation of every op, with the Python-level signatures of
+    zounlearn.ops.reference (dist as a name)."""
+
+    perturb_: Callable[..., None]
+    zo_update_: Callable[..., None]
+    grad_update_: Callable[..., None]
 
 
 class BackendUnavailable(RuntimeError):
     pass
 
 
-def _extension(module: str) -> PerturbFn:
+def _extension(module: str) -> Kernels:
     try:
         ext = importlib.import_module(f"zounlearn.{module}")
     except ImportError as err:
@@ -36,39 +45,42 @@ def _extension(module: str) -> PerturbFn:
             "`pip install --no-build-isolation -e .`"
         ) from None
 
-    def run(params, offsets, alpha, coefs, streams, seed, dist):
-        ext.perturb_(list(params), list(offsets), alpha, list(coefs), list(streams), seed, DISTRIBUTIONS.index(dist))
+    def perturb_(params, offsets, alpha, coefs, streams, seed, dist):
+        ext.perturb_(params, offsets, alpha, coefs, streams, seed, DISTRIBUTIONS.index(dist))
 
-    return run
+    def zo_update_(params, m, v, offsets, coefs, streams, seed, dist, restore, rule, hyper):
+        ext.zo_update_(params, m, v, offsets, coefs, streams, seed, DISTRIBUTIONS.index(dist), restore, rule, hyper)
+
+    return Kernels(perturb_, zo_update_, ext.grad_update_)
 
 
-def _load_cpp() -> PerturbFn:
+def _load_cpp() -> Kernels:
     return _extension("_C_cpu")
 
 
-def _load_cuda() -> PerturbFn:
+def _load_cuda() -> Kernels:
     if not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device is visible to torch")
     return _extension("_C_cuda")
 
 
-def _load_triton() -> PerturbFn:
+def _load_triton() -> Kernels:
     try:
         import triton  # noqa: F401
     except ImportError:
         raise BackendUnavailable("triton is not installed (pip install triton)") from None
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailable("no CUDA device (set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU)")
-    from zounlearn.kernels.perturb import perturb_
+    from zounlearn.kernels import grad_update_, perturb_, zo_update_
 
-    return perturb_
+    return Kernels(perturb_, zo_update_, grad_update_)
 
 
-_LOADERS: dict[str, Callable[[], PerturbFn]] = {
+_LOADERS: dict[str, Callable[[], Kernels]] = {
     "cpp": _load_cpp,
     "cuda": _load_cuda,
     "triton": _load_triton,
-    "reference": lambda: reference.perturb_,
+    "reference": lambda: Kernels(reference.perturb_, reference.zo_update_, reference.grad_update_),
 }
 _DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": None}
 
@@ -80,8 +92,8 @@ def runs_on(name: str, device_type: str) -> bool:
 
 
 @functools.cache
-def load(name: str) -> PerturbFn:
-    """The named backend's perturb function; raises BackendUnavailable with the reason."""
+def load(name: str) -> Kernels:
+    """The named backend's kernels; raises BackendUnavailable with the reason."""
     return _LOADERS[name]()
 
 
@@ -104,8 +116,8 @@ def status() -> dict[str, str | None]:
     return result
 
 
-def select(device_type: str, requested: str | None = None) -> tuple[str, PerturbFn]:
-    """(name, function) of the backend that runs the op for tensors on device_type."""
+def select(device_type: str, requested: str | None = None) -> tuple[str, Kernels]:
+    """(name, kernels) of the backend that runs the ops for tensors on device_type."""
     if requested in (None, "auto"):
         requested = os.environ.get(ENV_VAR) or "auto"
     if requested != "auto":

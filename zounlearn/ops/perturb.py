@@ -37,9 +37,9 @@ def _launch(
     backend: str,
 ) -> None:
     check_perturb_args(params, offsets, coefs, streams, dist)
-    _, run = backends.select(params[0].device.type, backend)
+    kernels = backends.select(params[0].device.type, backend)[1]
     with torch.no_grad():
-        run(params, offsets, alpha, coefs, streams, seed, dist)
+        kernels.perturb_(params, offsets, alpha, coefs, streams, seed, dist)
 
 
 # The op is _launch itself; eager calls below skip the dispatcher and call _launch directly.

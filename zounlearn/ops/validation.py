@@ -81,3 +81,50 @@ def check_perturb_args(
             raise ValueError(f"params[{i}] and params[{seen[address]}] share memory; each tensor may appear once")
         if address is not None:
             seen[address] = i
+
+
+def _check_like(kind: str, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dtype) -> None:
+    if len(tensors) != len(params):
+        raise ValueError(f"one {kind} tensor per parameter: got {len(params)} params and {len(tensors)} {kind}")
+    for i, (s, p) in enumerate(zip(tensors, params)):
+        want = p.dtype if dtype is None else dtype
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{kind}[{i}] must be a torch.Tensor, got {type(s).__name__}")
+        if s.shape != p.shape or s.dtype != want or s.device != p.device or not s.is_contiguous():
+            raise ValueError(
+                f"{kind}[{i}] must be a contiguous {want} tensor of shape {tuple(p.shape)} on {p.device} "
+                f"like {_describe(i, p)}; got shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}"
+            )
+
+
+def check_state_args(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor] | None,
+    m: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    scales: torch.Tensor | None,
+    rule,
+) -> None:
+    """The optimizer updates' tensors: grads like params (same dtype), state in float32.
+
+    rule is a zounlearn.ops.update.Rule; m and v are given exactly when it uses them.
+    Call check_perturb_args (zo_update_) or this alone (grad_update_) first for params.
+    """
+    if grads is not None:
+        check_perturb_args(params, [0] * len(params), [0.0], [0], "rademacher")
+        _check_like("grads", grads, params, None)
+    for kind, tensors, used in (("m", m, rule.uses_m), ("v", v, rule.uses_v)):
+        if used:
+            _check_like(kind, tensors, params, torch.float32)
+        elif tensors:
+            raise ValueError(f"rule {rule.name} keeps no {kind} state; pass an empty list")
+    if rule.name in ("ADAM_MOMENTS", "QUANTIZED"):
+        if grads is None:
+            raise ValueError(f"rule {rule.name} is first-order only (compressed Adam's two passes)")
+        if (
+            not isinstance(scales, torch.Tensor)
+            or scales.shape != (len(params),)
+            or scales.dtype != torch.float32
+            or (params and scales.device != params[0].device)
+        ):
+            raise ValueError(f"rule {rule.name} needs scales: a float32 tensor of shape ({len(params)},) on the params' device")
