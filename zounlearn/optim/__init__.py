@@ -1,0 +1,15 @@
+"""Drop-in torch.optim optimizers on the fused ops, by grade (docs/optimizers.md).
+
+zeroth-order: ZOSGD (MeZO), ZOSignSGD, ZOAdam, AdaZO; compressed first-order: SignSGD,
+SignAdam, CompressedAdam; second-order: SophiaG; the hybrid: HybridFOZO.
+The closure computes and returns the loss only: ZO optimizers call it under no_grad,
+first-order ones call backward() themselves.
+"""
+
+from .hybrid import HybridFOZO
+from .sign import CompressedAdam, SignAdam, SignSGD
+from .sophia import SophiaG, gnb_loss
+from .zo import AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSGD, ZOSignSGD
+
+__all__ = ["AdaZO", "CompressedAdam", "HybridFOZO", "SignAdam", "SignSGD", "SophiaG", "ZOAdam", "ZOSGD",
+           "ZOSignSGD", "ZeroOrderOptimizer", "gnb_loss"]

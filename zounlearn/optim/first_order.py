@@ -1,0 +1,87 @@
+"""Base of the fused first-order optimizers: one grad_update_ pass per param group."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..ops.validation import check_state_args
+from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value, rule_state
+
+
+class FirstOrderOptimizer(CountedOptimizer):
+    """step() uses the gradients in p.grad; step(closure) first sets them to None, calls the
+    closure with grad enabled and calls backward() on the loss it returns. A non-finite loss
+    from the closure skips the update (as the ZO optimizers do); without a closure the update
+    always runs, like torch.optim's."""
+
+    rule: ClassVar[Rule]
+    state_keys: ClassVar[tuple[str, str]] = ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group: dict[str, Any], step: int) -> Hyper:
+        raise NotImplementedError
+
+    def _loss(self, closure: Closure) -> tuple[torch.Tensor | float, bool]:
+        """(loss, finite) after backward."""
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+            value = loss_value(loss)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+        return loss, value == value and abs(value) != float("inf")
+
+    def _grouped(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        """(group, params, grads) of the parameters that have a gradient, checked before any write."""
+        out = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            check_state_args(params, grads, self._states(params, 0), self._states(params, 1), self._scales(params),
+                             self.rule)
+            out.append((group, params, grads))
+        return out
+
+    def _states(self, params: list[torch.Tensor], which: int) -> list[torch.Tensor]:
+        if not (self.rule.uses_m, self.rule.uses_v)[which]:
+            return []
+        keys = rule_state(self.rule, self.state_keys)
+        return [self._state(p, keys)[keys.index(self.state_keys[which])] for p in params]
+
+    def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor | float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            loss, finite = self._loss(closure)
+            if not finite:
+                import warnings
+
+                warnings.warn(f"{type(self).__name__}: the closure returned a non-finite loss ({loss_value(loss)}); "
+                              "the step was skipped", RuntimeWarning, stacklevel=2)
+                return loss
+        groups = self._grouped()
+        for group, params, grads in groups:
+            if params:
+                self._apply(group, params, grads, self._hyper(group, self.steps + 1))
+        self.steps += 1
+        return loss
+
+    def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], hyper: Hyper) -> None:
+        kernels = self._kernels(params[0].device)
+        kernels.grad_update_(params, grads, self._states(params, 0), self._states(params, 1), None, int(self.rule),
+                             list(hyper))
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    check_range("betas[0]", betas[0], 0.0, 1.0)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
+__all__ = ["FirstOrderOptimizer", "check_betas"]
