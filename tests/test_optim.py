@@ -447,3 +447,15 @@ def test_state_dict_of_another_optimizer_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optim.AdaZO(params).load_state_dict(optim.AdaZO(params).state_dict())
+
+
+def test_mezo_reference_step_is_mezo():
+    """The benchmarks' MeZO baseline: g from theta +- mu z with torch's own z, then the update."""
+    p = torch.nn.Parameter(torch.randn(40, device=DEVICE))
+    theta = p.detach().clone()
+    f = lambda x: float((x.double() ** 2).sum())  # noqa: E731
+    reference.mezo_step([p], lambda: f(p), lr=0.1, mu=1e-3, seed=3, weight_decay=0.01)
+    torch.manual_seed(3)
+    z = torch.normal(0, 1, size=(40,), device=DEVICE)
+    g = (f(theta + 1e-3 * z) - f(theta - 1e-3 * z)) / 2e-3
+    torch.testing.assert_close(p.detach(), theta - 0.1 * (g * z + 0.01 * theta), rtol=1e-4, atol=1e-4)

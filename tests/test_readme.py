@@ -1,4 +1,4 @@
-"""The README's example runs as written and does what its comments say."""
+"""The README's examples run as written and do what their comments say."""
 
 from __future__ import annotations
 
@@ -12,12 +12,28 @@ from zounlearn.ops import flat_offsets, sample
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_is_one_zo_sgd_step():
-    code = re.search(r"## Example\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
-    torch.manual_seed(0)
+def _run(heading: str) -> dict:
+    code = re.search(rf"## {heading}\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
-    model, params, seed, lr, g = (namespace[k] for k in ("model", "params", "seed", "lr", "g"))
+    return namespace
+
+
+def test_readme_example_trains_with_both_kinds():
+    torch.manual_seed(0)
+    ns = _run("Example")
+    closure, zo, fo = ns["closure"], ns["zo"], ns["fo"]
+    assert zo.steps == 300 and fo.steps == 1
+    torch.manual_seed(0)
+    ns_start = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    start = torch.nn.functional.mse_loss(ns_start(ns["x"]), ns["y"]).item()
+    assert closure().item() < 0.1 * start
+
+
+def test_readme_op_example_is_one_zo_sgd_step():
+    torch.manual_seed(0)
+    ns = _run("The fused ops")
+    model, params, seed, lr, g = (ns[k] for k in ("model", "params", "seed", "lr", "g"))
     torch.manual_seed(0)
     fresh = torch.nn.Linear(512, 512)  # the example's model before its step
     for p, p0, off in zip(params, fresh.parameters(), flat_offsets(params)):

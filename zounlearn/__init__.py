@@ -4,8 +4,8 @@ Importing never fails for want of a compiled extension: `zounlearn info` lists t
 backends that can run here and why the others cannot.
 """
 
-from . import ops, rng
+from . import ops, optim, rng
 from .ops import perturb_, sample
 
 __version__ = "0.1.0"
-__all__ = ["ops", "perturb_", "rng", "sample", "__version__"]
+__all__ = ["ops", "optim", "perturb_", "rng", "sample", "__version__"]

@@ -191,3 +191,29 @@ class SophiaG(_FOLoop, optim.SophiaG):
                         h.mul_(b2).add_((1 - b2) * self.hessian_batch_size * p.grad.float() ** 2)
             self.zero_grad(set_to_none=True)
         return loss
+
+
+def mezo_perturb(params: list[torch.nn.Parameter], seed: int, scale: float) -> None:
+    """MeZO's zo_perturb_parameters: reseed torch's generator, draw each z whole, add out of place."""
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data + scale * z
+
+
+@torch.no_grad()
+def mezo_step(params: list[torch.nn.Parameter], closure, *, lr: float, mu: float, seed: int,
+              weight_decay: float = 0.0) -> float:
+    """One step of MeZO's own loop (Malladi et al., 2023, Algorithm 1 and its code): four passes,
+    each regenerating z from torch.manual_seed. The baseline of benchmarks/test_optim_bench.py."""
+    mezo_perturb(params, seed, mu)
+    plus = loss_value(closure())
+    mezo_perturb(params, seed, -2 * mu)
+    minus = loss_value(closure())
+    mezo_perturb(params, seed, mu)
+    g = (plus - minus) / (2 * mu)
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data - lr * (g * z + weight_decay * p.data)
+    return (plus + minus) / 2
