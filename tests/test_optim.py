@@ -459,3 +459,16 @@ def test_mezo_reference_step_is_mezo():
     z = torch.normal(0, 1, size=(40,), device=DEVICE)
     g = (f(theta + 1e-3 * z) - f(theta - 1e-3 * z)) / 2e-3
     torch.testing.assert_close(p.detach(), theta - 0.1 * (g * z + 0.01 * theta), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FO))
+def test_first_order_skips_non_finite_loss_and_needs_a_graph(name):
+    params = make_params(torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = _fresh(name, None, params)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(lambda: loss_fn(params, targets()) * float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(params, before)) and opt.steps == 0
+    assert all(p.grad is None for p in params)
+    with pytest.raises(TypeError, match="must return a loss tensor that requires grad"):
+        opt.step(lambda: 1.0)

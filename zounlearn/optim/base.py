@@ -48,6 +48,9 @@ class CountedOptimizer(torch.optim.Optimizer):
     travel in the state dict, and float32 state kept float32 when loaded next to half parameters
     (torch casts floating state to the parameter's dtype)."""
 
+    # Names of the rules' m and v in self.state[p].
+    state_keys: tuple[str, str] = ("exp_avg", "exp_avg_sq")
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: str | None = None) -> None:
         super().__init__(params, defaults)
         self.backend = backend
@@ -86,6 +89,13 @@ class CountedOptimizer(torch.optim.Optimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         return [state[key] for key in keys]
+
+    def _rule_states(self, rule: Rule | None, params: list[torch.Tensor], which: int) -> list[torch.Tensor]:
+        """m (which=0) or v (which=1) of each param for rule; [] when the rule keeps no such state."""
+        if rule is None or not (rule.uses_m, rule.uses_v)[which]:
+            return []
+        keys = rule_state(rule, self.state_keys)
+        return [self._state(p, keys)[keys.index(self.state_keys[which])] for p in params]
 
     def _kernels(self, device: torch.device) -> backends.Kernels:
         return backends.select(device.type, self.backend)[1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
 
 from ..ops.validation import check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value, rule_state
+from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value
 
 
 class FirstOrderOptimizer(CountedOptimizer):
@@ -17,20 +19,24 @@ class FirstOrderOptimizer(CountedOptimizer):
     always runs, like torch.optim's."""
 
     rule: ClassVar[Rule]
-    state_keys: ClassVar[tuple[str, str]] = ("exp_avg", "exp_avg_sq")
 
     def _hyper(self, group: dict[str, Any], step: int) -> Hyper:
         raise NotImplementedError
 
-    def _loss(self, closure: Closure) -> tuple[torch.Tensor | float, bool]:
-        """(loss, finite) after backward."""
+    def _loss(self, closure: Closure) -> tuple[torch.Tensor, bool]:
+        """(loss, finite); backward() has run when it is finite."""
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
-            value = loss_value(loss)
-            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            finite = math.isfinite(loss_value(loss))
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                raise TypeError(
+                    f"{type(self).__name__} is first-order: the closure must return a loss tensor that requires grad "
+                    "(computed from the parameters with grad enabled), not a float or a detached tensor"
+                )
+            if finite:
                 loss.backward()
-        return loss, value == value and abs(value) != float("inf")
+        return loss, finite
 
     def _grouped(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         """(group, params, grads) of the parameters that have a gradient, checked before any write."""
@@ -41,16 +47,10 @@ class FirstOrderOptimizer(CountedOptimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            check_state_args(params, grads, self._states(params, 0), self._states(params, 1), self._scales(params),
+            check_state_args(params, grads, self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1), self._scales(params),
                              self.rule)
             out.append((group, params, grads))
         return out
-
-    def _states(self, params: list[torch.Tensor], which: int) -> list[torch.Tensor]:
-        if not (self.rule.uses_m, self.rule.uses_v)[which]:
-            return []
-        keys = rule_state(self.rule, self.state_keys)
-        return [self._state(p, keys)[keys.index(self.state_keys[which])] for p in params]
 
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         return None
@@ -61,8 +61,6 @@ class FirstOrderOptimizer(CountedOptimizer):
         if closure is not None:
             loss, finite = self._loss(closure)
             if not finite:
-                import warnings
-
                 warnings.warn(f"{type(self).__name__}: the closure returned a non-finite loss ({loss_value(loss)}); "
                               "the step was skipped", RuntimeWarning, stacklevel=2)
                 return loss
@@ -75,7 +73,7 @@ class FirstOrderOptimizer(CountedOptimizer):
 
     def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], hyper: Hyper) -> None:
         kernels = self._kernels(params[0].device)
-        kernels.grad_update_(params, grads, self._states(params, 0), self._states(params, 1), None, int(self.rule),
+        kernels.grad_update_(params, grads, self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1), None, int(self.rule),
                              list(hyper))
 
 

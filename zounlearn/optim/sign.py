@@ -71,7 +71,7 @@ class CompressedAdam(FirstOrderOptimizer):
 
     def _apply(self, group: dict[str, Any], params, grads, hyper) -> None:
         kernels = self._kernels(params[0].device)
-        m, v = self._states(params, 0), self._states(params, 1)
+        m, v = self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1)
         scales = self._scales(params)
         kernels.grad_update_(params, grads, m, v, scales, int(Rule.ADAM_MOMENTS), list(hyper))
         kernels.grad_update_(params, grads, m, v, scales, int(Rule.QUANTIZED), list(hyper))

@@ -82,6 +82,6 @@ class SophiaG(FirstOrderOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                (h,) = [self._state(p, self.state_keys)[1]]
+                h = self._state(p, self.state_keys)[1]
                 h.mul_(b2).add_(p.grad.float().square().mul_((1.0 - b2) * self.hessian_batch_size))
         self.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ import torch
 from ..ops import flat_offsets
 from ..ops.reference import CHUNK
 from ..ops.validation import MAX_TERMS, as_int64, check_perturb_args, check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value, rule_state
+from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 ESTIMATORS = ("central", "forward")
@@ -52,8 +52,6 @@ class ZeroOrderOptimizer(CountedOptimizer):
     estimator: "central" or "forward". Parameters with requires_grad=False are never touched.
     After a step: last_loss and last_projected_grads (the g_j).
     """
-
-    state_keys: ClassVar[tuple[str, str]] = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -144,7 +142,7 @@ class ZeroOrderOptimizer(CountedOptimizer):
         for group, params, _ in plan.groups:
             rule = self._rule(group)
             if rule is not None:  # state loaded from a state dict may not fit
-                check_state_args(params, None, self._states(group, params, "m"), self._states(group, params, "v"),
+                check_state_args(params, None, self._rule_states(rule, params, 0), self._rule_states(rule, params, 1),
                                  None, rule)
         q, mu = self.queries, self.mu
         streams = [self.draws + j for j in range(q)]
@@ -208,17 +206,8 @@ class ZeroOrderOptimizer(CountedOptimizer):
             kernels.perturb_(params, offsets, alpha, terms, streams, self.seed, self._kernel_dist)
             return
         hyper = list(self._hyper(group, self.steps + 1))
-        m, v = self._states(group, params, "m"), self._states(group, params, "v")
+        m, v = self._rule_states(rule, params, 0), self._rule_states(rule, params, 1)
         kernels.zo_update_(params, m, v, offsets, coefs, streams, self.seed, self._kernel_dist, restore, int(rule), hyper)
-
-    def _states(self, group: dict[str, Any], params: list[torch.Tensor], which: str) -> list[torch.Tensor]:
-        rule = self._rule(group)
-        keys = rule_state(rule, self.state_keys)
-        used = rule is not None and (rule.uses_m if which == "m" else rule.uses_v)
-        if not used:
-            return []
-        key = self.state_keys[0 if which == "m" else 1]
-        return [self._state(p, keys)[keys.index(key)] for p in params]
 
     def _undo_and_skip(self, plan: _Plan, active: float, stream: int, loss: float) -> float:
         self._perturb(plan, [-active], [stream])
