@@ -1,7 +1,8 @@
 """The Triton kernel (kernels/perturb.py) against the ZO-RNG v1 oracle (zounlearn.rng).
 
 Without a GPU the kernels run in Triton's interpreter; the compile test also builds
-them for sm_90 (PTX and cubin) in a subprocess, which needs no GPU.
+them, and the update kernel of kernels/update.py (whose values tests/test_update_ops.py
+checks), for sm_90 (PTX and cubin) in a subprocess, which needs no GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import triton.language as tl  # noqa: E402
 
 from zounlearn import rng  # noqa: E402
 from zounlearn.ops import reference  # noqa: E402
+from zounlearn.ops.update import Hyper, Rule  # noqa: E402
 
 from zounlearn.kernels import perturb as perturb_module  # noqa: E402
+from zounlearn.kernels import update as update_module  # noqa: E402
 
 perturb_ = perturb_module.perturb_
 
@@ -223,45 +226,81 @@ def test_empty_tensor_and_bad_arguments():
     assert torch.equal(theta.cpu(), torch.zeros(4))
 
 
-# Compiles the kernel for sm_90 with a fresh cache, in a process where TRITON_INTERPRET
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_update_spans_several_tiles(dist):
+    """The update kernel on tensors of several tiles (tests/test_update_ops.py's fit in one or two):
+    zo_update_ with 8 terms, then compressed Adam's passes, whose per-tile maxima meet in one scale."""
+    generator = torch.Generator().manual_seed(11)
+    shapes = [(5000,), (3, 1100)]
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    h = list(Hyper.make(0.05, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-6, step=4, bits=3))
+    coefs, offsets = [0.3, -0.2, 0.1, 0.5, -0.7, 0.05, 0.9, -0.33], [2**32 - 70, 2**32 - 70 + 5000]
+    want = [[t.clone() for t in params], [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]]
+    got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]
+    reference.zo_update_(*want, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, int(Rule.ADAM), h)
+    update_module.zo_update_(*got, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, int(Rule.ADAM), h)
+    for g, w in zip(sum(got, []), sum(want, [])):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0 if dist == "rademacher" else 1e-5)
+    want_scales, got_scales = torch.full((2,), 9.0), torch.full((2,), 9.0, device=DEVICE)
+    got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]  # the reference's state (Gaussian z differ)
+    for rule in (Rule.ADAM_MOMENTS, Rule.QUANTIZED):
+        reference.grad_update_(want[0], grads, want[1], want[2], want_scales, int(rule), h)
+        update_module.grad_update_(got[0], [t.to(DEVICE) for t in grads], got[1], got[2], got_scales, int(rule), h)
+        assert torch.equal(got_scales.cpu(), want_scales), rule
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(sum(got, []), sum(want, []))), rule
+
+
+# Compiles the kernels for sm_90 with a fresh cache, in a process where TRITON_INTERPRET
 # is unset (under the interpreter @triton.jit gives an interpreter object, not a compiler one).
 COMPILE_SCRIPT = r"""
-import importlib.util, json, sys
+import importlib.util, json, os, re, sys
 import triton
 from triton.backends import backends
 from triton.backends.compiler import GPUTarget
 
-path, = sys.argv[1:]
+package_dir, = sys.argv[1:]
 if "nvidia" not in backends:
     print("SKIP: this triton has no CUDA backend")
     sys.exit(0)
-spec = importlib.util.spec_from_file_location("perturb_under_compile", path)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-kernel = module._perturb_kernel
-if not isinstance(kernel, triton.runtime.JITFunction):
-    sys.exit("the kernel is not a JITFunction: TRITON_INTERPRET is still set")
-types = {"numel": "i32", "lead": "i32", "first_group": "i64", "alpha": "fp32", "seed": "i64"}
-types.update({f"coef{k}": "fp32" for k in range(module.MAX_TERMS)})
-types.update({f"stream{k}": "i64" for k in range(module.MAX_TERMS)})
-results = {}
-for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher", 1),
-                               ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
+# The kernels package from the source tree, under a name of its own.
+spec = importlib.util.spec_from_file_location("kernels_under_compile", os.path.join(package_dir, "__init__.py"),
+                                              submodule_search_locations=[package_dir])
+package = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = package
+spec.loader.exec_module(package)
+perturb = sys.modules["kernels_under_compile.perturb"]
+update = sys.modules["kernels_under_compile.update"]
+if not all(isinstance(k, triton.runtime.JITFunction) for k in (perturb._perturb_kernel, update._update_kernel)):
+    sys.exit("the kernels are not JITFunctions: TRITON_INTERPRET is still set")
+types = {"numel": "i32", "lead": "i32", "index": "i32", "first_group": "i64", "alpha": "fp32", "restore": "fp32",
+         "seed": "i64", "m_ptr": "*fp32", "v_ptr": "*fp32", "scales_ptr": "*fp32"}
+types.update({f"coef{k}": "fp32" for k in range(perturb.MAX_TERMS)})
+types.update({f"stream{k}": "i64" for k in range(perturb.MAX_TERMS)})
+types.update({name: "fp32" for name in ("lr", "decay", "weight_decay", "beta1", "one_minus_beta1", "beta2",
+                                        "one_minus_beta2", "eps", "bias_correction1", "sqrt_bias_correction2",
+                                        "levels", "rho")})
+
+
+def layout(module, dist):
     gaussian = dist == "gaussian"
-    constexprs = {
-        "NUM_TERMS": num_terms,
+    return {
         "GAUSSIAN": gaussian,
-        "GROUP_SIZE": module.GAUSSIAN_GROUP if gaussian else module.RADEMACHER_GROUP,
+        "GROUP_SIZE": perturb.GAUSSIAN_GROUP if gaussian else perturb.RADEMACHER_GROUP,
         "GROUPS_PER_PROGRAM": module.GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else module.RADEMACHER_GROUPS_PER_PROGRAM,
     }
+
+
+def build(kernel, dtype, constexprs, num_terms):
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*" + dtype) for name in kernel.arg_names}
-    # What the launcher's specialization gives an aligned tensor: 16-divisible pointer, numel and lead.
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("param_ptr", "numel", "lead")}
+    # What the launcher's specialization gives aligned tensors: 16-divisible pointers, numel and lead.
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name in kernel.arg_names if name.endswith("_ptr") or name in ("numel", "lead")}
     try:
         compiled = triton.compile(
             triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
             target=GPUTarget("cuda", 90, 32),
-            options=module.LAUNCH_OPTIONS,
+            options=perturb.LAUNCH_OPTIONS,
         )
     except RuntimeError as error:
         if "Cannot find ptxas" in str(error):
@@ -269,15 +308,36 @@ for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher",
             sys.exit(0)
         raise
     ptx = compiled.asm.get("ptx", "")
-    results[f"{dtype}-{dist}-{num_terms}"] = {
+    return ptx, {
         "num_terms": num_terms,
         "has_ptx": "ptx" in compiled.asm,
         "sm_90": ".target sm_90" in ptx,
         "cubin_bytes": len(compiled.asm.get("cubin", b"")),
         "mul_hi": ptx.count("mul.hi.u32"),
-        "fma_f32": ptx.count("fma.rn.f32"),
+        "fma_f32": len(re.findall(r"fma\.rn(\.ftz)?\.f32", ptx)),
         "vector_loads": ptx.count("ld.global.v"),
     }
+
+
+results = {}
+for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher", 1),
+                               ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
+    constexprs = {"NUM_TERMS": num_terms, **layout(perturb, dist)}
+    _, results[f"{dtype}-{dist}-{num_terms}"] = build(perturb._perturb_kernel, dtype, constexprs, num_terms)
+# zo_update_ (num_terms > 0) and grad_update_ (num_terms = 0, Rademacher layout); all keep m, all but SGD v.
+for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16", "ADAZO", "rademacher", 1),
+                                     ("bf16", "SOPHIA", "gaussian", 2), ("fp32", "ADAM_MOMENTS", "rademacher", 0),
+                                     ("bf16", "QUANTIZED", "rademacher", 0), ("fp16", "SGD", "rademacher", 0)]:
+    constexprs = {"RULE": getattr(update, rule).value, "NUM_TERMS": num_terms, "HAS_M": True,
+                  "HAS_V": rule != "SGD", **layout(update, dist)}
+    ptx, build_info = build(update._update_kernel, dtype, constexprs, num_terms)
+    build_info.update(
+        approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)),
+        approx_sqrt=len(re.findall(r"sqrt\.approx(\.ftz)?\.f32", ptx)),
+        ieee_div=ptx.count("div.rn.f32"),
+        atomics=len(re.findall(r"\b(atom|red)\.global", ptx)),
+    )
+    results[f"update-{dtype}-{rule}-{dist}-{num_terms}"] = build_info
 print(json.dumps(results))
 """
 
@@ -287,7 +347,7 @@ def sm90_build(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, perturb_module.__file__],
+        [sys.executable, "-c", COMPILE_SCRIPT, os.path.dirname(perturb_module.__file__)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -307,3 +367,21 @@ def test_compiles_for_sm90(sm90_build, variant):
         assert build["mul_hi"] <= 20 * build["num_terms"], build
         # enable_fp_fusion=False reached the compiler: alpha * theta is not fused into the first add.
         assert build["fma_f32"] == 0, build
+
+
+@pytest.mark.parametrize("variant", ["update-fp32-ADAM-rademacher-3", "update-fp16-ADAZO-rademacher-1",
+                                     "update-bf16-SOPHIA-gaussian-2", "update-fp32-ADAM_MOMENTS-rademacher-0",
+                                     "update-bf16-QUANTIZED-rademacher-0", "update-fp16-SGD-rademacher-0"])
+def test_update_compiles_for_sm90_with_ieee_math(sm90_build, variant):
+    """The rules' bits on a GPU: IEEE division and square root (div_rn, sqrt_rn), no FMA."""
+    build = sm90_build[variant]
+    assert build["has_ptx"] and build["sm_90"] and build["cubin_bytes"] > 0, build
+    assert build["vector_loads"] > 0, f"aligned tensors should get vector loads: {build}"
+    assert build["approx_div"] == 0, build
+    assert build["ieee_div"] > 0 or "SGD" in variant, f"the rule's divisions should be div.rn.f32: {build}"
+    assert ("ADAM_MOMENTS" in variant) == (build["atomics"] > 0), build
+    if "rademacher" in variant:
+        # The Gaussian transform has its own approximate sqrt and libdevice FMAs, as in perturb_.
+        assert build["approx_sqrt"] == 0 and build["fma_f32"] == 0, build
+        # The restore's z_last shares the last term's Philox (LLVM folds the repeat).
+        assert build["mul_hi"] <= 20 * build["num_terms"], build

@@ -1,0 +1,277 @@
+"""Triton kernel for the fused optimizer updates (zounlearn.ops.update):
+
+    zo_update_:   theta <- rule(theta + restore * z_last, g = sum_k coefs[k] * z_k, m, v)
+    grad_update_: theta <- rule(theta, g = grad, m, v)
+
+One kernel serves both (NUM_TERMS = 0 reads g from the gradient), on the tile layout and
+random stream of kernels/perturb.py. The rules are csrc/update_rules.h one float32
+operation at a time in its order: no FMA (enable_fp_fusion=False) and IEEE division and
+square root (div_rn, sqrt_rn; on a GPU `/` and tl.sqrt are approximate), so every backend
+computes the same bits. theta is rounded once, at the store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .perturb import (
+    DISTRIBUTIONS,
+    GAUSSIAN_GROUP,
+    LAUNCH_OPTIONS,
+    MAX_TERMS,
+    RADEMACHER_GROUP,
+    _add_term,
+    _round_to,
+)
+
+# zo::Rule (csrc/update_rules.h); jit code reads only constexpr globals.
+SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA = map(tl.constexpr, range(8))
+RULES = range(8)
+ZO_RULES = tuple(r.value for r in (SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, SOPHIA))  # the others are first-order only
+HYPER_FIELDS = 12
+# Half perturb_'s tiles (8 and 4 elements per thread at 4 warps): with m and v in flight too,
+# Adam at K = 8 took all 255 registers on sm_90 and spilled; now ~100 and ~150.
+RADEMACHER_GROUPS_PER_PROGRAM = 8
+GAUSSIAN_GROUPS_PER_PROGRAM = 128
+
+
+@triton.jit
+def _sign(x):
+    """torch.sign for finite x; NaN gives 0 (sign_of of update_rules.h)."""
+    return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+@triton.jit
+def _adam_direction(m, v, bias_correction1, sqrt_bias_correction2, eps):
+    return tl.math.div_rn(tl.math.div_rn(m, bias_correction1),
+                          tl.math.div_rn(tl.math.sqrt_rn(v), sqrt_bias_correction2) + eps)
+
+
+@triton.jit
+def _quantize(u, scale, levels):
+    """Q(u; levels) of update_rules.h: sign for levels 0, else levels steps of scale (0 if scale is 0)."""
+    # Branches on the scalars, not tl.where: no division by a zero levels or scale is even computed.
+    if levels == 0:
+        q = _sign(u)
+    elif scale > 0:
+        # (x + 1.5 * 2^23) - 1.5 * 2^23 rounds |x| < 2^22 half to even; nothing folds it without fast-math.
+        steps = (tl.math.div_rn(u, scale) * levels + 12582912.0) - 12582912.0
+        q = tl.math.div_rn(steps, levels) * scale
+    else:
+        q = tl.zeros_like(u)
+    return q
+
+
+@triton.jit(do_not_specialize=["first_group", "index", "seed", "stream0", "stream1", "stream2", "stream3",
+                               "stream4", "stream5", "stream6", "stream7"])
+def _update_kernel(
+    param_ptr,
+    grad_ptr,  # read when NUM_TERMS == 0
+    m_ptr,  # float32 state; any pointer when not HAS_M (same for v)
+    v_ptr,
+    scales_ptr,  # float32, one per tensor: written by ADAM_MOMENTS (zeroed beforehand), read by QUANTIZED
+    index,  # this tensor's slot in scales
+    numel,
+    lead,  # as in _perturb_kernel
+    first_group: tl.int64,
+    seed: tl.int64,
+    coef0: tl.float32, coef1: tl.float32, coef2: tl.float32, coef3: tl.float32,
+    coef4: tl.float32, coef5: tl.float32, coef6: tl.float32, coef7: tl.float32,
+    stream0: tl.int64, stream1: tl.int64, stream2: tl.int64, stream3: tl.int64,
+    stream4: tl.int64, stream5: tl.int64, stream6: tl.int64, stream7: tl.int64,
+    restore: tl.float32,
+    # zounlearn.ops.update.Hyper, in its order
+    lr: tl.float32, decay: tl.float32, weight_decay: tl.float32, beta1: tl.float32,
+    one_minus_beta1: tl.float32, beta2: tl.float32, one_minus_beta2: tl.float32, eps: tl.float32,
+    bias_correction1: tl.float32, sqrt_bias_correction2: tl.float32, levels: tl.float32, rho: tl.float32,
+    RULE: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    GAUSSIAN: tl.constexpr,
+    HAS_M: tl.constexpr,
+    HAS_V: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+):
+    TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
+    pid = tl.program_id(0).to(tl.int64)
+    tile_start = pid * TILE - lead
+    row = tl.arange(0, GROUPS_PER_PROGRAM)
+    col = tl.arange(0, GROUP_SIZE)
+    pos = row[:, None] * GROUP_SIZE + col[None, :]
+    first_valid = tl.maximum(-tile_start, 0).to(tl.int32)
+    end_valid = tl.minimum(numel - tile_start, TILE).to(tl.int32)
+    mask = (pos >= first_valid) & (pos < end_valid)
+    offs = tile_start + pos
+    theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+    # The interpreter ignores the float32 annotations (Python floats stay float64): cast once here.
+    lr = tl.cast(lr, tl.float32)
+    decay = tl.cast(decay, tl.float32)
+    weight_decay = tl.cast(weight_decay, tl.float32)
+    beta1 = tl.cast(beta1, tl.float32)
+    one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
+    beta2 = tl.cast(beta2, tl.float32)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    bias_correction1 = tl.cast(bias_correction1, tl.float32)
+    sqrt_bias_correction2 = tl.cast(sqrt_bias_correction2, tl.float32)
+    levels = tl.cast(levels, tl.float32)
+    rho = tl.cast(rho, tl.float32)
+
+    if NUM_TERMS == 0:
+        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+    else:
+        block = tl.cast(first_group, tl.int64) + pid * GROUPS_PER_PROGRAM + row
+        g = tl.zeros(theta.shape, tl.float32)
+        g = _add_term(g, coef0, stream0, seed, block, col, GAUSSIAN)
+        last = stream0
+        if NUM_TERMS > 1:
+            g = _add_term(g, coef1, stream1, seed, block, col, GAUSSIAN)
+            last = stream1
+        if NUM_TERMS > 2:
+            g = _add_term(g, coef2, stream2, seed, block, col, GAUSSIAN)
+            last = stream2
+        if NUM_TERMS > 3:
+            g = _add_term(g, coef3, stream3, seed, block, col, GAUSSIAN)
+            last = stream3
+        if NUM_TERMS > 4:
+            g = _add_term(g, coef4, stream4, seed, block, col, GAUSSIAN)
+            last = stream4
+        if NUM_TERMS > 5:
+            g = _add_term(g, coef5, stream5, seed, block, col, GAUSSIAN)
+            last = stream5
+        if NUM_TERMS > 6:
+            g = _add_term(g, coef6, stream6, seed, block, col, GAUSSIAN)
+            last = stream6
+        if NUM_TERMS > 7:
+            g = _add_term(g, coef7, stream7, seed, block, col, GAUSSIAN)
+            last = stream7
+        # z_last again: LLVM folds the repeated Philox into the last term's (tests/test_triton_kernels.py).
+        theta = _add_term(theta, restore, last, seed, block, col, GAUSSIAN)
+    if HAS_M:
+        m = tl.load(m_ptr + offs, mask=mask)
+    if HAS_V:
+        v = tl.load(v_ptr + offs, mask=mask)
+
+    # apply_rule of csrc/update_rules.h
+    if RULE == SGD:
+        g = g + weight_decay * theta
+        m = beta1 * m + g
+        theta = theta - lr * m
+    elif RULE == SIGN:
+        theta = decay * theta - lr * _sign(g)
+    elif RULE == ADAZO:
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * (m * m)
+        theta = decay * theta - lr * tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps)
+    elif RULE == SIGN_ADAM:
+        m = beta1 * m + one_minus_beta1 * g
+        theta = decay * theta - lr * _sign(m)
+    elif RULE == SOPHIA:
+        m = beta1 * m + one_minus_beta1 * g
+        ratio = tl.math.div_rn(m, rho * v + eps)
+        theta = decay * theta - lr * tl.where(ratio < -1.0, -1.0, tl.where(ratio > 1.0, 1.0, ratio))  # NaN stays
+    else:  # Adam's direction u: ADAM, ADAM_MOMENTS, QUANTIZED (which reads the moments pass's m, v)
+        if RULE != QUANTIZED:
+            m = beta1 * m + one_minus_beta1 * g
+            v = beta2 * v + one_minus_beta2 * (g * g)
+        u = _adam_direction(m, v, bias_correction1, sqrt_bias_correction2, eps)
+        if RULE == ADAM:
+            theta = decay * theta - lr * u
+        elif RULE == QUANTIZED:
+            theta = decay * theta - lr * _quantize(u, tl.load(scales_ptr + index), levels)
+        else:
+            # |u| >= 0 orders as its int32 bits, NaN above inf, so it wins as in torch.max.
+            bits = tl.where(mask, tl.abs(u), 0.0).to(tl.int32, bitcast=True)
+            tl.atomic_max(scales_ptr.to(tl.pointer_type(tl.int32)) + index, tl.max(bits), sem="relaxed")
+
+    if RULE != ADAM_MOMENTS:
+        tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
+    if HAS_M and RULE != QUANTIZED:
+        tl.store(m_ptr + offs, m, mask=mask)
+    if RULE == ADAM or RULE == ADAZO or RULE == ADAM_MOMENTS:
+        tl.store(v_ptr + offs, v, mask=mask)
+
+
+def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule, hyper, num_terms, gaussian) -> None:
+    """One tensor; grad, m, v and scales are None where unused (the kernel gets param in their place)."""
+    numel = param.numel()
+    if numel == 0:
+        return
+    group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
+    groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
+    lead = offset % group_size
+    grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
+    _update_kernel[grid](
+        param, *(param if t is None else t for t in (grad, m, v, scales)), index, numel, lead,
+        offset // group_size, seed, *terms, float(restore), *(float(h) for h in hyper),
+        RULE=rule,
+        NUM_TERMS=num_terms,
+        GAUSSIAN=gaussian,
+        HAS_M=m is not None,
+        HAS_V=v is not None,
+        GROUP_SIZE=group_size,
+        GROUPS_PER_PROGRAM=groups_per_program,
+        **LAUNCH_OPTIONS,
+    )
+
+
+def _check_rule(rule: int, allowed, hyper) -> None:
+    if rule not in allowed:
+        raise ValueError(f"rule must be one of {tuple(allowed)} here, got {rule}")
+    if len(hyper) != HYPER_FIELDS:
+        raise ValueError(f"hyper must have {HYPER_FIELDS} values, got {len(hyper)}")
+
+
+def zo_update_(
+    params: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    offsets: list[int],
+    coefs: list[float],
+    streams: list[int],
+    seed: int,
+    dist: str,
+    restore: float,
+    rule: int,
+    hyper: list[float],
+) -> None:
+    """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor.
+
+    Arguments arrive validated as for perturb_; m and v are given (float32, like params)
+    exactly when the rule uses them, else empty. One launch per non-empty tensor.
+    """
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    if not 1 <= len(coefs) <= MAX_TERMS or len(streams) != len(coefs):
+        raise ValueError(f"need 1 to {MAX_TERMS} coefs and as many streams, got {len(coefs)} and {len(streams)}")
+    _check_rule(rule, ZO_RULES, hyper)
+    padding = MAX_TERMS - len(coefs)
+    terms = [float(c) for c in coefs] + [0.0] * padding + list(streams) + [0] * padding
+    for i, (param, offset) in enumerate(zip(params, offsets)):
+        _launch(param, None, m[i] if m else None, v[i] if v else None, None, 0, offset, seed, terms, restore, rule,
+                hyper, len(coefs), dist == "gaussian")
+
+
+def grad_update_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    scales: torch.Tensor | None,
+    rule: int,
+    hyper: list[float],
+) -> None:
+    """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass per tensor.
+
+    scales: float32, one per tensor, for ADAM_MOMENTS (overwritten with max |u|, 0 for an
+    empty tensor) and QUANTIZED (read); else None.
+    """
+    _check_rule(rule, RULES, hyper)
+    if rule == ADAM_MOMENTS.value:
+        scales.zero_()  # the kernel max-es into it
+    no_terms = [0.0] * MAX_TERMS + [0] * MAX_TERMS
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, 0, 0, no_terms, 0.0, rule, hyper,
+                0, False)
