@@ -21,6 +21,12 @@ CSRC = os.path.join(HERE, "csrc")
 # -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it.
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the op runs on one thread.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+# --fmad=false: csrc/update_rules.h's expressions compile to separately rounded IEEE operations,
+# as the reference computes them (division and sqrtf are IEEE by default: no fast-math, keep
+# -prec-div/-prec-sqrt). tests/test_cuda_compile.py compiles the kernels with these flags.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+CUDA_SOURCES = ["module_cuda.cpp", "perturb_cuda.cpp", "update_cuda.cpp",
+                "perturb_kernel.cu", "zo_update_kernel.cu", "grad_update_kernel.cu"]
 
 
 def _flag(name: str) -> bool:
@@ -71,9 +77,9 @@ def extensions() -> list:
         exts.append(
             CUDAExtension(
                 "zounlearn._C_cuda",
-                [os.path.join("csrc", "cuda", "perturb_cuda.cpp"), os.path.join("csrc", "cuda", "perturb_kernel.cu")],
+                [os.path.join("csrc", "cuda", f) for f in CUDA_SOURCES],
                 include_dirs=[CSRC],
-                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=true", "-lineinfo"]},
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             )
         )
     else:

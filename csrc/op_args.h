@@ -1,5 +1,5 @@
 // Shared by the CPU and CUDA bindings: the op's scalar arguments, checked and turned into
-// zo::Terms. zounlearn.ops validates first; these checks guard the raw pointers.
+// zo::Terms, zo::Rule and zo::Hyper. zounlearn.ops validates first; these checks guard the raw pointers.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "update_rules.h"
 #include "zo_rng.h"
 
 namespace zo {
@@ -19,6 +20,16 @@ inline Terms checked_terms(size_t n_params, const std::vector<int64_t>& offsets,
               "perturb_: 1 to 8 terms, one stream per coefficient");
   TORCH_CHECK(dist == 0 || dist == 1, "perturb_: dist must be 0 (rademacher) or 1 (gaussian), got ", dist);
   return make_terms(alpha, coefs.data(), streams.data(), static_cast<int>(coefs.size()), seed);
+}
+
+inline Rule checked_rule(int64_t rule, const char* op) {
+  TORCH_CHECK(rule >= 0 && rule < kRules, op, ": unknown rule ", rule);
+  return static_cast<Rule>(rule);
+}
+
+inline Hyper checked_hyper(const std::vector<double>& hyper, const char* op) {
+  TORCH_CHECK(hyper.size() == kHyperFields, op, ": hyper must have ", kHyperFields, " values, got ", hyper.size());
+  return make_hyper(hyper.data());
 }
 
 }  // namespace zo

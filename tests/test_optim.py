@@ -14,6 +14,7 @@ import torch
 from zounlearn import optim, sample
 from zounlearn.ops import backends
 from zounlearn.optim import reference
+from zounlearn.optim.base import loss_value
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [n for n, why in backends.status().items() if why is None and backends.runs_on(n, DEVICE)]
@@ -73,7 +74,7 @@ def run(opt, params, target, steps: int, hessian: bool = False) -> list[float]:
             loss = opt.step(closure, hessian_closure=lambda: loss_fn(params, [t * 0.5 for t in target]))
         else:
             loss = opt.step(closure)
-        losses.append(float(loss))
+        losses.append(loss_value(loss))
     return losses
 
 

@@ -39,16 +39,6 @@ void with_dtype(const at::Tensor& t, void* data, const F& fn) {
   }
 }
 
-Rule checked_rule(int64_t rule) {
-  TORCH_CHECK(rule >= 0 && rule < kRules, "unknown rule ", rule);
-  return static_cast<Rule>(rule);
-}
-
-Hyper checked_hyper(const std::vector<double>& hyper) {
-  TORCH_CHECK(hyper.size() == kHyperFields, "hyper must have ", kHyperFields, " values, got ", hyper.size());
-  return make_hyper(hyper.data());
-}
-
 void check_param(const at::Tensor& t, size_t i) {
   const auto type = t.scalar_type();
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "params[", i, "] must be a contiguous CPU tensor");
@@ -73,9 +63,9 @@ void zo_update_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<int64_t>& streams, int64_t seed, int64_t dist, double restore, int64_t rule,
                 const std::vector<double>& hyper) {
   const Terms terms = checked_terms(params.size(), offsets, 1.0, coefs, streams, seed, dist);
-  const Rule r = checked_rule(rule);
+  const Rule r = checked_rule(rule, "zo_update_");
   TORCH_CHECK(r != Rule::kAdamMoments && r != Rule::kQuantized, "zo_update_: rule ", rule, " is first-order only");
-  const Hyper h = checked_hyper(hyper);
+  const Hyper h = checked_hyper(hyper, "zo_update_");
   std::vector<State> states;
   GroupRanges ranges;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -102,8 +92,8 @@ void zo_update_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 void grad_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                   const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
                   const std::optional<at::Tensor>& scales, int64_t rule, const std::vector<double>& hyper) {
-  const Rule r = checked_rule(rule);
-  const Hyper h = checked_hyper(hyper);
+  const Rule r = checked_rule(rule, "grad_update_");
+  const Hyper h = checked_hyper(hyper, "grad_update_");
   TORCH_CHECK(grads.size() == params.size(), "grad_update_: one gradient per parameter");
   const bool uses_scales = r == Rule::kAdamMoments || r == Rule::kQuantized;
   float* scale = nullptr;

@@ -1,23 +1,51 @@
-// The fused perturbation op on CUDA: theta <- alpha * theta + sum_k c_k * z_k, in place
-// (docs/rng.md). Host API only; no torch headers, so it builds with plain nvcc.
+// Host API of the CUDA kernels (perturb_kernel.cu, zo_update_kernel.cu, grad_update_kernel.cu).
+// No torch headers, so the kernels build with plain nvcc; the torch glue (*_cuda.cpp) calls these.
+//
+// Every launcher validates all its arguments before it launches anything and then returns
+// cudaErrorInvalidValue (nothing launched, no memory touched); otherwise it returns the
+// first launch error (cudaGetLastError after each launch), otherwise cudaSuccess. Tensors
+// are contiguous device buffers; tensors with 0 elements are skipped. sm_count (the
+// device's SM count) only sizes the grid.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "../update_rules.h"
 #include "../zo_rng.h"
 
 namespace zo {
 
 enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Applies `terms` to every element of n_tensors contiguous device tensors that all hold
-// `dtype`: tensor i has numels[i] elements at ptrs[i], and its element j has global index
-// offsets[i] + j. Tensors with numels[i] == 0 are skipped. One kernel launch per 120
-// tensors on `stream`; sm_count (the device's SM count) only sizes the grid.
-// Returns cudaErrorInvalidValue for bad arguments (nothing launched), otherwise the
-// first launch error (cudaGetLastError after each launch), otherwise cudaSuccess.
+// The fused perturbation theta <- alpha * theta + sum_k c_k * z_k, in place (docs/rng.md), on
+// n_tensors tensors that all hold `dtype`: tensor i has numels[i] elements at ptrs[i], and its
+// element j has global index offsets[i] + j. One kernel launch per 120 tensors on `stream`.
 cudaError_t perturb_launch(ElemType dtype, void* const* ptrs, const int64_t* numels, const int64_t* offsets,
                            int n_tensors, const Terms& terms, Dist dist, int sm_count, cudaStream_t stream);
+
+// One tensor of an optimizer update (update_rules.h): a parameter and its float32 state.
+struct UpdateTensor {
+  void* param;       // numel elements of dtype, updated in place
+  const void* grad;  // grad_update_: numel elements of dtype; zo_update_: unused
+  float* m;          // numel floats when the rule uses m (rule_uses_m), else unused
+  float* v;          // numel floats when the rule uses v (rule_uses_v), else unused
+  int64_t numel;
+  int64_t offset;    // zo_update_: global index of element 0; grad_update_: unused
+  ElemType dtype;    // the tensors of one call may mix dtypes
+};
+
+// zo_update_: per element, theta = param + restore * z_last, g = sum_k c_k z_k (k in order,
+// from 0), then apply_rule<rule>; theta is stored with one rounding. terms.alpha is ignored.
+// rule: kSgd, kSign, kAdam, kAdaZo, kSignAdam or kSophia. Launches per dtype and 81 tensors.
+cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const Terms& terms, Dist dist,
+                             float restore, Rule rule, const Hyper& hyper, int sm_count, cudaStream_t stream);
+
+// grad_update_: per element, apply_rule<rule>(param, grad, m, v). scales holds one float per
+// tensor (n_tensors, tensor i's at scales[i]) for kAdamMoments, which overwrites it with
+// max |u| over the tensor (0 for an empty one) and leaves params unchanged, and for
+// kQuantized, which reads it; other rules ignore it. Launches per dtype and 63 tensors.
+cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float* scales, Rule rule,
+                               const Hyper& hyper, int sm_count, cudaStream_t stream);
 
 }  // namespace zo
