@@ -27,4 +27,4 @@ for name, why in backends.status().items():
 PY
 # Without a GPU the ops run on the CPU backends and Triton's interpreter under this torch.
 python -m pytest -q -p no:cacheprovider tests/test_rng.py tests/test_perturb.py tests/test_validation.py \
-    tests/test_triton_kernels.py tests/test_cuda_compile.py $(ls tests/test_optim*.py 2>/dev/null || true)
+    tests/test_triton_kernels.py tests/test_cuda_compile.py tests/test_update_ops.py tests/test_optim.py
