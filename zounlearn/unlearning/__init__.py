@@ -1,11 +1,21 @@
-"""The unlearning loop's building blocks. Data: one representation for every source
-(`Example`, `Split`, `UnlearningData`), loaders for the user's files, Hugging Face data
-sets and the TOFU, MUSE and WMDP schemas, and a synthetic data set of fictitious people.
+"""The unlearning loop's building blocks.
+
+data.py, synthetic.py: one representation for every source (`Example`, `Split`,
+`UnlearningData`), loaders for the user's files, Hugging Face data sets and the TOFU, MUSE
+and WMDP schemas, and a synthetic data set of fictitious people. batches.py: examples to
+model inputs (loss on answer tokens only). objectives.py: GA, GradDiff, NPO, SimNPO, RMU.
+evaluation.py: losses, question and multiple-choice accuracy, Min-k% membership inference.
 """
 
-from .data import (DataError, Example, Split, UnlearningData, load_examples, load_muse, load_tofu,
-                   load_wmdp)
+from .batches import Batch, Batches, answer_log_likelihoods, join, token_log_probs, tokenize_examples
+from .data import DataError, Example, Split, UnlearningData, load_examples, load_muse, load_tofu, load_wmdp
+from .evaluation import evaluate
+from .objectives import GA, NPO, OBJECTIVES, RMU, GradDiff, Objective, SimNPO, make_objective, transformer_blocks
 from .synthetic import Person, SyntheticPeople, synthetic_data, synthetic_people
 
-__all__ = ["DataError", "Example", "Person", "Split", "SyntheticPeople", "UnlearningData", "load_examples",
-           "load_muse", "load_tofu", "load_wmdp", "synthetic_data", "synthetic_people"]
+__all__ = [
+    "Batch", "Batches", "DataError", "Example", "GA", "GradDiff", "NPO", "OBJECTIVES", "Objective", "Person", "RMU",
+    "SimNPO", "Split", "SyntheticPeople", "UnlearningData", "answer_log_likelihoods", "evaluate", "join",
+    "load_examples", "load_muse", "load_tofu", "load_wmdp", "make_objective", "synthetic_data", "synthetic_people",
+    "token_log_probs", "tokenize_examples", "transformer_blocks",
+]

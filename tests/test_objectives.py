@@ -1,0 +1,370 @@
+"""Batches (the join rule, labels, truncation, deterministic order) and the objectives against
+hand computations from the logits and hidden states of tiny GPT-2 and Llama models; the NPO
+and RMU caches, both grad modes, RMU's blocks and parameters, the registry and bad input.
+
+The tokenizer is a byte-level BPE trained here on the synthetic corpus (nothing downloaded);
+test_evaluation.py imports it and the helpers below."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from zounlearn.unlearning import synthetic_data
+from zounlearn.unlearning.batches import IGNORE, Batches, answer_log_likelihoods, join, tokenize_examples
+from zounlearn.unlearning.objectives import (GA, NPO, OBJECTIVES, RMU, GradDiff, SimNPO, make_objective,
+                                             transformer_blocks)
+
+DATA = synthetic_data(seed=3, n_people=10)  # forget: 1 person (15 sentences, 5 questions)
+
+
+@functools.cache
+def tokenizer() -> PreTrainedTokenizerFast:
+    texts = [join(e.prompt, e.answer) for s in (DATA.forget, DATA.retain, DATA.holdout) for e in s.train + s.qa]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def tiny_gpt2(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    eos = tokenizer().eos_token_id
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(tokenizer()), bos_token_id=eos,
+                        eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(n_layer: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    eos = tokenizer().eos_token_id
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer()),
+                                        bos_token_id=eos, eos_token_id=eos))
+
+
+def hand_token_log_probs(model: torch.nn.Module, batch) -> list[list[float]]:
+    """Each row's answer-token log-probabilities, in float64, one token at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    return [[logits[row, t - 1].log_softmax(-1)[batch.labels[row, t]].item()
+             for t in range(1, batch.labels.shape[1]) if batch.labels[row, t] != IGNORE] for row in range(len(batch))]
+
+
+def hand_log_likelihoods(model: torch.nn.Module, batch) -> list[tuple[float, int]]:
+    """(summed answer log-likelihood, answer tokens) per row."""
+    return [(sum(terms), len(terms)) for terms in hand_token_log_probs(model, batch)]
+
+
+def hand_ce(model: torch.nn.Module, batch) -> float:
+    rows = hand_log_likelihoods(model, batch)
+    return -sum(ll for ll, _ in rows) / sum(n for _, n in rows)
+
+
+def nudge(model: torch.nn.Module, seed: int = 1) -> None:
+    """Move every parameter a little, as unlearning steps would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def forget() -> Batches:
+    return Batches(DATA.forget.train, tokenizer(), 4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def retain() -> Batches:
+    return Batches(DATA.retain.qa[:12], tokenizer(), 4, seed=0)
+
+
+# --- batches
+
+
+def test_join_rule():
+    assert join("Where was X born?", "Lisbon") == "Where was X born? Lisbon"
+    assert join("", "A sentence.") == "A sentence."
+    assert join("The start of a text ", "and its end") == "The start of a text and its end"
+    assert join("Line one\n", "line two") == "Line one\nline two"
+    assert join("prefix", " continuation") == "prefix continuation"
+
+
+def test_labels_mark_answer_and_eos_only():
+    tok = tokenizer()
+    examples = [DATA.forget.qa[0], DATA.forget.train[0], DATA.retain.qa[3]]
+    batch = Batches(examples, tok, 3, shuffle=False).batch(0)
+    for row, e in enumerate(examples):
+        prompt = tok(e.prompt)["input_ids"]
+        full = tok(join(e.prompt, e.answer))["input_ids"] + [tok.eos_token_id]
+        n = len(full)
+        assert batch.input_ids[row, :n].tolist() == full
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+        assert batch.labels[row, :len(prompt)].eq(IGNORE).all() and batch.labels[row, n:].eq(IGNORE).all()
+        assert batch.labels[row, len(prompt):n].tolist() == full[len(prompt):]
+        answer = tok.decode(batch.labels[row, len(prompt):n - 1].tolist())
+        assert answer == (" " + e.answer if e.prompt else e.answer)
+    assert batch.indices.tolist() == [0, 1, 2]
+
+
+def test_truncation_keeps_the_answer():
+    tok = tokenizer()
+    example = DATA.forget.qa[0]
+    full = tokenize_examples(tok, [example])[0]
+    n_answer = full.n_answer
+    cut = tokenize_examples(tok, [example], max_length=n_answer + 2)[0]
+    assert cut.ids == full.ids[-(n_answer + 2):] and cut.n_prompt == 2  # the prompt's end stays
+    short = tokenize_examples(tok, [example], max_length=2)[0]
+    assert short.ids == full.ids[full.n_prompt:full.n_prompt + 2] and short.n_prompt == 0
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_examples(tok, [example], max_length=1)
+
+
+def test_batches_are_deterministic_and_cover_every_example():
+    examples = DATA.retain.train[:10]
+    a, b = Batches(examples, tokenizer(), 3, seed=5), Batches(examples, tokenizer(), 3, seed=5)
+    assert len(a) == 4 and len(Batches(examples, tokenizer(), 3, drop_last=True)) == 3
+    epoch0 = [x.indices.tolist() for x in a.epoch(0)]
+    assert epoch0 == [b.batch(i).indices.tolist() for i in range(4)]
+    assert sorted(sum(epoch0, [])) == list(range(10)) and epoch0 != [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert [x.indices.tolist() for x in a.epoch(1)] != epoch0
+    assert a.batch(5).indices.tolist() == [x.indices.tolist() for x in b.epoch(1)][1]
+    assert [x.indices.tolist() for x in Batches(examples, tokenizer(), 3, seed=6).epoch(0)] != epoch0
+    assert sum((x.indices.tolist() for x in a.in_order()), []) == list(range(10))
+    dropped = Batches(examples, tokenizer(), 3, seed=5, drop_last=True)
+    assert all(len(x) == 3 for x in dropped.epoch(0))
+    with pytest.raises(ValueError, match="drop_last"):
+        Batches(examples, tokenizer(), 11, drop_last=True)
+    with pytest.raises(ValueError, match="no examples"):
+        Batches((), tokenizer(), 2)
+
+
+def test_log_likelihoods_by_hand_and_float32_for_bfloat16(forget):
+    model, batch = tiny_gpt2(), forget.batch(0)
+    ll, n = answer_log_likelihoods(model, batch)
+    hand = hand_log_likelihoods(model, batch)
+    assert n.tolist() == [count for _, count in hand]
+    torch.testing.assert_close(ll.double(), torch.tensor([x for x, _ in hand], dtype=torch.float64), rtol=1e-5,
+                               atol=1e-4)
+    ll16, _ = answer_log_likelihoods(model.to(torch.bfloat16), batch)
+    assert ll16.dtype == torch.float32
+    torch.testing.assert_close(ll16, ll, rtol=0.05, atol=0.5)
+
+
+# --- objectives against hand computations
+
+
+def test_ga_and_graddiff_by_hand(forget, retain):
+    model = tiny_gpt2()
+    fb, rb = forget.batch(0), retain.batch(0)
+    assert make_objective("ga")(model, fb).item() == pytest.approx(-hand_ce(model, fb), rel=1e-5)
+    expected = -hand_ce(model, fb) + 0.5 * hand_ce(model, rb)
+    assert GradDiff(retain_weight=0.5)(model, fb, rb).item() == pytest.approx(expected, rel=1e-5)
+    assert GradDiff().retain_weight == 1.0
+
+
+def test_npo_by_hand(forget, retain):
+    model = tiny_gpt2()
+    fb, rb = forget.batch(1), retain.batch(0)
+    reference = hand_log_likelihoods(model, fb)
+    npo = NPO(beta=0.1, retain_weight=0.7)
+    npo.prepare(model, forget)
+    nudge(model)
+    now = hand_log_likelihoods(model, fb)
+    forget_term = -(2 / 0.1) * sum(math.log(1 / (1 + math.exp(0.1 * (x - r)))) for (x, _), (r, _)
+                                   in zip(now, reference)) / len(now)
+    expected = forget_term + 0.7 * hand_ce(model, rb)
+    assert npo(model, fb, rb).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_npo_starts_at_two_over_beta_log_two(forget):
+    model = tiny_gpt2()
+    npo = NPO(beta=0.1, retain_weight=0.0)
+    npo.prepare(model, forget)
+    for batch in forget.epoch(0):
+        assert npo(model, batch).item() == pytest.approx(20 * math.log(2), rel=1e-4)
+
+
+def test_simnpo_by_hand(forget, retain):
+    model = tiny_gpt2()
+    fb, rb = forget.batch(0), retain.batch(1)
+    # A small beta keeps the sigmoid off its flat tail, so that gamma moves the loss visibly.
+    beta, gamma = 0.2, 0.5
+    rows = hand_log_likelihoods(model, fb)
+    forget_term = -(2 / beta) * sum(math.log(1 / (1 + math.exp((beta / n) * ll + gamma))) for ll, n in rows) \
+        / len(rows)
+    assert SimNPO(beta=beta, gamma=gamma, retain_weight=0.0)(model, fb).item() == pytest.approx(forget_term, rel=1e-5)
+    expected = forget_term + 2.0 * hand_ce(model, rb)
+    assert SimNPO(beta=beta, gamma=gamma, retain_weight=2.0)(model, fb, rb).item() == pytest.approx(expected, rel=1e-5)
+    assert (SimNPO().beta, SimNPO().gamma, SimNPO().retain_weight) == (4.5, 0.0, 8.0)
+
+
+def hand_hidden(model, batch, layer: int) -> list[torch.Tensor]:
+    """Block `layer`'s output at each row's real tokens, from output_hidden_states (GPT-2: not the last block)."""
+    with torch.no_grad():
+        states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       output_hidden_states=True).hidden_states[layer + 1].double()
+    return [states[row, :int(batch.attention_mask[row].sum())] for row in range(len(batch))]
+
+
+def test_rmu_by_hand(forget, retain):
+    model = tiny_gpt2(n_layer=3)
+    fb, rb = forget.batch(0), retain.batch(2)
+    rmu = RMU(steering_coeff=3.0, alpha=50.0, layer=1, seed=4)
+    frozen = hand_hidden(model, rb, 1)
+    rmu.prepare(model, forget, retain)
+    nudge(model)
+    u = torch.rand(32, generator=torch.Generator().manual_seed(4)).double()
+    target = 3.0 * u / u.norm()
+    forget_term = torch.cat([(h - target).pow(2) for h in hand_hidden(model, fb, 1)]).mean()
+    retain_term = torch.cat([(h - f).pow(2) for h, f in zip(hand_hidden(model, rb, 1), frozen)]).mean()
+    assert rmu(model, fb, rb).item() == pytest.approx((forget_term + 50.0 * retain_term).item(), rel=1e-5)
+    assert retain_term > 0
+
+
+def test_rmu_runs_only_the_blocks_up_to_its_layer(forget):
+    model = tiny_gpt2(n_layer=3)
+    calls = []
+    for i, block in enumerate(model.transformer.h):
+        block.register_forward_hook(lambda *args, i=i: calls.append(i))
+    RMU(layer=1, alpha=0.0)(model, forget.batch(0))
+    assert calls == [0, 1]
+
+
+# --- caches, grad modes
+
+
+def test_npo_reference_is_computed_once(forget, retain):
+    model = tiny_gpt2()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    npo = NPO()
+    npo.prepare(model, forget, retain)
+    assert len(calls) == len(forget) == 4  # 15 examples in batches of 4, the retain set untouched
+    for step in range(6):
+        with torch.no_grad():
+            npo(model, forget.batch(step), retain.batch(step))
+        npo(model, forget.batch(step), retain.batch(step)).backward()
+    assert len(calls) == 4 + 6 * 2 * 2  # one forget and one retain pass per call: no reference pass
+
+
+def test_rmu_caches_every_retain_example_once(forget, retain):
+    model = tiny_gpt2()
+    rmu = RMU(layer=1)
+    rmu.prepare(model, forget, retain)
+    assert sorted(rmu.frozen) == list(range(len(retain.examples)))
+    assert [rmu.frozen[i].shape[0] for i in range(len(retain.examples))] == [len(t.ids) for t in retain.tokens]
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_no_grad_and_grad(name, forget, retain):
+    model = tiny_gpt2()
+    objective = make_objective(name, **({"layer": 1} if name == "rmu" else {}))
+    objective.prepare(model, forget, retain)
+    fb, rb = forget.batch(2), retain.batch(1)
+    with torch.no_grad():
+        value = objective(model, fb, rb)
+    assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value)
+    loss = objective(model, fb, rb)
+    assert loss.item() == pytest.approx(value.item(), rel=1e-6)
+    loss.backward()
+    trained = objective.parameters(model)
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_objectives_train_with_a_zounlearn_optimizer(forget, retain):
+    from zounlearn.optim import ZOSGD
+
+    model = tiny_gpt2()
+    ga = GA()
+    before = ga(model, forget.batch(0)).item()
+    optimizer = ZOSGD(ga.parameters(model), lr=1e-2, seed=0)
+    for _ in range(3):
+        optimizer.step(lambda: ga(model, forget.batch(0)))
+    assert ga(model, forget.batch(0)).item() != before
+
+
+# --- RMU's blocks and parameters
+
+
+def test_transformer_blocks_of_gpt2_and_llama():
+    gpt2, llama = tiny_gpt2(n_layer=4), tiny_llama(n_layer=4)
+    assert transformer_blocks(gpt2) is gpt2.transformer.h
+    assert transformer_blocks(llama) is llama.model.layers
+    assert transformer_blocks(llama.model) is llama.model.layers
+    with pytest.raises(ValueError, match="cannot find the transformer blocks of Linear"):
+        transformer_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("build, blocks", [(tiny_gpt2, lambda m: m.transformer.h),
+                                           (tiny_llama, lambda m: m.model.layers)])
+def test_rmu_parameters_are_the_chosen_blocks(build, blocks):
+    model = build(n_layer=4)
+    ids = lambda params: sorted(id(p) for p in params)  # noqa: E731
+    layers = blocks(model)
+    assert ids(RMU(layer=2).parameters(model)) == ids(p for i in (0, 1, 2) for p in layers[i].parameters())
+    assert ids(RMU(layer=1).parameters(model)) == ids(p for i in (0, 1) for p in layers[i].parameters())
+    assert ids(RMU(layer=3, update_layers=[3]).parameters(model)) == ids(layers[3].parameters())
+    assert RMU().layer == 7 and RMU().update_layers == (5, 6, 7)
+    with pytest.raises(ValueError, match="reach past the 4 blocks"):
+        RMU(layer=7).parameters(model)
+
+
+def test_rmu_on_llama(retain):
+    model = tiny_llama()
+    forget = Batches(DATA.forget.qa, tokenizer(), 5, shuffle=False)
+    rmu = RMU(layer=2, alpha=10.0)
+    rmu.prepare(model, forget, retain)
+    loss = rmu(model, forget.batch(0), retain.batch(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in rmu.parameters(model))
+    assert all(p.grad is None for p in model.model.layers[3].parameters())  # stopped after block 2
+
+
+# --- bad input
+
+
+def test_registry_and_make_objective_errors():
+    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "rmu"}
+    assert isinstance(make_objective("NPO", beta=0.2), NPO)
+    with pytest.raises(ValueError, match="unknown objective 'dpo'; use one of ga, graddiff, npo, simnpo, rmu"):
+        make_objective("dpo")
+    with pytest.raises(ValueError, match="npo has no hyperparameter gamma; its hyperparameters: beta, retain_weight"):
+        make_objective("npo", gamma=1.0)
+    with pytest.raises(ValueError, match="ga has no hyperparameter beta"):
+        make_objective("ga", beta=1.0)
+
+
+@pytest.mark.parametrize("build", [lambda: NPO(beta=0), lambda: NPO(beta=-1.0), lambda: SimNPO(beta=float("nan")),
+                                   lambda: SimNPO(gamma=-0.1), lambda: GradDiff(retain_weight=-1),
+                                   lambda: NPO(beta=True), lambda: RMU(steering_coeff=0), lambda: RMU(alpha=-1),
+                                   lambda: RMU(layer=-1), lambda: RMU(layer=1.5), lambda: RMU(update_layers=[])])
+def test_bad_hyperparameters(build):
+    with pytest.raises(ValueError, match="invalid|update_layers"):
+        build()
+
+
+def test_missing_retain_or_preparation_is_a_clear_error(forget, retain):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="needs a retain batch"):
+        GradDiff()(model, forget.batch(0))
+    assert GradDiff(retain_weight=0)(model, forget.batch(0)).item() == pytest.approx(-hand_ce(model, forget.batch(0)),
+                                                                                   rel=1e-5)
+    with pytest.raises(ValueError, match="call prepare"):
+        NPO(retain_weight=0)(model, forget.batch(0))
+    with pytest.raises(ValueError, match="call prepare"):
+        RMU(layer=1)(model, forget.batch(0), retain.batch(0))
+    npo = NPO(retain_weight=0)
+    npo.prepare(model, forget)
+    other = Batches(DATA.retain.train[:4], tokenizer(), 4, shuffle=False)
+    with pytest.raises(ValueError, match="not from the Batches NPO was prepared on"):
+        npo(model, other.batch(0))
+    with pytest.raises(ValueError, match="layer 5 is out of range"):
+        RMU(layer=5, alpha=0)(model, forget.batch(0))
