@@ -19,3 +19,9 @@ __all__ = [
     "load_examples", "load_muse", "load_tofu", "load_wmdp", "make_objective", "synthetic_data", "synthetic_people",
     "token_log_probs", "tokenize_examples", "transformer_blocks",
 ]
+
+# Models: any Hugging Face causal LM, and the embedded default (a small GPT-2 trained on the synthetic people).
+from .model import EmbeddedConfig, ModelError, embedded_model, embedded_model_dir, load_model  # noqa: E402
+from .tokenizer import build_tokenizer  # noqa: E402
+
+__all__ += ["EmbeddedConfig", "ModelError", "build_tokenizer", "embedded_model", "embedded_model_dir", "load_model"]

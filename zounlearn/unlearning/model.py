@@ -1,0 +1,333 @@
+"""Models for the unlearning loop: any Hugging Face causal LM, and the embedded default.
+
+`load_model` loads a causal LM from a directory or a hub name in float32, bfloat16 or
+float16 on any device, and fails with a one-line `ModelError` that says how to fix the
+problem. A tokenizer without a pad token gets its eos token as pad (GPT-2, Llama and
+most causal LMs have none; padded positions are masked, so which token pads does not
+matter).
+
+`embedded_model` is the offline default: a small GPT-2 built from a config, with the
+word-level tokenizer of `zounlearn.unlearning.tokenizer`, trained from a seed on the
+synthetic people of the forget and retain splits (their sentences and their question/
+answer pairs; the holdout people never) until greedy generation answers at least
+`target_accuracy` of the forget and of the retain questions exactly. A question is
+shown as "{prompt} {answer}" followed by eos, the loss on the answer and eos only.
+The result is cached in `<cache>/models/<name>-<hash>/` (cache: $ZOUNLEARN_CACHE, else
+$XDG_CACHE_HOME/zounlearn, else ~/.cache/zounlearn); the hash covers the config, the
+seed, the data and BUILD_VERSION.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from .data import Example, UnlearningData, _HUB_NAME, _one_line
+from .synthetic import synthetic_data
+from .tokenizer import build_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bump when the tokenizer, the training recipe or the question format changes: old caches are then unused.
+BUILD_VERSION = 1
+SUMMARY = "training.json"  # written last into the build directory: its presence marks a complete model
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or built; the message is one line: what is wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Any Hugging Face causal LM
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a directory or a hub name, in eval mode on `device`."""
+    torch_dtype = _dtype(dtype)
+    target = _device(device)
+    _check_runs(torch_dtype, target)
+    source, local_only = _locate(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # unreadable, foreign or corrupt models
+        raise ModelError(f"could not load {name_or_path} as a causal language model "
+                         f"({_one_line(f'{type(e).__name__}: {e}', 300)}); give a causal LM such as GPT-2 or "
+                         f"Llama saved with save_pretrained") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"the tokenizer of {name_or_path} has neither a pad nor an eos token; "
+                             f"save it with one (tokenizer.pad_token = ...; tokenizer.save_pretrained(DIR))")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(target).eval(), tokenizer
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    for name, value in DTYPES.items():
+        if dtype in (name, value):
+            return value
+    raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {device!r} is not available: this torch sees no CUDA GPU "
+                             f"(a CPU build of torch or no GPU); use device 'cpu'")
+        if target.index is not None and target.index >= count:
+            raise ModelError(f"device {device!r} does not exist: this machine has {count} CUDA GPU(s); "
+                             f"use cuda:0 to cuda:{count - 1}")
+    return target
+
+
+def _check_runs(dtype: torch.dtype, device: torch.device) -> None:
+    """A tiny matmul: some torch builds cannot multiply float16 (or bfloat16) on some devices."""
+    name = next(n for n, d in DTYPES.items() if d == dtype)
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.matmul(a, a).sum().item()
+    except Exception as e:  # the backends raise RuntimeError, NotImplementedError, AssertionError, ...
+        raise ModelError(f"dtype {name} cannot run on {device} with torch {torch.__version__} "
+                         f"({_one_line(str(e), 160)}); use dtype float32") from None
+
+
+def _locate(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """(what to hand to from_pretrained, whether to stay offline), or a ModelError that says what is missing."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path} is a file, not a model directory; pass the directory that holds config.json")
+        missing = [what for what, files in (("config.json", ("config.json",)),
+                                           ("weights (model.safetensors or pytorch_model.bin)", WEIGHTS),
+                                           ("tokenizer files (tokenizer.json or tokenizer_config.json)",
+                                            TOKENIZER_FILES))
+                   if not any((path / f).is_file() for f in files)]
+        if missing:
+            raise ModelError(f"{path} is not a model directory: it has no {' and no '.join(missing)}; pass a "
+                             f"directory written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
+        return str(path), True
+    name = str(name_or_path)
+    if not _HUB_NAME.fullmatch(name):
+        raise ModelError(f"{name}: no such directory; give a model directory (with config.json) or a hub name "
+                         f"such as openai-community/gpt2")
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name, True  # in the local Hugging Face cache: no network needed
+    if not _hub_reachable():
+        raise ModelError(f"{name} is neither a local directory nor in the Hugging Face cache, and the hub cannot "
+                         f"be reached (offline); on a machine with network run `hf download {name} --local-dir "
+                         f"DIR`, copy DIR here and pass its path")
+    return name, False
+
+
+def _hub_reachable() -> bool:
+    """Whether a download can start; answers in seconds, so an offline machine never hangs on the hub."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded default
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """The data, the GPT-2 and the training of an embedded model; every field enters the cache hash."""
+
+    name: str = "zounlearn-gpt2"
+    n_people: int = 100
+    forget_fraction: float = 0.1
+    n_holdout: int | None = None
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 64
+    lr: float = 3e-3
+    batch_size: int = 64
+    max_steps: int = 3000
+    eval_every: int = 100
+    target_accuracy: float = 0.9
+
+
+def default_cache_dir() -> Path:
+    """Where embedded models are cached: $ZOUNLEARN_CACHE/models, else ~/.cache/zounlearn/models."""
+    root = os.environ.get("ZOUNLEARN_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zounlearn"
+    return Path(root).expanduser() / "models"
+
+
+def embedded_model_dir(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache directory of an embedded model (it may not exist yet)."""
+    return _model_dir(seed, config, _data(seed, config), cache_dir)
+
+
+def _model_dir(seed: int, config: EmbeddedConfig, data: UnlearningData, cache_dir: str | os.PathLike | None
+               ) -> Path:
+    key = json.dumps({"version": BUILD_VERSION, "seed": seed, "config": dataclasses.asdict(config),
+                      "data": hashlib.sha256(repr(data).encode()).hexdigest()}, sort_keys=True)
+    parent = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return parent / f"{config.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def embedded_model(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
+                   cache_dir: str | os.PathLike | None = None, rebuild: bool = False, threads: int | None = 1
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, UnlearningData]:
+    """The embedded model (float32, CPU, eval mode), its tokenizer and the data it was trained on.
+
+    Loads it from the cache, or builds it there first (rebuild=True: always). A build runs
+    on `threads` CPU threads (None: torch's setting): the weights depend on the thread
+    count, and this model is too small to gain from more than one. The training summary
+    is `SUMMARY` in `embedded_model_dir(seed, config=config, cache_dir=cache_dir)`.
+    """
+    data = _data(seed, config)
+    final = _model_dir(seed, config, data, cache_dir)
+    if rebuild or not (final / SUMMARY).is_file():
+        _build(final, seed, config, data, threads)
+    try:
+        model, tokenizer = load_model(final)
+    except ModelError as e:
+        raise ModelError(f"the cached embedded model is unreadable ({e}); delete {final} or pass rebuild=True") \
+            from None
+    return model, tokenizer, data
+
+
+def _data(seed: int, config: EmbeddedConfig) -> UnlearningData:
+    return synthetic_data(seed, config.n_people, config.forget_fraction, config.n_holdout)
+
+
+def _build(final: Path, seed: int, config: EmbeddedConfig, data: UnlearningData, threads: int | None) -> None:
+    """Train into a temporary sibling directory and rename it: a crash never leaves `final` half written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        tokenizer = build_tokenizer()
+        with torch.random.fork_rng(devices=[]):  # seeding must not change the caller's random stream
+            model, summary = _train(seed, config, data, tokenizer)
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        summary.update(seed=seed, config=dataclasses.asdict(config), version=BUILD_VERSION, threads=threads
+                       or previous_threads, torch=torch.__version__, qa_format="{prompt} {answer}<eos>")
+        (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if final.exists():  # an incomplete directory, or rebuild: move it aside first (rename fails onto it)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, old / "model")
+            shutil.rmtree(old)
+        try:
+            os.replace(work, final)
+        except OSError:
+            if not (final / SUMMARY).is_file():
+                raise  # else another process finished the same build first: use theirs
+    finally:
+        torch.set_num_threads(previous_threads)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train(seed: int, config: EmbeddedConfig, data: UnlearningData, tokenizer: PreTrainedTokenizerBase
+           ) -> tuple[PreTrainedModel, dict]:
+    """AdamW on the forget and retain examples until both QA accuracies reach the target."""
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # memorising: no dropout
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    model.loss_type = "ForCausalLM"  # transformers warns when a model names no loss
+    examples = [e for split in (data.forget, data.retain) for e in (*split.train, *split.qa)]
+    ids, labels = _collate(tokenizer, examples)
+    order = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    start, step, accuracy = time.perf_counter(), 0, {}
+    while step < config.max_steps:
+        for batch in torch.randperm(len(ids), generator=order).split(config.batch_size):
+            model.train()
+            loss = model(input_ids=ids[batch], attention_mask=ids[batch] != tokenizer.pad_token_id,
+                         labels=labels[batch]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % config.eval_every and step < config.max_steps:
+                continue
+            accuracy = {s.name: _qa_accuracy(model, tokenizer, s.qa) for s in (data.forget, data.retain)}
+            if min(accuracy.values()) >= config.target_accuracy:
+                return model.eval(), {"steps": step, "seconds": round(time.perf_counter() - start, 1),
+                                      "loss": loss.item(), "accuracy": accuracy}
+            if step == config.max_steps:
+                break
+    raise ModelError(f"the embedded model did not reach {config.target_accuracy:.0%} question accuracy in "
+                     f"{config.max_steps} steps (forget {accuracy.get('forget', 0):.0%}, retain "
+                     f"{accuracy.get('retain', 0):.0%}); raise max_steps, lr or the model size in EmbeddedConfig")
+
+
+def _collate(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 off the answer): "{prompt} {answer}<eos>", or "{text}<eos>".
+
+    Private to the embedded build; the loop's own batching lives elsewhere.
+    """
+    rows = []
+    for e in examples:
+        prompt = tokenizer(e.prompt)["input_ids"] if e.prompt else []
+        answer = tokenizer(" " + e.answer if e.prompt else e.answer)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(r) for r, _ in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    return ids, labels
+
+
+@torch.no_grad()
+def _qa_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: tuple[Example, ...]
+                 ) -> float:
+    """Exact-match accuracy of greedy answers, up to eos; prompts of one length run as one batch, unpadded."""
+    if not questions:
+        return 1.0
+    model.eval()
+    groups: dict[int, list[tuple[list[int], str]]] = {}
+    for q in questions:
+        prompt = tokenizer(q.prompt)["input_ids"]
+        groups.setdefault(len(prompt), []).append((prompt, q.answer))
+    correct = 0
+    for group in groups.values():
+        ids = torch.tensor([p for p, _ in group])
+        # One token more than the longest answer: a right answer must be followed by eos.
+        for _ in range(max(len(tokenizer(" " + a)["input_ids"]) for _, a in group) + 1):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        for row, (prompt, answer) in zip(ids.tolist(), group):
+            generated = row[len(prompt):]
+            if tokenizer.eos_token_id in generated:
+                generated = generated[:generated.index(tokenizer.eos_token_id)]
+            correct += tokenizer.decode(generated).strip() == answer
+    return correct / len(questions)
