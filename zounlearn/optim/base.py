@@ -43,6 +43,11 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *, op
         raise ValueError(f"invalid {name}: {value!r}; it must be a finite number in {bound}")
 
 
+def check_betas(betas: tuple[float, float]) -> None:
+    check_range("betas[0]", betas[0], 0.0, 1.0)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
 class CountedOptimizer(torch.optim.Optimizer):
     """torch.optim.Optimizer with global counters (steps taken, random directions drawn) that
     travel in the state dict, and float32 state kept float32 when loaded next to half parameters
@@ -108,4 +113,4 @@ def rule_state(rule: Rule | None, keys: tuple[str, str]) -> tuple[str, ...]:
     return tuple(k for k, used in zip(keys, (rule.uses_m, rule.uses_v)) if used)
 
 
-__all__ = ["Closure", "CountedOptimizer", "Hyper", "ParamsT", "Rule", "check_range", "loss_value", "rule_state"]
+__all__ = ["Closure", "CountedOptimizer", "Hyper", "ParamsT", "Rule", "check_betas", "check_range", "loss_value", "rule_state"]

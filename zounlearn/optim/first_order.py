@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..ops.validation import check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value
+from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, loss_value
 
 
 class FirstOrderOptimizer(CountedOptimizer):
@@ -77,9 +77,4 @@ class FirstOrderOptimizer(CountedOptimizer):
                              list(hyper))
 
 
-def check_betas(betas: tuple[float, float]) -> None:
-    check_range("betas[0]", betas[0], 0.0, 1.0)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
-
-
-__all__ = ["FirstOrderOptimizer", "check_betas"]
+__all__ = ["FirstOrderOptimizer"]

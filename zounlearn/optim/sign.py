@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .base import Hyper, ParamsT, Rule, check_range
-from .first_order import FirstOrderOptimizer, check_betas
+from .base import Hyper, ParamsT, Rule, check_betas, check_range
+from .first_order import FirstOrderOptimizer
 
 
 class SignSGD(FirstOrderOptimizer):

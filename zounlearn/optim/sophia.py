@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Closure, Hyper, ParamsT, Rule, check_range, loss_value
-from .first_order import FirstOrderOptimizer, check_betas
+from .base import Closure, Hyper, ParamsT, Rule, check_betas, check_range, loss_value
+from .first_order import FirstOrderOptimizer
 
 
 def gnb_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from ..ops import flat_offsets
 from ..ops.reference import CHUNK
 from ..ops.validation import MAX_TERMS, as_int64, check_perturb_args, check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_range, loss_value
+from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_betas, check_range, loss_value
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 ESTIMATORS = ("central", "forward")
@@ -268,8 +268,7 @@ class _ZOAdaptive(ZeroOrderOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, **zo: Any) -> None:
         check_range("lr", lr, 0.0)
-        check_range("betas[0]", betas[0], 0.0, 1.0)
-        check_range("betas[1]", betas[1], 0.0, 1.0)
+        check_betas(betas)
         check_range("eps", eps, 0.0, open_low=True)
         check_range("weight_decay", weight_decay, 0.0)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, **zo)
