@@ -18,9 +18,8 @@ from zounlearn.unlearning.model import (SUMMARY, EmbeddedConfig, ModelError, def
                                         embedded_model_dir, load_model)
 from zounlearn.unlearning.tokenizer import build_tokenizer
 
-# 20 people, one layer: reaches the bar in a few hundred steps (seconds).
-SMALL = EmbeddedConfig(name="test-gpt2", n_people=20, n_layer=1, n_embd=64, n_head=4, batch_size=32,
-                       eval_every=50, max_steps=1500)
+from tiny import SMALL_EMBEDDED as SMALL
+
 # Stops at its first evaluation: for what needs a build but not a trained model.
 INSTANT = dataclasses.replace(SMALL, name="test-instant", eval_every=5, target_accuracy=0.0)
 

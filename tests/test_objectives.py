@@ -2,78 +2,20 @@
 hand computations from the logits and hidden states of tiny GPT-2 and Llama models; the NPO
 and RMU caches, both grad modes, RMU's blocks and parameters, the registry and bad input.
 
-The tokenizer is a byte-level BPE trained here on the synthetic corpus (nothing downloaded);
-test_evaluation.py imports it and the helpers below."""
+The tokenizer (a byte-level BPE trained on the synthetic corpus, nothing downloaded), the
+tiny models and the hand computations live in tiny.py."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from zounlearn.unlearning import synthetic_data
 from zounlearn.unlearning.batches import IGNORE, Batches, answer_log_likelihoods, join, tokenize_examples
 from zounlearn.unlearning.objectives import (GA, NPO, OBJECTIVES, RMU, GradDiff, SimNPO, make_objective,
                                              transformer_blocks)
 
-DATA = synthetic_data(seed=3, n_people=10)  # forget: 1 person (15 sentences, 5 questions)
-
-
-@functools.cache
-def tokenizer() -> PreTrainedTokenizerFast:
-    texts = [join(e.prompt, e.answer) for s in (DATA.forget, DATA.retain, DATA.holdout) for e in s.train + s.qa]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-
-
-def tiny_gpt2(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    eos = tokenizer().eos_token_id
-    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(tokenizer()), bos_token_id=eos,
-                        eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config)
-
-
-def tiny_llama(n_layer: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    eos = tokenizer().eos_token_id
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=32, intermediate_size=64,
-                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer()),
-                                        bos_token_id=eos, eos_token_id=eos))
-
-
-def hand_token_log_probs(model: torch.nn.Module, batch) -> list[list[float]]:
-    """Each row's answer-token log-probabilities, in float64, one token at a time."""
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
-    return [[logits[row, t - 1].log_softmax(-1)[batch.labels[row, t]].item()
-             for t in range(1, batch.labels.shape[1]) if batch.labels[row, t] != IGNORE] for row in range(len(batch))]
-
-
-def hand_log_likelihoods(model: torch.nn.Module, batch) -> list[tuple[float, int]]:
-    """(summed answer log-likelihood, answer tokens) per row."""
-    return [(sum(terms), len(terms)) for terms in hand_token_log_probs(model, batch)]
-
-
-def hand_ce(model: torch.nn.Module, batch) -> float:
-    rows = hand_log_likelihoods(model, batch)
-    return -sum(ll for ll, _ in rows) / sum(n for _, n in rows)
-
-
-def nudge(model: torch.nn.Module, seed: int = 1) -> None:
-    """Move every parameter a little, as unlearning steps would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+from tiny import (DATA, hand_ce, hand_log_likelihoods, nudge, tiny_gpt2, tiny_llama, tokenizer)
 
 
 @pytest.fixture(scope="module")
