@@ -5,6 +5,7 @@ on a model trained on a few facts, and `evaluate`'s keys, ranges and modes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import pytest
@@ -149,3 +150,11 @@ def test_evaluate_without_holdout_or_questions():
     assert set(metrics) == {"forget/loss", "forget/perplexity", "forget/min_k", "forget/qa_accuracy",
                             "forget/qa_rouge_l", "forget/choice_accuracy", "retain/loss", "retain/perplexity",
                             "retain/min_k"}
+
+
+def test_a_diverged_model_evaluates_to_nan_instead_of_failing():
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    metrics = evaluate(model, tokenizer(), SMALL, batch_size=8)
+    assert math.isnan(metrics["mia/min_k_auc"]) and math.isnan(metrics["forget/loss"])

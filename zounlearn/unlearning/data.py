@@ -69,7 +69,7 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 MUSE_CONFIGS = {"raw": "text", "privleak": "text", "scal": "text", "sust": "text", "train": "text",
                 "knowmem": "qa", "verbmem": "qa"}
 # "owner/name" or "name": what the hub accepts, never a path with a file suffix.
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 Row = tuple[str, Mapping[str, Any]]  # (where the row is, for messages; the row)
 
@@ -242,7 +242,7 @@ def _resolve(source: str | Path, config: str | None, split: str | None) -> Path 
     """The local file or directory to read, or None for a hub name."""
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and _HUB_NAME.fullmatch(source) and path.suffix.lower() not in SUFFIXES:
+        if isinstance(source, str) and HUB_NAME.fullmatch(source) and path.suffix.lower() not in SUFFIXES:
             return None
         raise DataError(f"{source}: no such file or directory; check the path")
     if path.is_file():
@@ -339,7 +339,7 @@ def _from_datasets(source: str | Path, config: str | None, split: str | None, *,
         else:
             data = datasets.load_dataset(str(source), config, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        cause = _one_line(f"{type(e).__name__}: {e}", 300)
+        cause = one_line(f"{type(e).__name__}: {e}", 300)
         if hub:
             call = f"datasets.load_dataset({str(source)!r}" + (f", {config!r}" if config else "") + ")"
             raise DataError(f"could not load {where} from the Hugging Face hub ({cause}) and no local file or "
@@ -435,9 +435,9 @@ def _keys(record: Mapping[str, Any]) -> str:
 
 def _short(value: Any) -> str:
     """A bounded repr for messages."""
-    return _one_line(repr(value), 80)
+    return one_line(repr(value), 80)
 
 
-def _one_line(text: str, limit: int) -> str:
+def one_line(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."

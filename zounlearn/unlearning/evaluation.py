@@ -168,7 +168,9 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: U
         if split is not None:
             metrics.update(_split_metrics(model, tokenizer, name, split, min_k, batch_size, max_length, k))
     if "forget" in min_k and "holdout" in min_k:
-        metrics["mia/min_k_auc"] = auc(min_k["forget"], min_k["holdout"])
+        scores = (*min_k["forget"], *min_k["holdout"])
+        # A diverged model (NaN weights) has no ordering to measure: NaN, as its losses are.
+        metrics["mia/min_k_auc"] = math.nan if any(map(math.isnan, scores)) else auc(min_k["forget"], min_k["holdout"])
     return metrics
 
 

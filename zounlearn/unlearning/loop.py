@@ -4,7 +4,8 @@ evaluation, checkpoints, metrics and a report.
     result = unlearn(model, tokenizer, data, LoopConfig(objective="npo", optimizer="hybrid",
                                                         lr=1e-4, steps=200), run_dir="runs/npo")
 
-Step s (from 0) takes forget batch s and, when the objective has a retain term, retain batch
+The loop steps on each split's texts and question/answer pairs (`trainable`). Step s
+(from 0) takes forget batch s and, when the objective has a retain term, retain batch
 s of their own seeded `Batches` (their own epochs: a small forget set cycles while the
 retain set goes on), so the data of a step depends only on the seed and s. The model runs
 in eval mode (dropout off: a zeroth-order difference needs both passes to see the same
@@ -54,7 +55,7 @@ from ..optim.hybrid import HybridFOZO
 from ..optim.registry import OPTIMIZERS, make_optimizer
 from .batches import Batch, Batches, model_device
 from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
-from .data import UnlearningData
+from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
 from .objectives import Objective, make_objective
 from .report import read_metrics, write_report
@@ -131,8 +132,9 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
     if objective.needs_retain and not data.retain.train:
         raise ValueError(f"{objective.name} has a retain term but the retain set has no texts or question/answer "
                          f"pairs; give a retain set, or set its weight to 0")
-    forget = Batches(data.forget.train, tokenizer, config.batch_size, seed=config.seed, max_length=config.max_length)
-    retain = Batches(data.retain.train, tokenizer, config.retain_batch_size or config.batch_size,
+    forget = Batches(trainable(data.forget), tokenizer, config.batch_size, seed=config.seed,
+                     max_length=config.max_length)
+    retain = Batches(trainable(data.retain), tokenizer, config.retain_batch_size or config.batch_size,
                      seed=config.seed + 1, max_length=config.max_length) if objective.needs_retain else None
     total = config.total_steps(len(forget))
     params = objective.parameters(model)
@@ -173,6 +175,12 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
                    "trainable_parameters": sum(p.numel() for p in params)}
         write_report(directory, config=record, before=before, after=after, history=log.records, summary=summary)
     return RunResult(before, after, total, seconds, directory)
+
+
+def trainable(split: Split) -> tuple[Example, ...]:
+    """What the loop steps on: the split's texts and question/answer pairs (train, then the qa not in it)."""
+    seen = set(split.train)
+    return split.train + tuple(e for e in split.qa if e not in seen)
 
 
 def _train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, forget: Batches,

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
-from .data import Example, UnlearningData, _HUB_NAME, _one_line
+from .data import Example, UnlearningData, HUB_NAME, one_line
 from .synthetic import synthetic_data
 from .tokenizer import build_tokenizer
 
@@ -68,7 +68,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "f
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # unreadable, foreign or corrupt models
         raise ModelError(f"could not load {name_or_path} as a causal language model "
-                         f"({_one_line(f'{type(e).__name__}: {e}', 300)}); give a causal LM such as GPT-2 or "
+                         f"({one_line(f'{type(e).__name__}: {e}', 300)}); give a causal LM such as GPT-2 or "
                          f"Llama saved with save_pretrained") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -78,6 +78,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "f
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(target).eval(), tokenizer
+
+
+def place_model(model: PreTrainedModel, *, dtype: str | torch.dtype = "float32",
+                device: str | torch.device = "cpu") -> PreTrainedModel:
+    """model in `dtype` on `device`, or a ModelError when the pair cannot run here."""
+    torch_dtype, target = _dtype(dtype), _device(device)
+    _check_runs(torch_dtype, target)
+    return model.to(device=target, dtype=torch_dtype)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -111,7 +119,7 @@ def _check_runs(dtype: torch.dtype, device: torch.device) -> None:
         torch.matmul(a, a).sum().item()
     except Exception as e:  # the backends raise RuntimeError, NotImplementedError, AssertionError, ...
         raise ModelError(f"dtype {name} cannot run on {device} with torch {torch.__version__} "
-                         f"({_one_line(str(e), 160)}); use dtype float32") from None
+                         f"({one_line(str(e), 160)}); use dtype float32") from None
 
 
 def _locate(name_or_path: str | os.PathLike) -> tuple[str, bool]:
@@ -130,7 +138,7 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[str, bool]:
                              f"directory written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
         return str(path), True
     name = str(name_or_path)
-    if not _HUB_NAME.fullmatch(name):
+    if not HUB_NAME.fullmatch(name):
         raise ModelError(f"{name}: no such directory; give a model directory (with config.json) or a hub name "
                          f"such as openai-community/gpt2")
     from huggingface_hub import try_to_load_from_cache

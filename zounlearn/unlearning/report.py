@@ -86,7 +86,7 @@ def _is_fraction(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in FRACTIONS
 
 
-def _format(value: float, key: str, *, signed: bool = False) -> str:
+def format_metric(value: float, key: str, *, signed: bool = False) -> str:
     if math.isnan(value):
         return "nan"  # format() would say "+nan" when signed
     if math.isinf(value):
@@ -120,9 +120,9 @@ def _rows(before: Mapping[str, Any], after: Mapping[str, Any], keys: Sequence[st
     for key in keys:
         if key not in before and key not in after:
             continue
-        old = _format(_number(before[key]), key) if key in before else MISSING
-        new = _format(_number(after[key]), key) if key in after else MISSING
-        change = (_format(_number(after[key]) - _number(before[key]), key, signed=True)
+        old = format_metric(_number(before[key]), key) if key in before else MISSING
+        new = format_metric(_number(after[key]), key) if key in after else MISSING
+        change = (format_metric(_number(after[key]) - _number(before[key]), key, signed=True)
                   if key in before and key in after else MISSING)
         rows.append((key, old, new, change))
     return rows
@@ -156,7 +156,7 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
 def _setting(value: Any, *, exact: bool) -> str:
     """A setting as written (exact: lr 1e-05, not 1.000e-05) or a measured number, rounded."""
     if isinstance(value, float) and not exact:
-        return _format(value, "")
+        return format_metric(value, "")
     if isinstance(value, (list, tuple)):
         return ", ".join(_setting(item, exact=exact) for item in value)
     return "none" if value is None else str(value)

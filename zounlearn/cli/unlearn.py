@@ -1,0 +1,184 @@
+"""`zounlearn demo`, `zounlearn unlearn` and `zounlearn eval`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..optim.registry import OPTIMIZERS
+from .inputs import (EMBEDDED, GIVEN, UsageError, add_config_flag, add_data_flags, add_model_flags, key_values,
+                     load_model_and_data, merged)
+
+# The loop's settings, as flags (dest: default). None: the loop's own default.
+LOOP_DEFAULTS: dict[str, Any] = {
+    "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
+    "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
+    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None,
+}
+RUN_DEFAULTS: dict[str, Any] = {
+    "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
+    "holdout": None, "fields": None, "text_unit": "line", "output": None, "resume": False, "save_model": True,
+    "progress": True,
+}
+
+# The demo's recipe on the embedded model (10 forget people, 90 retain people): 120 steps of 8
+# forget examples and 16 retain examples, retain weight 8 (SimNPO's TOFU setting), and per
+# optimizer the learning rate of a sweep over 3-4 rates on this model that forgets most of the
+# forget set (forget question accuracy <= ~0.2) while keeping the most retain accuracy.
+DEMO_DEFAULTS: dict[str, Any] = {
+    **LOOP_DEFAULTS, "model": EMBEDDED, "steps": 120, "retain_batch_size": 16, "eval_every": 20,
+    "eval_batch_size": 64, "rebuild": False,
+}
+DEMO_RETAIN_WEIGHT = 8.0
+DEMO_LR = {"adamw": 1e-3, "sgd": 1e-2, "signsgd": 3e-5, "signadam": 3e-5, "compressed_adam": 3e-4, "sophia": 3e-4,
+           "zo_sgd": 2e-4, "zo_signsgd": 3e-5, "zo_adam": 3e-4, "adazo": 3e-5, "hybrid": 1e-3}
+DEMO_HYBRID = {"zo_lr": 1e-4, "block": 10}
+
+
+def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    group = parser.add_argument_group("unlearning")
+    group.add_argument("--objective", default=GIVEN, choices=("ga", "graddiff", "npo", "simnpo", "rmu"),
+                       help=f"what to minimise (default: {defaults['objective']}); docs/unlearning.md")
+    group.add_argument("--objective-option", action="append", default=GIVEN, metavar="KEY=VALUE",
+                       help="an objective hyperparameter, e.g. beta=0.1, retain_weight=1, layer=1 (RMU); repeatable")
+    group.add_argument("--optimizer", default=GIVEN, choices=tuple(OPTIMIZERS),
+                       help=f"which optimizer (default: {defaults['optimizer']})")
+    group.add_argument("--lr", default=GIVEN, type=float,
+                       help="learning rate (default: " + ("tuned per optimizer for the embedded model" if
+                                                           defaults is DEMO_DEFAULTS else "the optimizer's") + ")")
+    group.add_argument("--optimizer-option", action="append", default=GIVEN, metavar="KEY=VALUE",
+                       help="an optimizer option, e.g. momentum=0.9, mu=1e-3, queries=4; hybrid: zo_lr=1e-5, "
+                            "block=20, fo_optimizer=adamw; repeatable")
+    steps = defaults["steps"] or "one epoch over the forget set"
+    group.add_argument("--steps", default=GIVEN, type=int, help=f"optimizer steps (default: {steps})")
+    group.add_argument("--epochs", default=GIVEN, type=float, help="epochs over the forget set, instead of --steps")
+    group.add_argument("--batch-size", default=GIVEN, type=int,
+                       help=f"forget examples per step (default: {defaults['batch_size']})")
+    group.add_argument("--retain-batch-size", default=GIVEN, type=int,
+                       help=f"retain examples per step (default: {defaults['retain_batch_size'] or 'batch size'})")
+    group.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
+    group.add_argument("--eval-every", default=GIVEN, type=int,
+                       help=f"evaluate every N steps (default: {defaults['eval_every'] or 'only before and after'})")
+    group.add_argument("--eval-batch-size", default=GIVEN, type=int,
+                       help=f"examples per evaluation batch (default: {defaults['eval_batch_size']})")
+    group.add_argument("--checkpoint-every", default=GIVEN, type=int,
+                       help="write a checkpoint every N steps (default: 0, only when stopped with Ctrl-C)")
+    group.add_argument("--seed", default=GIVEN, type=int, help="batch order, ZO directions, dropout (default: 0)")
+    group.add_argument("--train-mode", default=GIVEN, action="store_true",
+                       help="run the model in train mode (dropout on); default: eval mode")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", "-o", default=GIVEN, metavar="DIR",
+                       help="the run directory (default: runs/<objective>-<optimizer>-<date-time>); it must not "
+                            "exist or be empty, unless --resume")
+    group.add_argument("--resume", default=GIVEN, action="store_true",
+                       help="continue the unfinished run in --output from its newest checkpoint")
+    group.add_argument("--no-save-model", dest="save_model", default=GIVEN, action="store_false",
+                       help="do not write the unlearned model to DIR/model")
+    group.add_argument("--no-progress", dest="progress", default=GIVEN, action="store_false",
+                       help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="unlearn the embedded model's forget set offline and show before/after",
+                          description="Builds (once) or loads the embedded model, evaluates it, unlearns its forget "
+                                      "set (hybrid optimizer on NPO by default), evaluates again, writes the run "
+                                      "directory (report, plots, model) and prints a before/after table.")
+    add_loop_flags(demo, DEMO_DEFAULTS)
+    add_output_flags(demo)
+    demo.add_argument("--threads", default=GIVEN, type=int, metavar="N", help="CPU threads (default: 1)")
+    demo.add_argument("--rebuild", default=GIVEN, action="store_true", help="rebuild the cached embedded model")
+    demo.set_defaults(handler=run_demo)
+
+    run = sub.add_parser("unlearn", help="unlearn a forget set from a Hugging Face model",
+                         description="Unlearn --forget from --model while keeping --retain; writes the run "
+                                     "directory: config.json, metrics.jsonl, checkpoints/, model/, report.json, "
+                                     "report.md, loss.png, metrics.png.")
+    add_config_flag(run)
+    add_model_flags(run)
+    add_data_flags(run)
+    add_loop_flags(run, LOOP_DEFAULTS)
+    add_output_flags(run)
+    run.set_defaults(handler=run_unlearn)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model on forget, retain and holdout data",
+                              description="Loss, perplexity, question and 4-choice accuracy, ROUGE-L and the Min-k%% "
+                                          "membership-inference AUC of a model on the given data.")
+    add_config_flag(evaluate)
+    add_model_flags(evaluate)
+    add_data_flags(evaluate)
+    evaluate.add_argument("--eval-batch-size", default=GIVEN, type=int, help="examples per batch (default: 32)")
+    evaluate.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
+    evaluate.add_argument("--output", "-o", default=GIVEN, metavar="FILE", help="also write the metrics as JSON")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    options = merged(args, {**DEMO_DEFAULTS, **RUN_DEFAULTS, "model": EMBEDDED})
+    name = options["optimizer"]
+    if options["lr"] is None:
+        options["lr"] = DEMO_LR[name]
+    objective_options = key_values(options["objective_option"], "--objective-option")
+    if options["objective"] in ("graddiff", "npo", "simnpo"):
+        objective_options.setdefault("retain_weight", DEMO_RETAIN_WEIGHT)
+    if options["objective"] == "rmu":
+        objective_options.setdefault("layer", 1)  # the embedded model has 2 blocks
+    optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
+    if name == "hybrid":
+        optimizer_options = {**DEMO_HYBRID, **optimizer_options}
+    if options.get("rebuild"):
+        from ..unlearning import embedded_model
+        embedded_model(rebuild=True, threads=options.get("threads") or 1)
+    return _unlearn(options, objective_options, optimizer_options)
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    options = merged(args, {**LOOP_DEFAULTS, **RUN_DEFAULTS})
+    return _unlearn(options, key_values(options["objective_option"], "--objective-option"),
+                    key_values(options["optimizer_option"], "--optimizer-option"))
+
+
+def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimizer_options: dict[str, Any]) -> int:
+    from ..unlearning.loop import LoopConfig, unlearn
+    from ..unlearning.report import metrics_table
+
+    config = LoopConfig(**{k: options[k] for k in LOOP_DEFAULTS if k not in ("objective_option", "optimizer_option")},
+                        objective_options=objective_options, optimizer_options=optimizer_options)
+    output = options["output"]
+    if output is None:
+        if options["resume"]:
+            raise UsageError("--resume needs --output DIR, the run directory to continue")
+        output = Path("runs") / f"{config.objective}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not options["resume"] and Path(output).exists() and any(Path(output).iterdir()):
+        raise UsageError(f"the run directory {output} exists and is not empty; choose another --output, or add "
+                         f"--resume to continue it")
+    model, tokenizer, data, meta = load_model_and_data(options, progress=options["progress"])
+    result = unlearn(model, tokenizer, data, config, output, resume=options["resume"], progress=options["progress"],
+                     save_model=options["save_model"], meta=meta)
+    print(f"\n{config.objective} with {config.optimizer} (lr {config.lr if config.lr is not None else 'default'}), "
+          f"{result.steps} steps, {result.seconds:.1f} s of training\n")
+    print(metrics_table(result.before, result.after))
+    print(f"\nrun directory: {output}  (report.md, loss.png, metrics.png"
+          f"{', model/' if options['save_model'] else ''})")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..atomic import write_json
+    from ..unlearning import evaluate
+    from ..unlearning.report import default_keys, format_metric
+
+    options = merged(args, {**RUN_DEFAULTS, "eval_batch_size": 32, "max_length": None})
+    model, tokenizer, data, meta = load_model_and_data(options, progress=True)
+    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=options["max_length"])
+    for key in default_keys(metrics, metrics):
+        print(f"{key:<28} {format_metric(metrics[key], key):>10}")
+    if options["output"]:
+        write_json(options["output"], {"meta": meta, "metrics": {k: (v if v == v and abs(v) != float("inf") else None)
+                                                                  for k, v in metrics.items()}})
+        print(f"\nmetrics written to {options['output']}")
+    return 0
