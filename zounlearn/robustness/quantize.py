@@ -1,0 +1,184 @@
+"""Weight quantization as an attack: each scheme quantizes then dequantizes ("fake
+quantization"), so the model runs in its own dtype with exactly the values a quantized
+model would compute with.
+
+Round-to-nearest (RTN), symmetric, `bits` bits: within a group, scale = absmax / qmax with
+qmax = 2^(bits-1) - 1 (127 for int8, 7 for int4), q = clamp(round(w / scale), -qmax, qmax)
+and the dequantized weight is q * scale. A group is a whole output channel (per-channel) or
+`group_size` consecutive elements along the input dimension of one output channel
+(group-wise, as GPTQ and AWQ group); when the input dimension is not a multiple of
+group_size the last group of each channel is shorter. An all-zero group stays zero.
+torch.round rounds halves to even.
+
+NormalFloat4 (QLoRA, Dettmers et al. 2023): w / absmax of its group, snapped to the nearest
+of the 16 NF4 levels (a value exactly between two levels goes to the lower one), times
+absmax. bitsandbytes groups the flattened (out, in) matrix into blocks of 64; for a
+Linear layer whose input dimension is a multiple of 64 that is the same as the groups
+here, which never cross an output channel.
+
+Arithmetic is float32 whatever the weight's dtype; the result has the weight's dtype.
+Which weights a model-level scheme quantizes: see `targets.py` (the Linear and Conv1D
+weights inside the transformer blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .targets import target_weights
+
+# The NF4 table of QLoRA, as bitsandbytes has it (bitsandbytes/functional.py, get_4bit_type("nf4")).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None, channel_dim: int = 0
+                 ) -> torch.Tensor:
+    """Symmetric round-to-nearest quantization, dequantized (see the module docstring).
+
+    weight: a 2-D floating tensor; channel_dim: the dimension of its output channels (0 for a
+    Linear weight (out, in), 1 for a Conv1D weight (in, out)); group_size None: per channel.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    groups, restore = _groups(weight, group_size, channel_dim)
+    if groups is None:
+        return weight.detach().clone()
+    qmax = 2 ** (bits - 1) - 1
+    scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
+    # An all-zero group has scale 0: divide by 1 instead, its q is 0 and q * scale is 0, not NaN.
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0)).clamp(-qmax, qmax)
+    return restore(q * scale)
+
+
+def quantize_nf4(weight: torch.Tensor, group_size: int | None = 64, channel_dim: int = 0) -> torch.Tensor:
+    """NormalFloat4 quantization with an absmax scale per group, dequantized (see the module docstring)."""
+    groups, restore = _groups(weight, group_size, channel_dim)
+    if groups is None:
+        return weight.detach().clone()
+    absmax = groups.abs().amax(dim=-1, keepdim=True)
+    normalized = groups / torch.where(absmax > 0, absmax, 1.0)
+    levels = torch.tensor(NF4_LEVELS, device=groups.device)
+    # The nearest level by the midpoints between levels: no (elements x 16) distance matrix.
+    index = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2)
+    return restore(levels[index] * absmax)
+
+
+def _groups(weight: torch.Tensor, group_size: int | None, channel_dim: int
+            ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+    """The weight as float32 groups (out, n_groups, group_size), zero-padded, and the inverse map.
+
+    None instead of groups for an empty weight. Padding with zeros leaves every absmax as it is.
+    """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        what = f"a {weight.dim()}-D {weight.dtype} tensor" if isinstance(weight, torch.Tensor) \
+            else type(weight).__name__
+        raise ValueError(f"quantization needs a 2-D floating-point weight matrix, got {what}")
+    if channel_dim not in (0, 1):
+        raise ValueError(f"channel_dim must be 0 (Linear weight, (out, in)) or 1 (Conv1D weight, (in, out)), "
+                         f"got {channel_dim!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (one group per output channel), "
+                         f"got {group_size!r}")
+    if weight.numel() == 0:
+        return None, lambda x: x
+    matrix = weight.detach().float().movedim(channel_dim, 0)  # (out, in)
+    n_in = matrix.shape[1]
+    size = n_in if group_size is None else group_size
+    padded = F.pad(matrix, (0, -n_in % size)).contiguous()
+
+    def restore(groups: torch.Tensor) -> torch.Tensor:
+        return groups.reshape(matrix.shape[0], -1)[:, :n_in].movedim(0, channel_dim).to(weight.dtype).contiguous()
+
+    return padded.reshape(matrix.shape[0], -1, size), restore
+
+
+# ---------------------------------------------------------------------------------------
+# Schemes and whole models
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantizer: RTN integers or NF4, its bits and its group size (None: per output channel)."""
+
+    format: Literal["int", "nf4"]
+    bits: int
+    group_size: int | None
+
+    def __call__(self, weight: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+        if self.format == "nf4":
+            return quantize_nf4(weight, self.group_size, channel_dim)
+        return quantize_rtn(weight, self.bits, self.group_size, channel_dim)
+
+
+QUANTIZATION_SCHEMES: dict[str, Scheme] = {
+    "int8": Scheme("int", 8, None),
+    "int8-g128": Scheme("int", 8, 128),
+    "int8-g64": Scheme("int", 8, 64),
+    "int4": Scheme("int", 4, None),
+    "int4-g128": Scheme("int", 4, 128),
+    "int4-g64": Scheme("int", 4, 64),
+    "nf4-g64": Scheme("nf4", 4, 64),
+}
+# bitsandbytes' own 4-bit kernels (blocks of 64 over the flattened (out, in) matrix); CUDA only.
+BITSANDBYTES_SCHEMES = {"bnb-nf4": "nf4", "bnb-fp4": "fp4"}
+
+
+def bitsandbytes_unavailable() -> str | None:
+    """Why the bitsandbytes schemes cannot run here, or None when they can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if not torch.cuda.is_available():
+        return "its 4-bit kernels need a CUDA GPU and this torch sees none"
+    return None
+
+
+def check_scheme(scheme: str) -> None:
+    """A ValueError that says what to use when `scheme` is unknown or cannot run here."""
+    if scheme in BITSANDBYTES_SCHEMES:
+        reason = bitsandbytes_unavailable()
+        if reason:
+            raise ValueError(f"scheme {scheme!r} cannot run: {reason}; use 'nf4-g64', the same NormalFloat4 "
+                             f"levels computed without bitsandbytes")
+    elif scheme not in QUANTIZATION_SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; use one of "
+                         f"{', '.join([*QUANTIZATION_SCHEMES, *BITSANDBYTES_SCHEMES])}")
+
+
+def quantize_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+    """A copy of the model whose block Linear/Conv1D weights are quantized then dequantized.
+
+    Embeddings, the LM head, norms and biases are left as they are (see `targets.py`); the
+    model passed in is not modified.
+    """
+    check_scheme(scheme)
+    target_weights(model)  # a model without quantizable layers fails before the copy
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for target in target_weights(quantized):
+            if scheme in BITSANDBYTES_SCHEMES:
+                values = _bitsandbytes(target.weight, target.channel_dim, BITSANDBYTES_SCHEMES[scheme])
+            else:
+                values = QUANTIZATION_SCHEMES[scheme](target.weight, target.channel_dim)
+            target.weight.copy_(values)
+    return quantized
+
+
+def _bitsandbytes(weight: torch.Tensor, channel_dim: int, quant_type: str) -> torch.Tensor:
+    """bitsandbytes' 4-bit quantization of the (out, in) matrix, dequantized, on the GPU."""
+    import bitsandbytes.functional as bnb
+
+    matrix = weight.detach().movedim(channel_dim, 0).contiguous().to("cuda")
+    packed, state = bnb.quantize_4bit(matrix, blocksize=64, quant_type=quant_type)
+    return bnb.dequantize_4bit(packed, state).to(weight.device, weight.dtype).movedim(0, channel_dim)
