@@ -110,7 +110,7 @@ def test_eval_prints_and_writes_metrics(files, tmp_path, capsys):
     printed = capsys.readouterr().out
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["forget/qa_accuracy"] == 1.0 and "holdout/loss" not in metrics
-    assert f"forget/loss" in printed and f"{metrics['forget/loss']:.4f}" in printed
+    assert "forget/loss" in printed and f"{metrics['forget/loss']:.4f}" in printed
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty forget", "unknown field", "not a model", "objective",
@@ -159,14 +159,13 @@ def _write(path, text):
 
 
 @pytest.mark.slow
-def test_demo_as_a_user_runs_it(tmp_path):
-    """`zounlearn demo` end to end on the real embedded model, built into a fresh cache."""
-    env = {**os.environ, "ZOUNLEARN_CACHE": str(tmp_path / "cache")}
+def test_demo_as_a_user_runs_it(tmp_path, embedded_cache):
+    """`zounlearn demo` end to end on the real embedded model (built once per session by the fixture)."""
+    env = {**os.environ, "ZOUNLEARN_CACHE": str(embedded_cache)}
     out = subprocess.run([sys.executable, "-m", "zounlearn", "demo", "--steps", "30", "--no-progress", "--output",
                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=600, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "building the embedded model" in out.stdout
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["config"]["loop"]["optimizer"] == "hybrid" and report["config"]["loop"]["objective"] == "npo"
     assert report["before"]["forget/qa_accuracy"] >= 0.9 and report["before"]["retain/qa_accuracy"] >= 0.9

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from zounlearn.unlearning import model as model_module
 from zounlearn.unlearning import synthetic_data
-from zounlearn.unlearning.model import (SUMMARY, EmbeddedConfig, ModelError, default_cache_dir, embedded_model,
+from zounlearn.unlearning.model import (SUMMARY, ModelError, default_cache_dir, embedded_model,
                                         embedded_model_dir, load_model)
 from zounlearn.unlearning.tokenizer import build_tokenizer
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shlex
 
 import torch
 
+from zounlearn.cli import build_parser
 from zounlearn.ops import flat_offsets, sample
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -40,3 +42,13 @@ def test_readme_op_example_is_one_zo_sgd_step():
         z = sample(p.shape, seed, offset=off)
         torch.testing.assert_close(p.detach(), p0.detach() - lr * g * z, rtol=0, atol=4e-7)
     assert g != 0
+
+
+def test_readme_commands_parse():
+    """Every `zounlearn ...` line of "Unlearning your model" is a valid command line (flags and values)."""
+    block = re.search(r"## Unlearning your model\s+```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    lines = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [words for words in lines if words and words[0] == "zounlearn"]
+    assert len(commands) >= 4
+    for words in commands:
+        build_parser().parse_args(words[1:])

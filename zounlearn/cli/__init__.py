@@ -4,6 +4,8 @@
   demo      unlearn the embedded model offline, before/after table, report and plots
   unlearn   unlearn a forget set from any Hugging Face causal LM
   eval      evaluate a model on forget, retain and holdout data
+  attack    relearn, retain-finetune, quantize, noise: attack an unlearned model (diagnose: weight space)
+  study     every optimizer grade on the embedded model, attacked and diagnosed
 
 Bad input (missing files, unknown names, a model that is not one, a dtype the device cannot
 run) ends with one line on stderr that says what is wrong and how to fix it, exit status 2,
@@ -16,7 +18,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from . import unlearn
+from . import robustness, study, unlearn
 from .info import run_info
 
 
@@ -37,12 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--repeats", type=int, default=3, help="round trips to average (default 3)")
     p_info.set_defaults(handler=run_info)
     unlearn.register(sub)
+    robustness.register(sub)
+    study.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for records such as study.md
     try:
         return args.handler(args)
     except KeyboardInterrupt as e:

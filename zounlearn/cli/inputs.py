@@ -26,12 +26,11 @@ class UsageError(ValueError):
     """Bad command-line input; main() prints it on one line and exits with status 2."""
 
 
-def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, *, model_help: str = "the model") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=GIVEN, metavar="M",
-                       help="a Hugging Face causal LM: a directory saved with save_pretrained, or a hub name "
-                            f"(offline: a copy in the local cache); '{EMBEDDED}' for the embedded default"
-                            + ("" if required else f" (default: {EMBEDDED})"))
+                       help=f"{model_help}: a Hugging Face causal LM, a directory saved with save_pretrained or a hub "
+                            f"name (offline: a copy in the local cache); '{EMBEDDED}' for the embedded default")
     group.add_argument("--dtype", default=GIVEN, choices=("float32", "bfloat16", "float16"),
                        help="the model's dtype (default: float32)")
     group.add_argument("--device", default=GIVEN, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")

@@ -68,7 +68,6 @@ def apply_rule(
         # torch.sqrt of float32 on the CPU goes through MKL's vsSqrt, which is not always
         # correctly rounded; in float64 (even within 1 ulp) it rounds to the IEEE float32 result.
         return torch.sqrt(x.double()).float()
-    abs_u = None
     if rule == Rule.SGD:
         g = g + theta * h.weight_decay
         m.copy_(m * h.beta1 + g)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..ops.validation import check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, loss_value
+from .base import Closure, CountedOptimizer, Hyper, Rule, loss_value
 
 
 class FirstOrderOptimizer(CountedOptimizer):

@@ -197,7 +197,7 @@ ANSWER_STYLES = {"qa_accuracy": "-", "choice_accuracy": "--", "qa_rouge_l": ":"}
 PHASES = {"fo": ("first-order (FO)", "tab:blue", "o"), "zo": ("zeroth-order (ZO)", "tab:orange", "^")}
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)  # a canvas of the figure's own: pyplot's backend is never consulted
@@ -283,7 +283,7 @@ def _plots(history: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Pat
                                    ("metrics_plot", "metrics.png", _metrics_figure)):
         figure = build(history)
         if figure is not None:
-            written[name] = _save(figure, out_dir / file_name)
+            written[name] = save_figure(figure, out_dir / file_name)
     return written
 
 
@@ -297,16 +297,16 @@ def plot_run(history: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
 # --- everything together
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON-ready: NaN and infinities as null, tuples as lists, anything else unknown (paths) as text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     return str(value)
 
 
@@ -317,7 +317,7 @@ def write_report(run_dir: str | os.PathLike, *, config: Mapping[str, Any], befor
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
     plots = _plots(history, run_dir)  # first, so report.md embeds only the plots that exist
-    write_json(paths["json"], _jsonable({"config": config, "before": before, "after": after,
+    write_json(paths["json"], jsonable({"config": config, "before": before, "after": after,
                                          "change": changes(before, after), "summary": summary}))
     write_text(paths["markdown"], markdown_report(config, before, after, summary,
                                                   images=[path.name for path in plots.values()]))
