@@ -23,3 +23,28 @@ def embedded_cache(tmp_path_factory):
     embedded_model(cache_dir=cache / "models", threads=1)
     torch.set_num_threads(threads)
     return cache
+
+
+@pytest.fixture(scope="session")
+def small_files(tmp_path_factory):
+    """The small embedded model (tiny.SMALL_EMBEDDED) saved as a Hugging Face directory, and its
+    forget, retain and holdout splits as JSONL files: {"cache", "model", "forget": [paths], ...}."""
+    import json
+
+    from tiny import SMALL_EMBEDDED, split_rows
+    from zounlearn.unlearning import embedded_model, embedded_model_dir
+
+    threads = torch.get_num_threads()
+    cache = tmp_path_factory.mktemp("small-models")
+    _, _, data = embedded_model(0, config=SMALL_EMBEDDED, cache_dir=cache, threads=1)
+    torch.set_num_threads(threads)
+    root = tmp_path_factory.mktemp("small-data")
+    files = {"cache": cache, "model": str(embedded_model_dir(0, config=SMALL_EMBEDDED, cache_dir=cache))}
+    for role in ("forget", "retain", "holdout"):
+        files[role] = []
+        for kind, rows in split_rows(getattr(data, role)).items():
+            if rows:
+                files[role].append(str(root / f"{role}-{kind}.jsonl"))
+                with open(files[role][-1], "w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in rows)
+    return files

@@ -21,37 +21,20 @@ from zounlearn import robustness
 from zounlearn.cli import build_parser, main
 from zounlearn.cli.inputs import load_model_and_data
 from zounlearn.robustness import attacks, diagnostics
-from zounlearn.unlearning import embedded_model, embedded_model_dir, evaluate
+from zounlearn.unlearning import embedded_model, evaluate
 from zounlearn.unlearning.report import format_metric, jsonable
 
-from tiny import SMALL_EMBEDDED
+from tiny import SMALL_EMBEDDED, data_flags
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _rows(split) -> dict[str, list[dict]]:
-    """One file per kind (a loader reads one schema per file): texts, question/answer pairs, choices."""
-    return {"text": [{"text": e.answer} for e in split.train if e.kind == "text"],
-            "qa": [{"question": e.prompt, "answer": e.answer} for e in split.qa],
-            "choice": [{"question": e.prompt, "choices": list(e.choices), "answer": e.correct} for e in split.choice]}
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The small embedded model's directory, a nudged copy of it (the "unlearned" model of
-    diagnose) and the data as JSONL files."""
+def files(small_files, tmp_path_factory):
+    """The small embedded model's files and a nudged copy of it (the "unlearned" model of diagnose)."""
     torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("models")
-    _, _, data = embedded_model(0, config=SMALL_EMBEDDED, cache_dir=cache)
-    root = tmp_path_factory.mktemp("data")
-    paths = {"cache": cache, "model": str(embedded_model_dir(0, config=SMALL_EMBEDDED, cache_dir=cache))}
-    for role in ("forget", "retain", "holdout"):
-        paths[role] = []
-        for kind, rows in _rows(getattr(data, role)).items():
-            if rows:
-                paths[role].append(str(root / f"{role}-{kind}.jsonl"))
-                with open(paths[role][-1], "w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
+    paths = dict(small_files)
+    root = tmp_path_factory.mktemp("nudged")
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -61,10 +44,6 @@ def files(tmp_path_factory):
     model.save_pretrained(paths["nudged"])
     AutoTokenizer.from_pretrained(paths["model"]).save_pretrained(paths["nudged"])
     return paths
-
-
-def _data_flags(files) -> list[str]:
-    return [arg for role in ("forget", "retain", "holdout") for path in files[role] for arg in (f"--{role}", path)]
 
 
 def _loaded(files, model: str | None = None):
@@ -123,7 +102,7 @@ def test_help_documents_every_flag_with_the_library_defaults(capsys):
 
 def test_relearn_prints_writes_and_plots_what_the_library_computes(files, tmp_path, capsys):
     out, png = tmp_path / "relearn.json", tmp_path / "curve.png"
-    assert main(["attack", "relearn", "--model", files["model"], *_data_flags(files), "--k", "3", "--steps", "0,2",
+    assert main(["attack", "relearn", "--model", files["model"], *data_flags(files), "--k", "3", "--steps", "0,2",
                  "--lr", "1e-3", "--output", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     record = _record(out)
@@ -147,7 +126,7 @@ def test_relearn_prints_writes_and_plots_what_the_library_computes(files, tmp_pa
 def test_retain_finetune_takes_config_file_values_and_flags_win(files, tmp_path, capsys):
     config, out, png = tmp_path / "attack.yaml", tmp_path / "retain.json", tmp_path / "retain.png"
     config.write_text("k: 4\nsteps: [0, 3]\nbatch-size: 2\nseed: 5\nlr: 1.0e-3\n")
-    assert main(["attack", "retain-finetune", "--model", files["model"], *_data_flags(files), "--config",
+    assert main(["attack", "retain-finetune", "--model", files["model"], *data_flags(files), "--config",
                  str(config), "--steps", "0,1", "--output", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     result = _record(out)["result"]
@@ -164,7 +143,7 @@ def test_retain_finetune_takes_config_file_values_and_flags_win(files, tmp_path,
 
 def test_quantize_has_a_baseline_row_and_matches_the_library(files, tmp_path, capsys):
     out = tmp_path / "quantize.json"
-    assert main(["attack", "quantize", "--model", files["model"], *_data_flags(files), "--schemes", "int8, int4-g64",
+    assert main(["attack", "quantize", "--model", files["model"], *data_flags(files), "--schemes", "int8, int4-g64",
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     record = _record(out)
@@ -211,7 +190,7 @@ def _hand_distance(a, b) -> float:
 
 def test_diagnose_distance_and_connectivity(files, tmp_path, capsys):
     out, png = tmp_path / "diagnose.json", tmp_path / "line.png"
-    assert main(["diagnose", "--original", files["model"], "--model", files["nudged"], *_data_flags(files),
+    assert main(["diagnose", "--original", files["model"], "--model", files["nudged"], *data_flags(files),
                  "--ts", "0,0.5,1", "--output", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     record = _record(out)
@@ -238,7 +217,7 @@ def test_diagnose_takes_the_embedded_model_as_original(files, tmp_path, capsys, 
     monkeypatch.setattr(cli_inputs, "_embedded", lambda options, progress: embedded_model(
         0, config=SMALL_EMBEDDED, cache_dir=files["cache"]))
     out = tmp_path / "diagnose.json"
-    assert main(["diagnose", "--original", "embedded", "--model", files["nudged"], *_data_flags(files), "--ts",
+    assert main(["diagnose", "--original", "embedded", "--model", files["nudged"], *data_flags(files), "--ts",
                  "1,0", "--output", str(out)]) == 0
     original, _, _ = _loaded(files)
     nudged, _, _ = _loaded(files, files["nudged"])
@@ -273,11 +252,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(files, tmp_path, capsys, cas
     if case in BAD:
         argv, match = BAD[case]
         argv = [files["model"] if a == "MODEL" else str(config) if a == "CONFIG" else a for a in argv]
-        argv = [*argv, "--model", files["model"], *_data_flags(files), "--output", str(out)]
+        argv = [*argv, "--model", files["model"], *data_flags(files), "--output", str(out)]
     elif case == "missing model":
-        argv, match = ["attack", "noise", *_data_flags(files), "--output", str(out)], "no model given"
+        argv, match = ["attack", "noise", *data_flags(files), "--output", str(out)], "no model given"
     elif case == "missing model dir":
-        argv, match = ["attack", "quantize", "--model", str(tmp_path / "nowhere"), *_data_flags(files)], "nowhere"
+        argv, match = ["attack", "quantize", "--model", str(tmp_path / "nowhere"), *data_flags(files)], "nowhere"
     else:
         argv = ["attack"] if case == "no attack" else ["attack", "noise", "--model", files["model"], "--stdz", "1"]
         match = "required: ATTACK" if case == "no attack" else "unrecognized arguments: --stdz"

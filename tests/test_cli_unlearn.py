@@ -14,43 +14,19 @@ import pytest
 import torch
 
 from zounlearn.cli import main
-from zounlearn.unlearning import embedded_model, embedded_model_dir
 
-from tiny import SMALL_EMBEDDED
-
-
-def _rows(split) -> dict[str, list[dict]]:
-    """One file per kind (a loader reads one schema per file): texts, question/answer pairs, choices."""
-    return {"text": [{"text": e.answer} for e in split.train if e.kind == "text"],
-            "qa": [{"question": e.prompt, "answer": e.answer} for e in split.qa],
-            "choice": [{"question": e.prompt, "choices": list(e.choices), "answer": e.correct} for e in split.choice]}
+from tiny import data_flags
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The small embedded model's directory and its forget/retain/holdout as JSONL files."""
+def files(small_files):
     torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("models")
-    _, _, data = embedded_model(0, config=SMALL_EMBEDDED, cache_dir=cache)
-    root = tmp_path_factory.mktemp("data")
-    paths = {"model": str(embedded_model_dir(0, config=SMALL_EMBEDDED, cache_dir=cache))}
-    for role in ("forget", "retain", "holdout"):
-        paths[role] = []
-        for kind, rows in _rows(getattr(data, role)).items():
-            if rows:
-                paths[role].append(str(root / f"{role}-{kind}.jsonl"))
-                with open(paths[role][-1], "w") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
-    return paths
-
-
-def _sources(files, role: str) -> list[str]:
-    return [arg for path in files[role] for arg in (f"--{role}", path)]
+    return small_files
 
 
 def _args(files, *extra: str, output=None) -> list[str]:
-    args = ["unlearn", "--model", files["model"], *_sources(files, "forget"), *_sources(files, "retain"),
-            *_sources(files, "holdout"), "--no-progress", "--eval-batch-size", "64"]
+    args = ["unlearn", "--model", files["model"], *data_flags(files, ("forget",)), *data_flags(files, ("retain",)),
+            *data_flags(files, ("holdout",)), "--no-progress", "--eval-batch-size", "64"]
     return args + (["--output", str(output)] if output is not None else []) + list(extra)
 
 
@@ -105,7 +81,7 @@ def test_resume_through_the_command_line(files, tmp_path, capsys):
 
 def test_eval_prints_and_writes_metrics(files, tmp_path, capsys):
     out = tmp_path / "metrics.json"
-    assert main(["eval", "--model", files["model"], *_sources(files, "forget"), *_sources(files, "retain"),
+    assert main(["eval", "--model", files["model"], *data_flags(files, ("forget",)), *data_flags(files, ("retain",)),
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads(out.read_text())["metrics"]
@@ -128,7 +104,7 @@ def test_bad_input_is_one_line_exit_2_and_no_finished_run(files, tmp_path, capsy
                          "empty"),
         "unknown field": (["unlearn", "--model", files["model"], "--forget", str(renamed), "--fields",
                            "question=question,answer=a", "--output", str(out)], "question"),
-        "not a model": (["unlearn", "--model", files["forget"][0], *_sources(files, "forget"), "--output", str(out)],
+        "not a model": (["unlearn", "--model", files["forget"][0], *data_flags(files, ("forget",)), "--output", str(out)],
                         "not a model directory"),
         "objective": (_args(files, "--objective", "npx", output=out), "invalid choice: 'npx'"),
         "optimizer": (_args(files, "--optimizer", "adma", output=out), "invalid choice: 'adma'"),

@@ -71,3 +71,15 @@ def nudge(model: torch.nn.Module, seed: int = 1) -> None:
 # The embedded model on 20 people with one layer: reaches the accuracy bar in a few hundred steps (seconds).
 SMALL_EMBEDDED = EmbeddedConfig(name="test-gpt2", n_people=20, n_layer=1, n_embd=64, n_head=4, batch_size=32,
                                 eval_every=50, max_steps=1500)
+
+
+def split_rows(split) -> dict[str, list[dict]]:
+    """A split as JSONL rows, one list per kind (a loader reads one schema per file)."""
+    return {"text": [{"text": e.answer} for e in split.train if e.kind == "text"],
+            "qa": [{"question": e.prompt, "answer": e.answer} for e in split.qa],
+            "choice": [{"question": e.prompt, "choices": list(e.choices), "answer": e.correct} for e in split.choice]}
+
+
+def data_flags(files: dict, roles: tuple[str, ...] = ("forget", "retain", "holdout")) -> list[str]:
+    """--forget F --retain R ... for the JSONL files of the `small_files` fixture."""
+    return [arg for role in roles for path in files[role] for arg in (f"--{role}", path)]
