@@ -45,17 +45,21 @@ def _without_time(records):
     return [{k: v for k, v in r.items() if k != "elapsed"} for r in records]
 
 
-# Forget accuracy must fall to at most FORGET_AT_MOST; retain accuracy (1.0 before) must stay at
-# least RETAIN_AT_LEAST for AdamW and the hybrid. ZO-SGD cannot be that selective here: each step
-# moves all ~70k weights along one random direction, and that diffusion costs retain facts too
-# (measured: lr 2e-4 for 80 steps forgets everything and leaves 9% retain accuracy). Its slow,
-# long run is held to a relative bound instead: retain accuracy stays ZO_MARGIN above forget
-# accuracy, and the retain loss rises less than half as much as the forget loss.
-FORGET_AT_MOST, RETAIN_AT_LEAST, ZO_MARGIN = 0.2, 0.5, 0.25
+# The demo's recipe (16 retain examples per step, retain weight 8) on the small model. Forget
+# accuracy must fall to at most FORGET_AT_MOST; retain accuracy (1.0 before) must stay at least
+# RETAIN_AT_LEAST for AdamW and the hybrid (measured: 0.93 and 0.69). ZO-SGD cannot be that
+# selective: each step moves every weight along one random direction, and that diffusion costs
+# retain facts too (lr 2e-4 for 80 steps forgets everything and leaves 9% retain accuracy). Its
+# slow, long run is held to a relative bound instead: retain accuracy stays ZO_MARGIN above
+# forget accuracy (measured 0.49 vs 0.0), and the retain loss rises less than half as much as
+# the forget loss.
+FORGET_AT_MOST, RETAIN_AT_LEAST, ZO_MARGIN = 0.2, 0.6, 0.25
+RECIPE = {"retain_batch_size": 16, "objective_options": {"retain_weight": 8.0}}
 END_TO_END = {
-    "zo_sgd": LoopConfig(optimizer="zo_sgd", lr=5e-5, steps=1500, retain_batch_size=16),
-    "adamw": LoopConfig(optimizer="adamw", lr=1e-3, steps=20),
-    "hybrid": LoopConfig(optimizer="hybrid", lr=1e-3, steps=20, optimizer_options={"zo_lr": 1e-4, "block": 5}),
+    "zo_sgd": LoopConfig(optimizer="zo_sgd", lr=5e-5, steps=1500, **RECIPE),
+    "adamw": LoopConfig(optimizer="adamw", lr=1e-3, steps=20, **RECIPE),
+    "hybrid": LoopConfig(optimizer="hybrid", lr=1e-3, steps=20, optimizer_options={"zo_lr": 1e-4, "block": 5},
+                         **RECIPE),
 }
 
 
