@@ -125,24 +125,32 @@ RESUMABLE = {
 }
 
 
+def _before_step(monkeypatch, at: int, action) -> None:
+    """Make the loop run action() just before its at-th optimizer step."""
+    real_step, calls = loop_module._step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == at:
+            action()
+        return real_step(*args)
+
+    monkeypatch.setattr(loop_module, "_step", step)
+
+
 @pytest.mark.parametrize("name", RESUMABLE)
 def test_resume_after_a_crash_is_bit_identical(small, tmp_path, monkeypatch, name):
     config = RESUMABLE[name]
     straight = _fresh(small)
     unlearn(straight, small[1], small[2], config, tmp_path / "straight", progress=False)
 
-    real_step, calls = loop_module._step, []
+    def crash():
+        raise RuntimeError("simulated crash")
 
-    def crash_at_seventh(*args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("simulated crash")
-        return real_step(*args)
-
-    monkeypatch.setattr(loop_module, "_step", crash_at_seventh)
+    _before_step(monkeypatch, 7, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         unlearn(_fresh(small), small[1], small[2], config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop_module, "_step", real_step)
+    monkeypatch.undo()
     assert checkpoint_steps(tmp_path / "resumed") == [6]
     assert not (tmp_path / "resumed" / "report.json").exists()  # unfinished runs do not look finished
 
@@ -157,18 +165,11 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_continues(small, tmp_pat
     config = RESUMABLE["hybrid"]
     straight = _fresh(small)
     unlearn(straight, small[1], small[2], config, progress=False)
-    real_step, calls = loop_module._step, []
-
-    def interrupt_at_fifth(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)  # handled: the loop finishes this step first
-        return real_step(*args)
-
-    monkeypatch.setattr(loop_module, "_step", interrupt_at_fifth)
+    # SIGINT is handled: the loop finishes the step first.
+    _before_step(monkeypatch, 5, lambda: signal.raise_signal(signal.SIGINT))
     with pytest.raises(KeyboardInterrupt, match="after step 5"):
         unlearn(_fresh(small), small[1], small[2], config, tmp_path / "run", progress=False)
-    monkeypatch.setattr(loop_module, "_step", real_step)
+    monkeypatch.undo()
     assert checkpoint_steps(tmp_path / "run") == [5]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
     resumed = _fresh(small)
