@@ -161,17 +161,20 @@ def test_resume_after_a_crash_is_bit_identical(small, tmp_path, monkeypatch, nam
         _without_time(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
 
 
-def test_ctrl_c_checkpoints_the_current_step_and_resume_continues(small, tmp_path, monkeypatch):
+def test_ctrl_c_checkpoints_the_current_step_and_resume_continues(small, tmp_path, monkeypatch, request):
     config = RESUMABLE["hybrid"]
     straight = _fresh(small)
     unlearn(straight, small[1], small[2], config, progress=False)
+    # As in a terminal (a background job, CI's perhaps, inherits SIGINT ignored, which the loop respects).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     # SIGINT is handled: the loop finishes the step first.
     _before_step(monkeypatch, 5, lambda: signal.raise_signal(signal.SIGINT))
     with pytest.raises(KeyboardInterrupt, match="after step 5"):
         unlearn(_fresh(small), small[1], small[2], config, tmp_path / "run", progress=False)
     monkeypatch.undo()
     assert checkpoint_steps(tmp_path / "run") == [5]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     resumed = _fresh(small)
     unlearn(resumed, small[1], small[2], config, tmp_path / "run", resume=True, progress=False)
     _assert_same_weights(resumed, straight)

@@ -337,8 +337,10 @@ def _modes(model: torch.nn.Module, train: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _graceful_interrupt() -> Iterator[Any]:
-    """The first Ctrl-C sets a flag the loop checks after each step; the second one raises at once."""
-    if threading.current_thread() is not threading.main_thread():
+    """The first Ctrl-C sets a flag the loop checks after each step; the second one raises at once.
+    Left alone off the main thread and where SIGINT is ignored (a background job)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield lambda: False
         return
     hits: list[int] = []
