@@ -284,3 +284,17 @@ def test_bad_run_fails_before_touching_the_model_or_the_directory(small, tmp_pat
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_any_torch_optimizer_through_a_factory(small, tmp_path):
+    config = LoopConfig(optimizer="custom", steps=3, checkpoint_every=2)
+    model = _fresh(small)
+    unlearn(model, small[1], small[2], config, tmp_path / "run", progress=False,
+            optimizer_factory=lambda ps: torch.optim.RMSprop(ps, lr=1e-3))
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["optimizer"] == "RMSprop"
+    assert not torch.equal(model.lm_head.weight, small[0].lm_head.weight)
+    with pytest.raises(ValueError, match="optimizer_factory exactly"):
+        unlearn(_fresh(small), small[1], small[2], config, progress=False)
+    with pytest.raises(ValueError, match="optimizer_factory exactly"):
+        unlearn(_fresh(small), small[1], small[2], LoopConfig(steps=1), progress=False,
+                optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=1.0))

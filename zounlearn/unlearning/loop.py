@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,14 @@ from .objectives import Objective, make_objective
 from .report import read_metrics, write_report
 
 CONFIG, METRICS, REPORT, MODEL_DIR = "config.json", "metrics.jsonl", "report.json", "model"
+CUSTOM = "custom"
 
 
 @dataclass
 class LoopConfig:
     """Everything that decides what a run computes (config.json holds it).
 
+    optimizer: a name of `OPTIMIZERS`, or "custom" with `unlearn(..., optimizer_factory=...)`.
     steps, or else epochs over the forget set (1 by default). lr None: the optimizer's
     default (`zounlearn.optim.registry.OPTIMIZERS`). eval_every / checkpoint_every 0: only
     before and after / only at interrupts. max_length: truncation of each example in tokens.
@@ -104,8 +106,9 @@ class LoopConfig:
             raise ValueError(f"lr must be a number >= 0, got {self.lr!r}")
         if not isinstance(self.objective, str) or not isinstance(self.optimizer, str):
             raise ValueError("objective and optimizer are names, e.g. objective='npo', optimizer='hybrid'")
-        if self.optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer.lower() not in OPTIMIZERS and self.optimizer != CUSTOM:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}, or "
+                             f"{CUSTOM!r} with unlearn(..., optimizer_factory=...)")
         make_objective(self.objective, **self.objective_options)  # unknown name or option: fail now
 
     def total_steps(self, forget_batches: int) -> int:
@@ -123,11 +126,18 @@ class RunResult:
 
 def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, config: LoopConfig,
             run_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool = True,
-            save_model: bool = True, meta: Mapping[str, Any] | None = None) -> RunResult:
+            save_model: bool = True, meta: Mapping[str, Any] | None = None,
+            optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
+            ) -> RunResult:
     """Unlearn data.forget from model in place (see the module docstring); returns before/after metrics.
 
     meta: a description of the model and data (names, paths) recorded in config.json and the report.
+    optimizer_factory: with config.optimizer "custom", builds any torch.optim optimizer from the
+    parameter list, e.g. `lambda ps: torch.optim.RMSprop(ps, lr=1e-4)` (config.lr is then unused).
     """
+    if (config.optimizer == CUSTOM) != (optimizer_factory is not None):
+        raise ValueError(f"pass optimizer_factory exactly when config.optimizer is {CUSTOM!r} (got optimizer "
+                         f"{config.optimizer!r} and {'a' if optimizer_factory else 'no'} factory)")
     objective = make_objective(config.objective, **config.objective_options)
     if objective.needs_retain and not data.retain.train:
         raise ValueError(f"{objective.name} has a retain term but the retain set has no texts or question/answer "
@@ -138,8 +148,9 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
                      seed=config.seed + 1, max_length=config.max_length) if objective.needs_retain else None
     total = config.total_steps(len(forget))
     params = objective.parameters(model)
-    optimizer = make_optimizer(config.optimizer, params, lr=config.lr, seed=config.seed, total_steps=total,
-                               **config.optimizer_options)
+    optimizer = optimizer_factory(params) if optimizer_factory is not None else \
+        make_optimizer(config.optimizer, params, lr=config.lr, seed=config.seed, total_steps=total,
+                       **config.optimizer_options)
     record = {"loop": dataclasses.asdict(config), "total_steps": total, "meta": dict(meta or {}),
               "model_fingerprint": fingerprint(model)}
     directory = _open_run_dir(run_dir, record, resume) if run_dir is not None else None
@@ -171,7 +182,9 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
             _save_model(model, tokenizer, directory / MODEL_DIR)
         summary = {"steps": total, "train_seconds": round(log.elapsed, 2),
                    "steps_per_second": round(total / log.elapsed, 3) if log.elapsed else None,
-                   "optimizer_grade": OPTIMIZERS[config.optimizer.lower()].grade,
+                   "optimizer": type(optimizer).__name__,
+                   "optimizer_grade": OPTIMIZERS[config.optimizer.lower()].grade if config.optimizer != CUSTOM
+                   else CUSTOM,
                    "trainable_parameters": sum(p.numel() for p in params)}
         write_report(directory, config=record, before=before, after=after, history=log.records, summary=summary)
     return RunResult(before, after, total, seconds, directory)
