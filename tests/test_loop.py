@@ -298,3 +298,12 @@ def test_any_torch_optimizer_through_a_factory(small, tmp_path):
     with pytest.raises(ValueError, match="optimizer_factory exactly"):
         unlearn(_fresh(small), small[1], small[2], LoopConfig(steps=1), progress=False,
                 optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=1.0))
+
+
+def test_an_ignored_sigint_stays_ignored(small, monkeypatch, request):
+    """A background job inherits SIGINT ignored: the loop installs no handler and the signal changes nothing."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    _before_step(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))
+    result = unlearn(_fresh(small), small[1], small[2], LoopConfig(optimizer="adamw", steps=3), progress=False)
+    assert result.steps == 3 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
