@@ -185,15 +185,20 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode inside, then every submodule's own train/eval flag back as it was."""
+def model_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Train (or eval) mode inside, then every submodule's own train/eval flag back as it was."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def evaluating(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Eval mode inside, then every submodule's own train/eval flag back as it was."""
+    return model_mode(model, False)
 
 
 def token_log_probs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
