@@ -173,7 +173,7 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
 def run_eval(args: argparse.Namespace) -> int:
     from ..atomic import write_json
     from ..unlearning import evaluate
-    from ..unlearning.report import default_keys, format_metric
+    from ..unlearning.report import default_keys, format_metric, jsonable
 
     options = merged(args, {**RUN_DEFAULTS, "eval_batch_size": 32, "max_length": None})
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
@@ -181,7 +181,6 @@ def run_eval(args: argparse.Namespace) -> int:
     for key in default_keys(metrics, metrics):
         print(f"{key:<28} {format_metric(metrics[key], key):>10}")
     if options["output"]:
-        write_json(options["output"], {"meta": meta, "metrics": {k: (v if v == v and abs(v) != float("inf") else None)
-                                                                  for k, v in metrics.items()}})
+        write_json(options["output"], jsonable({"meta": meta, "metrics": metrics}))
         print(f"\nmetrics written to {options['output']}")
     return 0
