@@ -1,4 +1,5 @@
-"""Atomic file output: write next to the target, flush to disk, then rename over it.
+"""Atomic file output: write next to the target, flush to disk, then rename over it
+(`atomic_dir` does the same for a directory of files).
 
 A reader (or a run resumed after a crash or Ctrl-C) sees either the old file or the new
 one, never half of one. Every file zounlearn writes into a run directory goes through here.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside `path`; when the block succeeds it takes `path`'s place
+    (a directory already there is removed first: a rename cannot land on a non-empty one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield work
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(work, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

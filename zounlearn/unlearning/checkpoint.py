@@ -18,13 +18,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
+
+from ..atomic import atomic_dir
 
 STEP_DIR = re.compile(r"step-(\d{8})")
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.safetensors"
@@ -72,8 +73,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
     root = Path(directory) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_dir(final) as work:  # the same step written again (a resumed run) replaces it
         save_model(model, str(work / MODEL_FILE))
         tensors: dict[str, torch.Tensor] = {}
         structure = _encode(state, tensors)
@@ -81,11 +81,6 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
         for name in (MODEL_FILE, STATE_FILE):
             with open(work / name, "rb+") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # the same step written again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.replace(work, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     for old in checkpoint_steps(directory)[:-keep]:
         shutil.rmtree(root / f"step-{old:08d}", ignore_errors=True)
     return final
