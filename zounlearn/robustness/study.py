@@ -134,9 +134,9 @@ def run_study(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: 
                     unlearned, after = search["model"], search["after"]
                 else:
                     unlearned = copy.deepcopy(model)
-                    unlearn(unlearned, tokenizer, data, loop_config(settings, optimizer, objective, search["lr"], seed),
-                            progress=False)
-                    after = evaluate(unlearned, tokenizer, eval_data, **eval_kwargs)
+                    after = unlearn(unlearned, tokenizer, data, loop_config(settings, optimizer, objective,
+                                                                            search["lr"], seed),
+                                    progress=False, eval_data=eval_data).after
                 tick = time.perf_counter()
                 record = {"optimizer": optimizer, "grade": OPTIMIZERS[optimizer].grade,
                           "objective": objective, "seed": seed, "lr": search["lr"], "reached": search["reached"],
@@ -157,8 +157,8 @@ def _search_lr(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data:
     tried, best = [], None
     for lr in settings.lr_grid[optimizer]:
         unlearned = copy.deepcopy(model)
-        unlearn(unlearned, tokenizer, data, loop_config(settings, optimizer, objective, lr, 0), progress=False)
-        after = evaluate(unlearned, tokenizer, eval_data, batch_size=settings.eval_batch_size)
+        after = unlearn(unlearned, tokenizer, data, loop_config(settings, optimizer, objective, lr, 0),
+                        progress=False, eval_data=eval_data).after
         forget, retain = after.get("forget/qa_accuracy", 1.0), after.get("retain/qa_accuracy", 0.0)
         tried.append({"lr": lr, "forget/qa_accuracy": forget, "retain/qa_accuracy": retain})
         log(f"{optimizer}/{objective} lr {lr:g}: forget {forget:.2f} retain {retain:.2f}")

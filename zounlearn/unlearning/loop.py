@@ -33,9 +33,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -48,17 +46,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..atomic import write_json, write_text
+from ..atomic import atomic_dir, write_json, write_text
 from ..optim import SophiaG, gnb_loss
 from ..optim.base import CountedOptimizer, loss_value
 from ..optim.hybrid import HybridFOZO
 from ..optim.registry import OPTIMIZERS, make_optimizer
-from .batches import Batch, Batches, model_device
+from .batches import Batch, Batches, model_device, model_mode
 from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
 from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
 from .objectives import Objective, make_objective
-from .report import read_metrics, write_report
+from .report import jsonable, read_metrics, write_report
 
 CONFIG, METRICS, REPORT, MODEL_DIR = "config.json", "metrics.jsonl", "report.json", "model"
 CUSTOM = "custom"
@@ -127,13 +125,14 @@ class RunResult:
 def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, config: LoopConfig,
             run_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool = True,
             save_model: bool = True, meta: Mapping[str, Any] | None = None,
-            optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None
-            ) -> RunResult:
+            optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+            eval_data: UnlearningData | None = None) -> RunResult:
     """Unlearn data.forget from model in place (see the module docstring); returns before/after metrics.
 
     meta: a description of the model and data (names, paths) recorded in config.json and the report.
     optimizer_factory: with config.optimizer "custom", builds any torch.optim optimizer from the
     parameter list, e.g. `lambda ps: torch.optim.RMSprop(ps, lr=1e-4)` (config.lr is then unused).
+    eval_data: what the evaluations measure, when not `data` (a subset, say).
     """
     if (config.optimizer == CUSTOM) != (optimizer_factory is not None):
         raise ValueError(f"pass optimizer_factory exactly when config.optimizer is {CUSTOM!r} (got optimizer "
@@ -158,7 +157,7 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
     objective.prepare(model, forget, retain)
     start, history = 0, []
     cuda = [torch.cuda.current_device()] if model_device(model).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _modes(model, config.train_mode):
+    with torch.random.fork_rng(devices=cuda), model_mode(model, config.train_mode):
         torch.manual_seed(config.seed)
         if directory is not None and resume and checkpoint_steps(directory):
             start, state = load_checkpoint(directory, model)
@@ -168,7 +167,7 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
                 torch.cuda.set_rng_state(state["rng_cuda"])
             history = [r for r in read_metrics(directory / METRICS) if r["step"] <= start]
         log = _MetricsLog(directory, history)
-        evaluate_now = lambda: evaluate(model, tokenizer, data, batch_size=config.eval_batch_size,  # noqa: E731
+        evaluate_now = lambda: evaluate(model, tokenizer, eval_data or data, batch_size=config.eval_batch_size,  # noqa: E731
                                         max_length=config.max_length)
         if start == 0:
             log.eval(0, evaluate_now(), 0.0)
@@ -282,8 +281,7 @@ class _MetricsLog:
     def eval(self, step: int, metrics: dict[str, float], elapsed: float) -> None:
         self.evals.append(metrics)
         self.last_eval_step = step
-        clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        self._add({"type": "eval", "step": step, "elapsed": round(elapsed, 4), "metrics": clean})
+        self._add({"type": "eval", "step": step, "elapsed": round(elapsed, 4), "metrics": jsonable(metrics)})
 
     def _add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -326,26 +324,9 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, final: Path) -> None:
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as work:
         model.save_pretrained(work)  # safetensors
         tokenizer.save_pretrained(work)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(work, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _modes(model: torch.nn.Module, train: bool) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextlib.contextmanager
