@@ -45,16 +45,7 @@ struct Perturb {
       float a[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) a[j] = scale(terms.alpha, to_float(x[r].v[j]));
-#pragma unroll
-      for (int k = 0; k < kMaxTerms; ++k) {
-        if (k < terms.count) {
-          const uint32_t bits = w.bits(k, e);
-          const float c = terms.coef[k];
-          // c * z is exact, so this single add is the reference's rounding.
-#pragma unroll
-          for (int j = 0; j < kRun; ++j) a[j] += signed_coef(c, (bits >> j) & 1u);
-        }
-      }
+      w.add_terms(terms, e, a);
 #pragma unroll
       for (int j = 0; j < kRun; ++j) x[r].v[j] = from_float<T>(a[j]);
     }

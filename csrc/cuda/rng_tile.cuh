@@ -33,6 +33,20 @@ struct RademacherWords {
     const int lw = static_cast<int>((e >> 5) - 4 * g0);  // word of element e, 0 .. 131
     return __funnelshift_r(w[k][lw], w[k][lw + 1], static_cast<uint32_t>(e) & 31u);
   }
+
+  // a[j] += c_k z_k(e + j) for every term k in order; c * z is exact, so each add is the
+  // reference's rounding.
+  __device__ __forceinline__ void add_terms(const Terms& terms, uint64_t e, float (&a)[kRun]) const {
+#pragma unroll
+    for (int k = 0; k < kMaxTerms; ++k) {
+      if (k < terms.count) {
+        const uint32_t b = bits(k, e);
+        const float c = terms.coef[k];
+#pragma unroll
+        for (int j = 0; j < kRun; ++j) a[j] += signed_coef(c, (b >> j) & 1u);
+      }
+    }
+  }
 };
 
 // All threads of the CTA: generates the words of tile t (G, n) for every term, then one barrier.

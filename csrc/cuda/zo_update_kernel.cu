@@ -45,16 +45,7 @@ struct ZoUpdate {
         float g[kRun], theta[kRun];
 #pragma unroll
         for (int j = 0; j < kRun; ++j) g[j] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kMaxTerms; ++k) {
-          if (k < terms.count) {
-            const uint32_t bits = w.bits(k, e);
-            const float c = terms.coef[k];
-            // c * z is exact, so this single add is the reference's rounding.
-#pragma unroll
-            for (int j = 0; j < kRun; ++j) g[j] = g[j] + signed_coef(c, (bits >> j) & 1u);
-          }
-        }
+        w.add_terms(terms, e, g);
         const uint32_t last = w.bits(terms.count - 1, e);
 #pragma unroll
         for (int j = 0; j < kRun; ++j) theta[j] = to_float(x[r].v[j]) + signed_coef(restore, (last >> j) & 1u);
