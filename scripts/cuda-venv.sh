@@ -15,7 +15,18 @@ STAMP="$VENV/.cuda-venv-$(echo "$PACKAGES" | md5sum | cut -c1-8)"
 
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "cuda-venv: no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
 
+# What the finished venv takes (5.7 GB measured, mostly nvidia-* libraries), with a margin.
+NEED_GB=${CUDA_VENV_NEED_GB:-6}
+
 if [ ! -f "$STAMP" ]; then
+    mkdir -p "$VENV"
+    free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+    if awk -v f="$free_kb" -v n="$NEED_GB" 'BEGIN {exit !(f < n * 1024 * 1024)}'; then
+        printf 'cuda-venv: %s holds %.1f GB free but the CUDA build of torch needs ~%s GB;\n' \
+            "$(df -P "$VENV" | awk 'NR == 2 {print $6}')" "$(awk -v f="$free_kb" 'BEGIN {print f / 1048576}')" "$NEED_GB" >&2
+        echo "cuda-venv: free some space (e.g. make clean, or rm -rf .venv) or set VENV_CUDA to a bigger disk" >&2
+        exit 1
+    fi
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     # pip's config (find-links + file:// extra indexes) holds the 0.5 GB torch wheel and its
     # ~3 GB of nvidia-*/triton wheels; for an equal version pip takes the local file, so only
@@ -23,7 +34,7 @@ if [ ! -f "$STAMP" ]; then
     # torch pins triton (~=3.8) itself. -qq hides the flood of "Location ... is ignored"
     # warnings the file:// indexes print for projects they lack; errors still show.
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install -qq $PACKAGES
+    "$VENV/bin/python" -m pip install -qq --no-cache-dir $PACKAGES
     "$VENV/bin/python" - <<'EOF'
 import torch, triton
 assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
