@@ -5,6 +5,7 @@ the papers' conclusion."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,13 @@ def test_evaluation_subset_keeps_whole_people():
     people = synthetic_people(0, n_people=30).retain
     texts = " ".join(e.prompt + " " + e.answer for e in (*cut.retain.train, *cut.retain.qa, *cut.retain.choice))
     assert all(p.name in texts for p in people[:4]) and not any(p.name in texts for p in people[4:])
+
+
+def test_evaluation_subset_refuses_other_layouts():
+    data = synthetic_data(0, n_people=30)
+    odd = dataclasses.replace(data, retain=dataclasses.replace(data.retain, qa=data.retain.qa[:-1]))
+    with pytest.raises(ValueError, match="synthetic data set's layout"):
+        evaluation_data(odd, retain_people=4)
 
 
 def test_settings_reject_unknown_optimizers():

@@ -41,6 +41,7 @@ from ..unlearning.data import Split, UnlearningData
 from ..unlearning.evaluation import evaluate
 from ..unlearning.loop import LoopConfig, unlearn
 from ..unlearning.report import jsonable
+from ..unlearning.synthetic import QUESTIONS, TEMPLATES
 from .attacks import noise_attack, quantization_attack, relearning_attack, retain_finetune_attack
 from .diagnostics import mode_connectivity, weight_distance
 from .quantize import QUANTIZATION_SCHEMES
@@ -105,15 +106,13 @@ def loop_config(settings: StudySettings, optimizer: str, objective: str, lr: flo
 def evaluation_data(data: UnlearningData, retain_people: int) -> UnlearningData:
     """Forget and holdout whole; the retain split cut to its first `retain_people` people."""
     retain = data.retain
-    per_person = {attr: len(getattr(retain, attr)) // max(1, _people(retain)) for attr in ("train", "qa", "choice")}
-    cut = Split(retain.name, **{attr: getattr(retain, attr)[:per_person[attr] * retain_people]
-                                for attr in ("train", "qa", "choice")})
+    # The synthetic splits list each person's examples together, in these numbers.
+    per_person = {"train": sum(len(t) for t in TEMPLATES.values()), "qa": len(QUESTIONS), "choice": len(QUESTIONS)}
+    if any(len(getattr(retain, attr)) % n for attr, n in per_person.items()):
+        raise ValueError("the study's evaluation subset needs the synthetic data set's layout "
+                         f"({per_person} examples per person); evaluate on the whole retain split instead")
+    cut = Split(retain.name, **{attr: getattr(retain, attr)[:n * retain_people] for attr, n in per_person.items()})
     return dataclasses.replace(data, retain=cut)
-
-
-def _people(split: Split) -> int:
-    """The synthetic splits hold 5 questions per person."""
-    return max(1, len(split.qa) // 5)
 
 
 def run_study(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData,
