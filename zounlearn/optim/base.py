@@ -43,6 +43,13 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *, op
         raise ValueError(f"invalid {name}: {value!r}; it must be a finite number in {bound}")
 
 
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """A count or index check made before anything is built: an integer (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
 def check_betas(betas: tuple[float, float]) -> None:
     check_range("betas[0]", betas[0], 0.0, 1.0)
     check_range("betas[1]", betas[1], 0.0, 1.0)

@@ -21,9 +21,3 @@ def check_eval_kwargs(eval_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown evaluation argument {unknown[0]!r}; evaluate takes {', '.join(EVAL_KWARGS)}")
     return eval_kwargs
 
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    """An integer (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")

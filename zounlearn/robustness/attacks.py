@@ -57,12 +57,12 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..optim.base import check_range
-from ..unlearning.batches import Batches, model_device
+from ..optim.base import check_int, check_range
+from ..unlearning.batches import Batches, rng_devices
 from ..unlearning.data import Example, Split, UnlearningData
 from ..unlearning.evaluation import evaluate
 from ..unlearning.objectives import cross_entropy
-from ._checks import check_eval_kwargs, check_int
+from ._checks import check_eval_kwargs
 from .noise import add_weight_noise_
 from .quantize import QUANTIZATION_SCHEMES, check_scheme, quantize_model
 from .targets import target_weights
@@ -198,10 +198,7 @@ def _fine_tune(model: torch.nn.Module, batches: Batches, steps: Sequence[int], l
     for p in tuned.parameters():
         p.requires_grad_(True)
         p.grad = None
-    device = model_device(tuned)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=rng_devices(tuned)):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=weight_decay)
         taken = 0

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..optim.base import check_int
 from .targets import target_weights
 
 # The NF4 table of QLoRA, as bitsandbytes has it (bitsandbytes/functional.py, get_4bit_type("nf4")).
@@ -47,8 +48,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
     weight: a 2-D floating tensor; channel_dim: the dimension of its output channels (0 for a
     Linear weight (out, in), 1 for a Conv1D weight (in, out)); group_size None: per channel.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    check_int("bits", bits, 2, 8)
     groups, restore = _groups(weight, group_size, channel_dim)
     if groups is None:
         return weight.detach().clone()

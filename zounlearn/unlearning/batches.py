@@ -184,6 +184,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def rng_devices(model: torch.nn.Module) -> list[int]:
+    """The CUDA device whose random stream the model draws from (dropout), for torch.random.fork_rng."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 @contextlib.contextmanager
 def model_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
     """Train (or eval) mode inside, then every submodule's own train/eval flag back as it was."""

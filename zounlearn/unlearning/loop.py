@@ -48,10 +48,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..atomic import atomic_dir, write_json, write_text
 from ..optim import SophiaG, gnb_loss
-from ..optim.base import CountedOptimizer, loss_value
+from ..optim.base import CountedOptimizer, check_int, loss_value
 from ..optim.hybrid import HybridFOZO
 from ..optim.registry import OPTIMIZERS, make_optimizer
-from .batches import Batch, Batches, model_device, model_mode
+from .batches import Batch, Batches, model_device, model_mode, rng_devices
 from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
 from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
@@ -90,12 +90,12 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "seed"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         for name in ("steps", "retain_batch_size", "max_length"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < math.inf):
@@ -156,7 +156,7 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
 
     objective.prepare(model, forget, retain)
     start, history = 0, []
-    cuda = [torch.cuda.current_device()] if model_device(model).type == "cuda" else []
+    cuda = rng_devices(model)
     with torch.random.fork_rng(devices=cuda), model_mode(model, config.train_mode):
         torch.manual_seed(config.seed)
         if directory is not None and resume and checkpoint_steps(directory):
@@ -164,7 +164,7 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng_cpu"])
             if cuda:
-                torch.cuda.set_rng_state(state["rng_cuda"])
+                torch.cuda.set_rng_state(state["rng_cuda"], cuda[0])
             history = [r for r in read_metrics(directory / METRICS) if r["step"] <= start]
         log = _MetricsLog(directory, history)
         evaluate_now = lambda: evaluate(model, tokenizer, eval_data or data, batch_size=config.eval_batch_size,  # noqa: E731
@@ -255,8 +255,9 @@ def _gnb(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def _checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step}
-    if model_device(model).type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state()
+    cuda = rng_devices(model)
+    if cuda:
+        state["rng_cuda"] = torch.cuda.get_rng_state(cuda[0])
     save_checkpoint(directory, step, model, state)
 
 
@@ -351,7 +352,3 @@ def _graceful_interrupt() -> Iterator[Any]:
     finally:
         signal.signal(signal.SIGINT, previous)
 
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
