@@ -161,14 +161,14 @@ def _search_lr(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data:
         forget, retain = after.get("forget/qa_accuracy", 1.0), after.get("retain/qa_accuracy", 0.0)
         tried.append({"lr": lr, "forget/qa_accuracy": forget, "retain/qa_accuracy": retain})
         log(f"{optimizer}/{objective} lr {lr:g}: forget {forget:.2f} retain {retain:.2f}")
-        if best is None or forget < best["after"].get("forget/qa_accuracy", 1.0):
-            best = {"lr": lr, "model": unlearned, "after": after}
-        if forget <= settings.target:
-            return {"optimizer": optimizer, "objective": objective, "lr": lr, "reached": True, "tried": tried,
-                    "model": unlearned, "after": after}
+        reached = forget <= settings.target
+        if reached or best is None or forget < best["forget"]:
+            best = {"lr": lr, "forget": forget, "model": unlearned, "after": after}
+        if reached:
+            break
     assert best is not None
-    return {"optimizer": optimizer, "objective": objective, "lr": best["lr"], "reached": False, "tried": tried,
-            "model": best["model"], "after": best["after"]}
+    return {"optimizer": optimizer, "objective": objective, "lr": best["lr"],
+            "reached": reached, "tried": tried, "model": best["model"], "after": best["after"]}
 
 
 def _attacks(original: torch.nn.Module, unlearned: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

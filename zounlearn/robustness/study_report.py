@@ -32,19 +32,20 @@ COLLAPSE = 0.5  # a result whose retain accuracy fell below half the original's 
 def summarize(result: dict[str, Any], original: dict[str, float]) -> dict[str, Any]:
     """The numbers of the table, per result."""
     relearn, finetune = result["relearning"], result["retain_finetune"]
-    four_bit = {s: m for s, m in result["quantization"].items() if "4" in s}
+    four_bit = [m[FORGET] for s, m in result["quantization"].items() if "4" in s]
     forget = result["unlearned"][FORGET]
+    heldout_before, relearned = relearn["heldout"][0][FORGET], relearn["heldout"][-1][FORGET]
+    retain_ft = finetune["whole"][-1][FORGET]
+    quantized = max(four_bit, default=math.nan)
     noise = {std: value["mean"][FORGET] for std, value in result["noise"].items()}
     return {
         "optimizer": result["optimizer"], "grade": result["grade"], "objective": result["objective"],
         "seed": result["seed"], "lr": result["lr"], "reached": result["reached"],
         "collapsed": result["unlearned"][RETAIN] < COLLAPSE * original[RETAIN],
         "forget": forget, "retain": result["unlearned"][RETAIN],
-        "heldout_before": relearn["heldout"][0][FORGET], "relearned": relearn["heldout"][-1][FORGET],
-        "relearn_recovery": relearn["heldout"][-1][FORGET] - relearn["heldout"][0][FORGET],
-        "retain_ft": finetune["whole"][-1][FORGET], "retain_ft_recovery": finetune["whole"][-1][FORGET] - forget,
-        "quantized": max((m[FORGET] for m in four_bit.values()), default=math.nan),
-        "quant_recovery": max((m[FORGET] for m in four_bit.values()), default=math.nan) - forget,
+        "heldout_before": heldout_before, "relearned": relearned, "relearn_recovery": relearned - heldout_before,
+        "retain_ft": retain_ft, "retain_ft_recovery": retain_ft - forget,
+        "quantized": quantized, "quant_recovery": quantized - forget,
         "noise": noise, "l2": result["distance"]["relative"],
         "barrier": result["connectivity"]["barrier"].get("forget/loss", math.nan),
         "retain_barrier": result["connectivity"]["barrier"].get("retain/loss", math.nan),
@@ -162,16 +163,13 @@ def findings(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plots(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    from matplotlib.figure import Figure
-
     out_dir = Path(out_dir)
     rows = result["results"]
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
     written = []
 
-    figure = Figure(figsize=(6 * len(objectives), 4.2), layout="constrained")
-    for i, objective in enumerate(objectives):
-        axes = figure.add_subplot(1, len(objectives), i + 1)
+    figure, panels = _per_objective(objectives)
+    for objective, axes in panels:
         for r in rows:
             if r["objective"] == objective and r["seed"] == 0:
                 curve = r["relearning"]
@@ -185,9 +183,8 @@ def plots(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     written.append(save_figure(figure, out_dir / "relearning.png"))
 
     schemes = list(rows[0]["quantization"])
-    figure = Figure(figsize=(6 * len(objectives), 4.2), layout="constrained")
-    for i, objective in enumerate(objectives):
-        axes = figure.add_subplot(1, len(objectives), i + 1)
+    figure, panels = _per_objective(objectives)
+    for objective, axes in panels:
         chosen = [r for r in rows if r["objective"] == objective and r["seed"] == 0]
         width = 0.8 / (len(schemes) + 1)
         for j, scheme in enumerate(["unlearned", *schemes]):
@@ -200,9 +197,8 @@ def plots(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
         axes.legend(fontsize=7)
     written.append(save_figure(figure, out_dir / "quantization.png"))
 
-    figure = Figure(figsize=(6 * len(objectives), 4.2), layout="constrained")
-    for i, objective in enumerate(objectives):
-        axes = figure.add_subplot(1, len(objectives), i + 1)
+    figure, panels = _per_objective(objectives)
+    for objective, axes in panels:
         for r in rows:
             if r["objective"] == objective and r["seed"] == 0:
                 lmc = r["connectivity"]
@@ -216,6 +212,15 @@ def plots(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
         axes.legend(fontsize=7)
     written.append(save_figure(figure, out_dir / "connectivity.png"))
     return written
+
+
+def _per_objective(objectives: Sequence[str]) -> tuple[Any, list[tuple[str, Any]]]:
+    """A figure with one panel per objective, side by side, and (objective, its axes)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6 * len(objectives), 4.2), layout="constrained")
+    return figure, [(objective, figure.add_subplot(1, len(objectives), i + 1))
+                    for i, objective in enumerate(objectives)]
 
 
 def write_study(result: dict[str, Any], out_dir: str | os.PathLike, command: str) -> dict[str, Path]:
