@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from zounlearn.cli import main
 from zounlearn.robustness.study import StudySettings, evaluation_data
 from zounlearn.robustness.study_report import _spearman, findings, summarize, table
 from zounlearn.unlearning import synthetic_data, synthetic_people
@@ -93,6 +94,34 @@ def test_evaluation_subset_refuses_other_layouts():
 def test_settings_reject_unknown_optimizers():
     with pytest.raises(ValueError, match="no learning-rate grid for zo_adam"):
         StudySettings(optimizers=("adamw", "zo_adam"))
+
+
+def test_settings_reject_unknown_objectives():
+    with pytest.raises(ValueError, match="unknown objective 'gd'"):
+        StudySettings(objectives=("npo", "gd"))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--seeds", "0,a"], "--seeds takes a comma-separated list of integers"),
+    (["--seeds", "0,,1"], "--seeds takes a comma-separated list"),
+    (["--seeds", "-1"], "--seeds must be >= 0"),
+    (["--optimizers", "adamw,foo"], "no learning-rate grid for foo"),
+    (["--objectives", "npo,"], "--objectives takes a comma-separated list"),
+    (["--objectives", "foo"], "unknown objective 'foo'"),
+    (["--output", "FULL"], "exists and is not empty"),
+])
+def test_study_bad_input_is_one_line_exit_2_before_any_work(tmp_path, capsys, monkeypatch, flags, match):
+    import zounlearn.unlearning as unlearning
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("")
+    monkeypatch.setattr(unlearning, "embedded_model", lambda *a, **k: pytest.fail("loaded the model"))
+    argv = ["study", "--output", str(tmp_path / "out"), *[str(full) if f == "FULL" else f for f in flags]]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

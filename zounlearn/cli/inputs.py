@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,24 +155,17 @@ def load_model_and_data(options: Mapping[str, Any], *, progress: bool = True) ->
     """(model, tokenizer, data, meta) from the model and data options; meta describes them for the record."""
     from transformers.utils import logging as transformers_logging
 
-    from ..unlearning import UnlearningData, load_model
+    from ..unlearning import UnlearningData
     from ..unlearning.data import Split
-    from ..unlearning.model import place_model
 
     transformers_logging.disable_progress_bar()  # its weight-loading bars would bury ours
 
     name = options["model"]
     if name is None:
         raise UsageError("no model given; pass --model DIR_OR_HUB_NAME, or --model embedded")
-    embedded = name == EMBEDDED
-    set_threads(options.get("threads"), embedded)
+    set_threads(options.get("threads"), name == EMBEDDED)
     device = options.get("device") or default_device()
-    if embedded:
-        model, tokenizer, data = _embedded(options, progress)
-        model = place_model(model, dtype=options.get("dtype", "float32"), device=device)
-    else:
-        data = None
-        model, tokenizer = load_model(name, dtype=options.get("dtype", "float32"), device=device)
+    model, tokenizer, data = load_named_model(name, options, progress=progress)
     if options.get("forget"):
         fields, unit = parse_fields(options.get("fields")), options.get("text_unit", "line")
         splits = {role: Split.from_examples(role, _examples(options.get(role) or (), fields, unit))
@@ -186,6 +180,19 @@ def load_model_and_data(options: Mapping[str, Any], *, progress: bool = True) ->
             "retain": options.get("retain") or ("synthetic people (embedded)" if not options.get("forget") else []),
             "holdout": options.get("holdout") or ("synthetic people (embedded)" if not options.get("forget") else [])}
     return model, tokenizer, data, meta
+
+
+def load_named_model(name: str, options: Mapping[str, Any], *, progress: bool = True) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, data) for a model name or directory, with the options' dtype and device; data is the
+    synthetic data set for the embedded model, None for any other."""
+    from ..unlearning import load_model
+    from ..unlearning.model import place_model
+
+    dtype, device = options.get("dtype", "float32"), options.get("device") or default_device()
+    if name == EMBEDDED:
+        model, tokenizer, data = _embedded(options, progress)
+        return place_model(model, dtype=dtype, device=device), tokenizer, data
+    return (*load_model(name, dtype=dtype, device=device), None)
 
 
 def _embedded(options: Mapping[str, Any], progress: bool) -> tuple[Any, Any, Any]:
@@ -206,3 +213,53 @@ def _examples(specs: list[str] | tuple[str, ...], fields: dict[str, str] | None,
         source, config, split = parse_source(spec)
         examples += load_examples(source, fields=fields, config=config, split=split, text_unit=unit)
     return examples
+
+
+# --- option values
+
+
+def as_int(value: Any) -> int:
+    """An int (not a bool) or the text of one; TypeError or ValueError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value.strip())
+    raise TypeError
+
+
+def as_float(value: Any) -> float:
+    """A finite number (not a bool) or the text of one, as a float; TypeError or ValueError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        number = float(value.strip())
+    else:
+        raise TypeError
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def comma_list(value: Any, flag: str, convert: Callable[[Any], Any], what: str, example: str) -> list[Any]:
+    """A comma-separated list (a flag, or a config file's string, list or single value) as a list."""
+    if isinstance(value, str):
+        items: Sequence[Any] = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = [value]
+    problem = f"{flag} takes a comma-separated list of {what}, e.g. {example}; got {_shown(value)}"
+    if not items or any(isinstance(item, str) and not item.strip() for item in items):
+        raise UsageError(problem)
+    try:
+        return [convert(item) for item in items]
+    except (TypeError, ValueError):
+        raise UsageError(problem) from None
+
+
+def _shown(value: Any) -> str:
+    return repr(value if not isinstance(value, (list, tuple)) else ",".join(map(str, value)))

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import inputs
-from .inputs import (EMBEDDED, GIVEN, UsageError, add_config_flag, add_data_flags, add_model_flags, default_device,
-                     load_model_and_data, merged)
+from .inputs import (EMBEDDED, GIVEN, UsageError, add_config_flag, add_data_flags, add_model_flags, as_float,
+                     as_int, comma_list, load_model_and_data, load_named_model, merged)
 
 # The library's defaults (zounlearn.robustness.attacks and diagnostics), restated: see the module docstring.
 DEFAULT_K = 10
@@ -174,51 +173,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- checking options
 
 
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        return int(value.strip())
-    raise TypeError
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        number = float(value.strip())
-    else:
-        raise TypeError
-    if not math.isfinite(number):
-        raise ValueError
-    return number
-
-
-def _values(value: Any, flag: str, convert: Callable[[Any], Any], what: str, example: str) -> list[Any]:
-    """A comma-separated list (a flag, or a config file's string, list or single value) as a list."""
-    if isinstance(value, str):
-        items: Sequence[Any] = value.split(",")
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
-        items = [value]
-    problem = f"{flag} takes a comma-separated list of {what}, e.g. {example}; got {_shown(value)}"
-    if not items or any(isinstance(item, str) and not item.strip() for item in items):
-        raise UsageError(problem)
-    try:
-        return [convert(item) for item in items]
-    except (TypeError, ValueError):
-        raise UsageError(problem) from None
-
-
-def _shown(value: Any) -> str:
-    return repr(value if not isinstance(value, (list, tuple)) else ",".join(map(str, value)))
-
-
 def _number(options: Mapping[str, Any], key: str, *, low: float, open_low: bool = False, integer: bool = False,
             optional: bool = False) -> Any:
     """options[key] as an int or a finite float >= low (> low when open_low); None passes when optional."""
@@ -228,7 +182,7 @@ def _number(options: Mapping[str, Any], key: str, *, low: float, open_low: bool 
     problem = f"{flag} must be {'an integer' if integer else 'a finite number'} " \
               f"{'>' if open_low else '>='} {low:g}, got {value!r}"
     try:
-        number = _as_int(value) if integer else _as_float(value)
+        number = as_int(value) if integer else as_float(value)
     except (TypeError, ValueError):
         raise UsageError(problem) from None
     if number < low or (open_low and number == low):
@@ -254,7 +208,7 @@ def _finetune_options(options: dict[str, Any]) -> None:
     options["lr"] = _number(options, "lr", low=0, open_low=True)
     options["batch_size"] = _number(options, "batch_size", low=1, integer=True)
     options["weight_decay"] = _number(options, "weight_decay", low=0)
-    steps = _values(options["steps"], "--steps", _as_int, "step counts", "0,5,10,20,50")
+    steps = comma_list(options["steps"], "--steps", as_int, "step counts", "0,5,10,20,50")
     if any(n < 0 for n in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
         raise UsageError(f"--steps must be strictly increasing step counts >= 0, e.g. 0,5,10,20,50; "
                          f"got {_joined(steps)}")
@@ -410,7 +364,7 @@ def run_retain_finetune(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     options = merged(args, QUANTIZE_DEFAULTS)
     eval_kwargs = _common(options)
-    schemes = _values(options["schemes"], "--schemes", lambda s: str(s).strip(), "scheme names", "int8,int4-g64")
+    schemes = comma_list(options["schemes"], "--schemes", lambda s: str(s).strip(), "scheme names", "int8,int4-g64")
     from ..robustness import quantization_attack
     from ..robustness.quantize import check_scheme
     from ..unlearning import evaluate
@@ -448,7 +402,7 @@ def _change(value: float, baseline: float, key: str) -> str:
 def run_noise(args: argparse.Namespace) -> int:
     options = merged(args, NOISE_DEFAULTS)
     eval_kwargs = _common(options)
-    stds = _values(options["stds"], "--stds", _as_float, "relative standard deviations >= 0", "0.01,0.1")
+    stds = comma_list(options["stds"], "--stds", as_float, "relative standard deviations >= 0", "0.01,0.1")
     if any(std < 0 for std in stds):
         raise UsageError(f"--stds must be >= 0 (relative to each weight tensor's RMS), got {_joined(stds)}")
     if len(set(stds)) != len(stds):
@@ -476,32 +430,20 @@ def run_noise(args: argparse.Namespace) -> int:
 # --- diagnostics
 
 
-def _load_original(options: Mapping[str, Any]) -> Any:
-    """The original model, with the unlearned one's dtype and device (its tokenizer is not needed)."""
-    from ..unlearning import load_model
-    from ..unlearning.model import place_model
-
-    dtype, device = options.get("dtype", "float32"), options.get("device") or default_device()
-    if options["original"] == EMBEDDED:
-        model, _, _ = inputs._embedded(options, True)
-        return place_model(model, dtype=dtype, device=device)
-    return load_model(options["original"], dtype=dtype, device=device)[0]
-
-
 def run_diagnose(args: argparse.Namespace) -> int:
     options = merged(args, DIAGNOSE_DEFAULTS)
     if options["original"] is None:
         raise UsageError(f"no original model given; pass --original DIR_OR_HUB_NAME (the model --model was "
                          f"unlearned from), or --original {EMBEDDED}")
     eval_kwargs = _common(options)
-    ts = _values(options["ts"], "--ts", _as_float, "numbers", "0,0.25,0.5,0.75,1")
+    ts = comma_list(options["ts"], "--ts", as_float, "numbers", "0,0.25,0.5,0.75,1")
     if len(set(ts)) != len(ts) or 0 not in ts or 1 not in ts:
         raise UsageError(f"--ts must hold distinct values including 0 (the original) and 1 (the unlearned model), "
                          f"got {_joined(ts)}")
     from ..robustness import mode_connectivity, weight_distance
 
     model, tokenizer, data, meta = load_model_and_data(options)
-    original = _load_original(options)
+    original = load_named_model(options["original"], options)[0]  # the unlearned model's dtype and device
     meta = {"original": options["original"], **meta}
     distance = weight_distance(original, model)
     print(f"weight distance  ||unlearned - original|| = {distance['total']:.6g}, "

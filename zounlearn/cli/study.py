@@ -7,24 +7,7 @@ import shlex
 import time
 from pathlib import Path
 
-from .inputs import UsageError, set_threads
-
-
-def _names(text: str, flag: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise UsageError(f"{flag} takes a comma-separated list, got {text!r}")
-    return names
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(n) for n in _names(text, "--seeds"))
-    except ValueError:
-        raise UsageError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if any(s < 0 for s in seeds):
-        raise UsageError(f"--seeds must be >= 0, got {text!r}")
-    return seeds
+from .inputs import UsageError, as_int, comma_list, set_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,11 +36,15 @@ def run_study_command(args: argparse.Namespace) -> int:
     settings = StudySettings.quick() if args.quick else StudySettings()
     changes = {}
     if args.optimizers:
-        changes["optimizers"] = _names(args.optimizers, "--optimizers")
+        changes["optimizers"] = tuple(comma_list(args.optimizers, "--optimizers", str.strip, "optimizer names",
+                                                 "adamw,hybrid"))
     if args.objectives:
-        changes["objectives"] = _names(args.objectives, "--objectives")
+        changes["objectives"] = tuple(comma_list(args.objectives, "--objectives", str.strip, "objective names",
+                                                 "graddiff,npo"))
     if args.seeds:
-        changes["seeds"] = _seeds(args.seeds)
+        changes["seeds"] = tuple(comma_list(args.seeds, "--seeds", as_int, "integers", "0,1"))
+        if any(seed < 0 for seed in changes["seeds"]):
+            raise UsageError(f"--seeds must be >= 0, got {args.seeds!r}")
     if changes:
         settings = StudySettings(**{**settings.__dict__, **changes})
     output = Path(args.output or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -84,6 +84,8 @@ class StudySettings:
                              f"{', '.join(self.lr_grid)}")
         if not self.optimizers or not self.objectives or not self.seeds:
             raise ValueError("the study needs at least one optimizer, objective and seed")
+        for objective in self.objectives:  # an unknown objective fails now, not after the first evaluations
+            loop_config(self, self.optimizers[0], objective, lr=1e-3, seed=0)  # any rate and seed: only checks
 
     @classmethod
     def quick(cls) -> StudySettings:
