@@ -19,9 +19,7 @@ def embedded_cache(tmp_path_factory):
     from zounlearn.unlearning import embedded_model
 
     cache = tmp_path_factory.mktemp("zounlearn-cache")
-    threads = torch.get_num_threads()
-    embedded_model(cache_dir=cache / "models", threads=1)
-    torch.set_num_threads(threads)
+    embedded_model(cache_dir=cache / "models", threads=1)  # puts torch's thread count back itself
     return cache
 
 
@@ -34,10 +32,8 @@ def small_files(tmp_path_factory):
     from tiny import SMALL_EMBEDDED, split_rows
     from zounlearn.unlearning import embedded_model, embedded_model_dir
 
-    threads = torch.get_num_threads()
     cache = tmp_path_factory.mktemp("small-models")
     _, _, data = embedded_model(0, config=SMALL_EMBEDDED, cache_dir=cache, threads=1)
-    torch.set_num_threads(threads)
     root = tmp_path_factory.mktemp("small-data")
     files = {"cache": cache, "model": str(embedded_model_dir(0, config=SMALL_EMBEDDED, cache_dir=cache))}
     for role in ("forget", "retain", "holdout"):

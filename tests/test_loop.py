@@ -19,7 +19,7 @@ from zounlearn.unlearning.checkpoint import checkpoint_steps, load_checkpoint, s
 from zounlearn.unlearning.loop import LoopConfig, trainable, unlearn
 from zounlearn.unlearning.report import read_metrics
 
-from tiny import SMALL_EMBEDDED
+from tiny import SMALL_EMBEDDED, assert_unchanged, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,6 @@ def small(tmp_path_factory):
 
 def _fresh(small):
     return copy.deepcopy(small[0])
-
-
-def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -272,7 +268,7 @@ def test_bad_config_fails_clearly(kwargs, message):
 
 def test_bad_run_fails_before_touching_the_model_or_the_directory(small, tmp_path):
     model = _fresh(small)
-    before = _weights(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="no option momentum"):
         unlearn(model, small[1], small[2], LoopConfig(optimizer="adazo", optimizer_options={"momentum": 0.9}),
                 tmp_path / "run", progress=False)
@@ -282,8 +278,7 @@ def test_bad_run_fails_before_touching_the_model_or_the_directory(small, tmp_pat
     with pytest.raises(ValueError, match="exists and is not empty"):
         unlearn(model, small[1], small[2], LoopConfig(steps=1), tmp_path / "busy", progress=False)
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_unchanged(model, before)
 
 
 def test_any_torch_optimizer_through_a_factory(small, tmp_path):

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from tiny import DATA, nudge, tiny_gpt2, tiny_llama, tokenizer
+from tiny import DATA, assert_unchanged, nudge, snapshot, tiny_gpt2, tiny_llama, tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from zounlearn.robustness import (NF4_LEVELS, QUANTIZATION_SCHEMES, add_weight_noise, add_weight_noise_, attacks,
@@ -31,18 +31,6 @@ from zounlearn.unlearning.objectives import cross_entropy
 SMALL = dataclasses.replace(DATA, retain=Split("retain", train=DATA.retain.train[:6], qa=DATA.retain.qa[:6],
                                                choice=DATA.retain.choice[:2]))
 EVAL = {"batch_size": 32}
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        assert torch.equal(after[key], value), key
-    assert all(p.grad is None for p in model.parameters())
 
 
 def assert_metrics_equal(a: dict[str, float], b: dict[str, float]) -> None:

@@ -73,6 +73,20 @@ SMALL_EMBEDDED = EmbeddedConfig(name="test-gpt2", n_people=20, n_layer=1, n_embd
                                 eval_every=50, max_steps=1500)
 
 
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, for `assert_unchanged`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """The model holds exactly the `snapshot` it had, and no parameter has a gradient."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert all(p.grad is None for p in model.parameters())
+
+
 def split_rows(split) -> dict[str, list[dict]]:
     """A split as JSONL rows, one list per kind (a loader reads one schema per file)."""
     return {"text": [{"text": e.answer} for e in split.train if e.kind == "text"],
