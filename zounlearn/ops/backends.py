@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import BackendUnavailable
 from . import reference
 from ..rng import DISTRIBUTIONS
 
@@ -30,10 +31,6 @@ class Kernels(NamedTuple):
     perturb_: Callable[..., None]
     zo_update_: Callable[..., None]
     grad_update_: Callable[..., None]
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 def _extension(module: str) -> Kernels:

@@ -8,12 +8,12 @@ setting the gradients to None, and call backward() themselves.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from ..checks import check_betas, check_int, check_range
 from ..ops import backends
 from ..ops.update import Hyper, Rule
 
@@ -33,26 +33,6 @@ def loss_value(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"the closure must return a scalar loss (a float or a one-element tensor), got {type(value).__name__}")
-
-
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
-    """A hyperparameter check made before anything is built: a finite number in its range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value > low if open_low else value >= low) or value > high:
-        bound = f"{'(' if open_low else '['}{low}, {high}{')' if high == math.inf else ']'}"
-        raise ValueError(f"invalid {name}: {value!r}; it must be a finite number in {bound}")
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    """A count or index check made before anything is built: an integer (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def check_betas(betas: tuple[float, float]) -> None:
-    check_range("betas[0]", betas[0], 0.0, 1.0)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
 
 
 class CountedOptimizer(torch.optim.Optimizer):

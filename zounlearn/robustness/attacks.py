@@ -57,7 +57,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..optim.base import check_int, check_range
+from ..checks import check_int, check_range
 from ..unlearning.batches import Batches, rng_devices
 from ..unlearning.data import Example, Split, UnlearningData
 from ..unlearning.evaluation import evaluate

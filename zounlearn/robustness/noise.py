@@ -14,7 +14,7 @@ import copy
 
 import torch
 
-from ..optim.base import check_range
+from ..checks import check_range
 from .targets import target_weights
 
 

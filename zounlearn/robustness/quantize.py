@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..optim.base import check_int
+from ..checks import check_int
 from .targets import target_weights
 
 # The NF4 table of QLoRA, as bitsandbytes has it (bitsandbytes/functional.py, get_4bit_type("nf4")).

@@ -48,7 +48,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..atomic import atomic_dir, write_json, write_text
 from ..optim import SophiaG, gnb_loss
-from ..optim.base import CountedOptimizer, check_int, loss_value
+from ..checks import check_int
+from ..optim.base import CountedOptimizer, loss_value
 from ..optim.hybrid import HybridFOZO
 from ..optim.registry import OPTIMIZERS, make_optimizer
 from .batches import Batch, Batches, model_device, model_mode, rng_devices

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..optim.base import check_range
+from ..checks import check_range
 from .batches import Batch, Batches, answer_log_likelihoods, evaluating, model_device
 
 
