@@ -11,10 +11,9 @@ and MAX_JOBS are honoured by torch.utils.cpp_extension. Build with
 import os
 import shutil
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")

@@ -62,7 +62,8 @@ def main(kind: str) -> None:
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    print(json.dumps({"peak_bytes": _high_water_mark(), "param_bytes": param_bytes, "params": sum(p.numel() for p in params)}))
+    numel = sum(p.numel() for p in params)
+    print(json.dumps({"peak_bytes": _high_water_mark(), "param_bytes": param_bytes, "params": numel}))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zounlearn.cli.inputs as cli_inputs
 import zounlearn.cli.robustness as cli
+from tiny import SMALL_EMBEDDED, data_flags
 from zounlearn import robustness
 from zounlearn.cli import build_parser, main
 from zounlearn.cli.inputs import load_model_and_data
 from zounlearn.robustness import attacks, diagnostics
 from zounlearn.unlearning import embedded_model, evaluate
 from zounlearn.unlearning.report import format_metric, jsonable
-
-from tiny import SMALL_EMBEDDED, data_flags
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,9 +13,8 @@ import sys
 import pytest
 import torch
 
-from zounlearn.cli import main
-
 from tiny import data_flags
+from zounlearn.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +103,8 @@ def test_bad_input_is_one_line_exit_2_and_no_finished_run(files, tmp_path, capsy
                          "empty"),
         "unknown field": (["unlearn", "--model", files["model"], "--forget", str(renamed), "--fields",
                            "question=question,answer=a", "--output", str(out)], "question"),
-        "not a model": (["unlearn", "--model", files["forget"][0], *data_flags(files, ("forget",)), "--output", str(out)],
-                        "not a model directory"),
+        "not a model": (["unlearn", "--model", files["forget"][0], *data_flags(files, ("forget",)),
+                         "--output", str(out)], "not a model directory"),
         "objective": (_args(files, "--objective", "npx", output=out), "invalid choice: 'npx'"),
         "optimizer": (_args(files, "--optimizer", "adma", output=out), "invalid choice: 'adma'"),
         "optimizer option": (_args(files, "--optimizer", "adazo", "--optimizer-option", "momentum=0.9", output=out),

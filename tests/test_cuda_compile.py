@@ -45,7 +45,9 @@ _ENTRY = re.compile(
     r".*?Used (\d+) registers",
     re.S,
 )
-_PROPS = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PROPS = re.compile(
+    r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 _OP = re.compile(r"multi_tensor_kernel<zo::\(anonymous namespace\)::(\w+)<([^<>]*)> >")
 
 
@@ -119,5 +121,6 @@ def test_kernels_compile_without_spills(arch: str, tmp_path: Path) -> None:
             print(f"{arch} {' '.join(key)}: {regs} registers, {frame} bytes stack frame, 0 spills")
         assert len(entries) == len(found), f"{kernel.name}: duplicate kernels"
         assert found == EXPECTED[kernel.name], (
-            f"{kernel.name}: missing {sorted(EXPECTED[kernel.name] - found)}, unexpected {sorted(found - EXPECTED[kernel.name])}"
+            f"{kernel.name}: missing {sorted(EXPECTED[kernel.name] - found)}, "
+            f"unexpected {sorted(found - EXPECTED[kernel.name])}"
         )

@@ -12,8 +12,18 @@ import socket
 
 import pytest
 
-from zounlearn.unlearning import (DataError, Example, Split, UnlearningData, load_examples, load_muse, load_tofu,
-                                  load_wmdp, synthetic_data, synthetic_people)
+from zounlearn.unlearning import (
+    DataError,
+    Example,
+    Split,
+    UnlearningData,
+    load_examples,
+    load_muse,
+    load_tofu,
+    load_wmdp,
+    synthetic_data,
+    synthetic_people,
+)
 from zounlearn.unlearning.synthetic import VOCABULARY, choice_questions, questions, sentences
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

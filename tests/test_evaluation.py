@@ -10,12 +10,21 @@ import random
 
 import pytest
 import torch
-from tiny import DATA, hand_log_likelihoods, hand_token_log_probs, tiny_gpt2, tokenizer
 
+from tiny import DATA, hand_log_likelihoods, hand_token_log_probs, tiny_gpt2, tokenizer
 from zounlearn.unlearning import Example, Split
 from zounlearn.unlearning.batches import Batches
-from zounlearn.unlearning.evaluation import (auc, choice_accuracy, evaluate, exact_match, generate_answers,
-                                             likelihood_scores, min_k_percent, normalize_answer, rouge_l_recall)
+from zounlearn.unlearning.evaluation import (
+    auc,
+    choice_accuracy,
+    evaluate,
+    exact_match,
+    generate_answers,
+    likelihood_scores,
+    min_k_percent,
+    normalize_answer,
+    rouge_l_recall,
+)
 from zounlearn.unlearning.objectives import cross_entropy
 
 TAUGHT = DATA.forget.qa + DATA.retain.qa[:5]  # the questions the trained model is taught

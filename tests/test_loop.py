@@ -12,14 +12,13 @@ import signal
 import pytest
 import torch
 
+from tiny import SMALL_EMBEDDED, assert_unchanged, snapshot
 from zounlearn.optim.registry import OPTIMIZERS, make_optimizer, optimizer_options
 from zounlearn.unlearning import embedded_model, load_model
 from zounlearn.unlearning import loop as loop_module
 from zounlearn.unlearning.checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
 from zounlearn.unlearning.loop import LoopConfig, trainable, unlearn
 from zounlearn.unlearning.report import read_metrics
-
-from tiny import SMALL_EMBEDDED, assert_unchanged, snapshot
 
 
 @pytest.fixture(scope="module")

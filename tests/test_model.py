@@ -12,13 +12,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from tiny import SMALL_EMBEDDED as SMALL
 from zounlearn.unlearning import model as model_module
 from zounlearn.unlearning import synthetic_data
-from zounlearn.unlearning.model import (SUMMARY, ModelError, default_cache_dir, embedded_model,
-                                        embedded_model_dir, load_model)
+from zounlearn.unlearning.model import (
+    SUMMARY,
+    ModelError,
+    default_cache_dir,
+    embedded_model,
+    embedded_model_dir,
+    load_model,
+)
 from zounlearn.unlearning.tokenizer import build_tokenizer
-
-from tiny import SMALL_EMBEDDED as SMALL
 
 # Stops at its first evaluation: for what needs a build but not a trained model.
 INSTANT = dataclasses.replace(SMALL, name="test-instant", eval_every=5, target_accuracy=0.0)

@@ -11,11 +11,19 @@ import math
 
 import pytest
 import torch
-from zounlearn.unlearning.batches import IGNORE, Batches, answer_log_likelihoods, join, tokenize_examples
-from zounlearn.unlearning.objectives import (GA, NPO, OBJECTIVES, RMU, GradDiff, SimNPO, make_objective,
-                                             transformer_blocks)
 
-from tiny import (DATA, hand_ce, hand_log_likelihoods, nudge, tiny_gpt2, tiny_llama, tokenizer)
+from tiny import DATA, hand_ce, hand_log_likelihoods, nudge, tiny_gpt2, tiny_llama, tokenizer
+from zounlearn.unlearning.batches import IGNORE, Batches, answer_log_likelihoods, join, tokenize_examples
+from zounlearn.unlearning.objectives import (
+    GA,
+    NPO,
+    OBJECTIVES,
+    RMU,
+    GradDiff,
+    SimNPO,
+    make_objective,
+    transformer_blocks,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,30 @@ from typing import ClassVar
 
 import pytest
 import torch
-from tiny import DATA, assert_unchanged, nudge, snapshot, tiny_gpt2, tiny_llama, tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from zounlearn.robustness import (NF4_LEVELS, QUANTIZATION_SCHEMES, add_weight_noise, add_weight_noise_, attacks,
-                                  barrier_height, bitsandbytes_unavailable, interpolate, mode_connectivity,
-                                  noise_attack, quantization_attack, quantize_model, quantize_nf4, quantize_rtn,
-                                  relearning_attack, relearning_split, retain_finetune_attack, target_weights,
-                                  weight_distance)
+from tiny import DATA, assert_unchanged, nudge, snapshot, tiny_gpt2, tiny_llama, tokenizer
+from zounlearn.robustness import (
+    NF4_LEVELS,
+    QUANTIZATION_SCHEMES,
+    add_weight_noise,
+    add_weight_noise_,
+    attacks,
+    barrier_height,
+    bitsandbytes_unavailable,
+    interpolate,
+    mode_connectivity,
+    noise_attack,
+    quantization_attack,
+    quantize_model,
+    quantize_nf4,
+    quantize_rtn,
+    relearning_attack,
+    relearning_split,
+    retain_finetune_attack,
+    target_weights,
+    weight_distance,
+)
 from zounlearn.unlearning import Split
 from zounlearn.unlearning.batches import Batches
 from zounlearn.unlearning.evaluation import evaluate

@@ -21,11 +21,10 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from zounlearn import rng  # noqa: E402
-from zounlearn.ops import reference  # noqa: E402
-from zounlearn.ops.update import Hyper, Rule  # noqa: E402
-
 from zounlearn.kernels import perturb as perturb_module  # noqa: E402
 from zounlearn.kernels import update as update_module  # noqa: E402
+from zounlearn.ops import reference  # noqa: E402
+from zounlearn.ops.update import Hyper, Rule  # noqa: E402
 
 perturb_ = perturb_module.perturb_
 

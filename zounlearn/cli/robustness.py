@@ -25,8 +25,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .inputs import (EMBEDDED, GIVEN, UsageError, add_config_flag, add_data_flags, add_model_flags, as_float,
-                     as_int, comma_list, load_model_and_data, load_named_model, merged)
+from .inputs import (
+    EMBEDDED,
+    GIVEN,
+    UsageError,
+    add_config_flag,
+    add_data_flags,
+    add_model_flags,
+    as_float,
+    as_int,
+    comma_list,
+    load_model_and_data,
+    load_named_model,
+    merged,
+)
 
 # The library's defaults (zounlearn.robustness.attacks and diagnostics), restated: see the module docstring.
 DEFAULT_K = 10

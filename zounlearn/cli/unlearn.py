@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from ..optim.registry import OPTIMIZERS
-from .inputs import (EMBEDDED, GIVEN, UsageError, add_config_flag, add_data_flags, add_model_flags, key_values,
-                     load_model_and_data, merged)
+from .inputs import (
+    EMBEDDED,
+    GIVEN,
+    UsageError,
+    add_config_flag,
+    add_data_flags,
+    add_model_flags,
+    key_values,
+    load_model_and_data,
+    merged,
+)
 
 # The loop's settings, as flags (dest: default). None: the loop's own default.
 LOOP_DEFAULTS: dict[str, Any] = {

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 
 from ..errors import BackendUnavailable
-from . import reference
 from ..rng import DISTRIBUTIONS
+from . import reference
 
 BACKENDS = ("cpp", "cuda", "triton", "reference")
 PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}

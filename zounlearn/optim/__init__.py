@@ -9,7 +9,7 @@ first-order ones call backward() themselves.
 from .hybrid import HybridFOZO
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG, gnb_loss
-from .zo import AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSGD, ZOSignSGD
+from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
 
 __all__ = ["AdaZO", "CompressedAdam", "HybridFOZO", "SignAdam", "SignSGD", "SophiaG", "ZOAdam", "ZOSGD",
            "ZOSignSGD", "ZeroOrderOptimizer", "gnb_loss"]

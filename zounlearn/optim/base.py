@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_betas, check_int, check_range
+from ..checks import check_betas, check_range
 from ..ops import backends
 from ..ops.update import Hyper, Rule
 

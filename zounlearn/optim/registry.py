@@ -20,7 +20,7 @@ import torch
 from .hybrid import HybridFOZO
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG
-from .zo import AdaZO, ZOAdam, ZOSGD, ZOSignSGD
+from .zo import ZOSGD, AdaZO, ZOAdam, ZOSignSGD
 
 
 @dataclass(frozen=True)

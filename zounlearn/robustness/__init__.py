@@ -22,12 +22,26 @@ Diagnostics (diagnostics.py):
   original's basin.
 """
 
-from .attacks import (RelearningSplit, noise_attack, quantization_attack, relearning_attack, relearning_split,
-                      retain_finetune_attack)
+from .attacks import (
+                      RelearningSplit,
+                      noise_attack,
+                      quantization_attack,
+                      relearning_attack,
+                      relearning_split,
+                      retain_finetune_attack,
+)
 from .diagnostics import barrier_height, interpolate, mode_connectivity, weight_distance
 from .noise import add_weight_noise, add_weight_noise_
-from .quantize import (BITSANDBYTES_SCHEMES, NF4_LEVELS, QUANTIZATION_SCHEMES, Scheme, bitsandbytes_unavailable,
-                       quantize_model, quantize_nf4, quantize_rtn)
+from .quantize import (
+                      BITSANDBYTES_SCHEMES,
+                      NF4_LEVELS,
+                      QUANTIZATION_SCHEMES,
+                      Scheme,
+                      bitsandbytes_unavailable,
+                      quantize_model,
+                      quantize_nf4,
+                      quantize_rtn,
+)
 from .targets import Target, target_weights
 
 __all__ = [

@@ -39,8 +39,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .batches import (Batches, answer_log_likelihoods, evaluating, model_device, pad_id, token_log_probs,
-                      tokenize_examples)
+from .batches import (
+    Batches,
+    answer_log_likelihoods,
+    evaluating,
+    model_device,
+    pad_id,
+    token_log_probs,
+    tokenize_examples,
+)
 from .data import Example, Split, UnlearningData
 
 

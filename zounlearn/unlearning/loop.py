@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..atomic import atomic_dir, write_json, write_text
-from ..optim import SophiaG, gnb_loss
 from ..checks import check_int
+from ..optim import SophiaG, gnb_loss
 from ..optim.base import CountedOptimizer, loss_value
 from ..optim.hybrid import HybridFOZO
 from ..optim.registry import OPTIMIZERS, make_optimizer

@@ -33,10 +33,16 @@ from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from .data import Example, UnlearningData, HUB_NAME, one_line
+from .data import HUB_NAME, Example, UnlearningData, one_line
 from .synthetic import synthetic_data
 from .tokenizer import build_tokenizer
 
