@@ -11,14 +11,14 @@ BUILT := $(VENV)/.ext-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/* csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench cuda-check info clean
+.PHONY: demo test lint bench cuda-check info clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
 		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" safetensors pyyaml matplotlib \
-		"pytest>=8" "pytest-benchmark>=4"
+		"pytest>=8" "pytest-benchmark>=4" "ruff>=0.6"
 	touch $@
 
 # --no-build-isolation: the extension must link against the torch installed above.
@@ -33,8 +33,12 @@ info: $(BUILT)
 	$(VENV)/bin/zounlearn info
 
 # pytest exits 5 when it collected no test; make treats that as the failure it is.
-test: $(BUILT)
+test: $(BUILT) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The linter of pyproject.toml's [tool.ruff]: pyflakes, pycodestyle, import order.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
 
 bench: $(BUILT)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from zounlearn import optim
-from zounlearn.optim.reference import mezo_step
+from zounlearn.optim.mezo import mezo_step
 
 BATCH, LENGTH = 2, 256
 

@@ -17,7 +17,7 @@ import torch
 
 from zounlearn import optim
 from zounlearn.ops import backends
-from zounlearn.optim.reference import mezo_step
+from zounlearn.optim.mezo import mezo_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # GPT-2 small's parameter list (124 M parameters in 148 tensors): embeddings, 12 blocks, final norm.
@@ -35,7 +35,7 @@ def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
 def _steps():
     # The loss is a constant: what is timed is the optimizer's own work on the parameters.
     yield "MeZO reference", lambda ps: mezo_step(ps, lambda: 1.0, lr=LR, mu=MU, seed=SEED)
-    if backends.status()["cpp"] is None:
+    if backends.runs_on("cpp", "cpu"):
         for dist in ("rademacher", "gaussian"):
             yield f"ZOSGD {dist} (cpp)", lambda ps, d=dist: optim.ZOSGD(ps, lr=LR, mu=MU, dist=d).step(lambda: 1.0)
 

@@ -1,10 +1,16 @@
-// Shared by the CPU and CUDA bindings: the op's scalar arguments, checked and turned into
-// zo::Terms, zo::Rule and zo::Hyper. zounlearn.ops validates first; these checks guard the raw pointers.
+// Shared by the CPU and CUDA kernels of the registered ops (zounlearn/ops/library.py): the ops'
+// scalar arguments turned into zo::Terms, zo::Rule and zo::Hyper, and the checks that guard the
+// raw pointers handed to the torch-free kernels. zounlearn/ops/validation.py is the validation
+// layer with the helpful messages; these only keep a direct torch.ops call from touching memory
+// it must not, and all of them run before anything is written.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "update_rules.h"
@@ -12,24 +18,85 @@
 
 namespace zo {
 
-inline Terms checked_terms(size_t n_params, const std::vector<int64_t>& offsets, double alpha,
-                           const std::vector<double>& coefs, const std::vector<int64_t>& streams, int64_t seed,
-                           int64_t dist) {
-  TORCH_CHECK(n_params == offsets.size(), "perturb_: one offset per tensor");
-  TORCH_CHECK(!coefs.empty() && coefs.size() <= kMaxTerms && coefs.size() == streams.size(),
-              "perturb_: 1 to 8 terms, one stream per coefficient");
-  TORCH_CHECK(dist == 0 || dist == 1, "perturb_: dist must be 0 (rademacher) or 1 (gaussian), got ", dist);
+// The ops' hyperparameter arguments, in the schema's order: `void op(... ZO_HYPER_PARAMS)`.
+#define ZO_HYPER_PARAM(name) , double name
+#define ZO_HYPER_PARAMS ZO_HYPER_FIELDS(ZO_HYPER_PARAM)
+#define ZO_HYPER_CAST(name) static_cast<float>(name),
+#define ZO_HYPER_FROM_ARGS Hyper{ZO_HYPER_FIELDS(ZO_HYPER_CAST)}
+
+// The kernels of the registered ops, as each device's namespace declares them (zo::cpu, zo::gpu):
+// the schemas of zounlearn/ops/library.py in C++ types.
+#define ZO_DECLARE_OP_KERNELS                                                                                   \
+  void perturb_(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> coefs,                     \
+                at::IntArrayRef streams, int64_t seed, c10::string_view dist, double alpha);                    \
+  void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::IntArrayRef offsets,           \
+                  at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,     \
+                  double restore, c10::string_view rule ZO_HYPER_PARAMS);                                       \
+  void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,            \
+                    const std::optional<at::Tensor>& scales, c10::string_view rule ZO_HYPER_PARAMS);
+
+inline Dist checked_dist(c10::string_view dist, const char* op) {
+  if (dist == "rademacher") return Dist::kRademacher;
+  TORCH_CHECK(dist == "gaussian", op, ": dist must be 'rademacher' or 'gaussian', got '", dist, "'");
+  return Dist::kGaussian;
+}
+
+inline Terms checked_terms(size_t n_params, at::IntArrayRef offsets, at::ArrayRef<double> coefs,
+                           at::IntArrayRef streams, int64_t seed, double alpha, const char* op) {
+  TORCH_CHECK(n_params == offsets.size(), op, ": one offset per tensor");
+  TORCH_CHECK(!coefs.empty() && coefs.size() <= kMaxTerms && coefs.size() == streams.size(), op,
+              ": 1 to 8 terms, one stream per coefficient");
   return make_terms(alpha, coefs.data(), streams.data(), static_cast<int>(coefs.size()), seed);
 }
 
-inline Rule checked_rule(int64_t rule, const char* op) {
-  TORCH_CHECK(rule >= 0 && rule < kRules, op, ": unknown rule ", rule);
-  return static_cast<Rule>(rule);
+inline Rule checked_rule(c10::string_view name, bool zeroth_order, const char* op) {
+  Rule r{};
+  TORCH_CHECK(rule_from_name(name.data(), name.size(), &r), op, ": unknown rule '", name, "'");
+  TORCH_CHECK(!zeroth_order || rule_zeroth_order(r), op, ": rule '", name, "' is first-order only");
+  return r;
 }
 
-inline Hyper checked_hyper(const std::vector<double>& hyper, const char* op) {
-  TORCH_CHECK(hyper.size() == kHyperFields, op, ": hyper must have ", kHyperFields, " values, got ", hyper.size());
-  return make_hyper(hyper.data());
+// A contiguous tensor of float32, bfloat16 or float16 on `device`.
+inline void check_param(const at::Tensor& t, const c10::Device& device, const char* op, size_t i) {
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK(t.device() == device && t.is_contiguous(), op, ": params[", i, "] must be a contiguous tensor on ",
+              device);
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, op, ": params[", i,
+              "] has unsupported dtype ", type);
+}
+
+// A contiguous `dtype` tensor on p's device with as many elements as p.
+inline void check_like(const at::Tensor& t, const at::Tensor& p, at::ScalarType dtype, const char* op,
+                       const char* kind, size_t i) {
+  TORCH_CHECK(t.device() == p.device() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == p.numel(),
+              op, ": ", kind, "[", i, "] must be a contiguous ", dtype, " tensor on ", p.device(),
+              " with as many elements as params[", i, "]");
+}
+
+// m or v, when the rule uses it (one float32 tensor per parameter, checked): each tensor's data;
+// null pointers when the rule keeps no such state.
+inline std::vector<float*> checked_state(at::TensorList state, at::TensorList params, bool used, const char* op,
+                                         const char* kind) {
+  std::vector<float*> data(params.size(), nullptr);
+  if (!used) return data;
+  TORCH_CHECK(state.size() == params.size(), op, ": ", kind, ": one tensor per parameter");
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_like(state[i], params[i], at::kFloat, op, kind, i);
+    data[i] = static_cast<float*>(state[i].data_ptr());
+  }
+  return data;
+}
+
+// As torch's in-place ops do: autograd then refuses a tensor changed after it was saved.
+inline void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// What an update wrote: the parameters and the state the rule writes.
+inline void bump_written(at::TensorList params, at::TensorList m, at::TensorList v, Rule r) {
+  bump_versions(params);
+  if (rule_writes_m(r)) bump_versions(m);
+  if (rule_writes_v(r)) bump_versions(v);
 }
 
 }  // namespace zo

@@ -8,52 +8,119 @@
 // Compound scalars (1 - beta1, bias corrections, ...) arrive precomputed in float32.
 #pragma once
 
+#include <string.h>
+
+#include <type_traits>
+
 #include "zo_rng.h"
 
 namespace zo {
 
+// The registry of update rules, in zounlearn/ops/rules.py's order (tests/test_update_ops.py checks
+// the compiled table against it): X(enumerator, schema name, reads m, reads v, writes m, writes v,
+// zeroth-order). Everything below that depends on the rule derives from this table.
+#define ZO_UPDATE_RULES(X)                       \
+  X(kSgd, "sgd", 1, 0, 1, 0, 1)                  \
+  X(kSign, "sign", 0, 0, 0, 0, 1)                \
+  X(kAdam, "adam", 1, 1, 1, 1, 1)                \
+  X(kAdaZo, "adazo", 1, 1, 1, 1, 1)              \
+  X(kSignAdam, "sign_adam", 1, 0, 1, 0, 1)       \
+  X(kAdamMoments, "adam_moments", 1, 1, 1, 1, 0) \
+  X(kQuantized, "quantized", 1, 1, 0, 0, 0)      \
+  X(kSophia, "sophia", 1, 1, 1, 0, 0)
+// kSgd: momentum SGD, coupled weight decay (torch.optim.SGD, dampening 0); kSign: sign descent;
+// kAdam: AdamW; kAdaZo: R-AdaZO (v tracks m^2, no bias correction); kSignAdam: Signum;
+// kAdamMoments / kQuantized: compressed Adam's two passes (moments and max |u| per tensor, then
+// theta -= lr Q(u; levels)); kSophia: SophiaG's clipped m / (rho h + eps), h kept in v.
+
 enum class Rule : int {
-  kSgd = 0,           // momentum SGD, coupled weight decay (torch.optim.SGD, dampening 0)
-  kSign = 1,          // sign descent, decoupled weight decay
-  kAdam = 2,          // Adam, decoupled weight decay (AdamW)
-  kAdaZo = 3,         // R-AdaZO: v tracks m^2, no bias correction
-  kSignAdam = 4,      // Signum: sign of the first moment
-  kAdamMoments = 5,   // compressed Adam, pass 1: moments, and |u| for the tensor's max
-  kQuantized = 6,     // compressed Adam, pass 2: theta -= lr Q(u; levels) with the tensor's max
-  kSophia = 7,        // SophiaG: clipped m / (rho h + eps), h kept in v
+#define ZO_RULE_ENUMERATOR(e, ...) e,
+  ZO_UPDATE_RULES(ZO_RULE_ENUMERATOR)
+#undef ZO_RULE_ENUMERATOR
 };
-constexpr int kRules = 8;
+
+#define ZO_RULE_COUNT(...) +1
+constexpr int kRules = 0 ZO_UPDATE_RULES(ZO_RULE_COUNT);
+#undef ZO_RULE_COUNT
+
+ZO_HD constexpr bool rule_valid(Rule r) { return static_cast<int>(r) >= 0 && static_cast<int>(r) < kRules; }
+
+struct RuleTraits {
+  bool reads_m, reads_v, writes_m, writes_v, zeroth_order;
+};
+
+ZO_HD constexpr RuleTraits rule_traits(Rule r) {
+  switch (r) {
+#define ZO_RULE_TRAITS_CASE(e, name, rm, rv, wm, wv, zo) \
+  case Rule::e:                                          \
+    return RuleTraits{rm != 0, rv != 0, wm != 0, wv != 0, zo != 0};
+    ZO_UPDATE_RULES(ZO_RULE_TRAITS_CASE)
+#undef ZO_RULE_TRAITS_CASE
+  }
+  return RuleTraits{false, false, false, false, false};
+}
 
 // Which state tensors a rule reads or writes.
-ZO_HD bool rule_uses_m(Rule r) { return r != Rule::kSign; }
-ZO_HD bool rule_uses_v(Rule r) {
-  return r == Rule::kAdam || r == Rule::kAdaZo || r == Rule::kAdamMoments || r == Rule::kQuantized ||
-         r == Rule::kSophia;
+ZO_HD constexpr bool rule_uses_m(Rule r) { return rule_traits(r).reads_m || rule_traits(r).writes_m; }
+ZO_HD constexpr bool rule_uses_v(Rule r) { return rule_traits(r).reads_v || rule_traits(r).writes_v; }
+ZO_HD constexpr bool rule_writes_m(Rule r) { return rule_traits(r).writes_m; }
+ZO_HD constexpr bool rule_writes_v(Rule r) { return rule_traits(r).writes_v; }
+ZO_HD constexpr bool rule_zeroth_order(Rule r) { return rule_traits(r).zeroth_order; }
+
+// Compressed Adam's passes share one max |u| per tensor: written by the first, read by the second.
+ZO_HD constexpr bool rule_writes_scales(Rule r) { return r == Rule::kAdamMoments; }
+ZO_HD constexpr bool rule_reads_scales(Rule r) { return r == Rule::kQuantized; }
+// kQuantized uses the moments the first pass left; it needs no gradient.
+ZO_HD constexpr bool rule_reads_grad(Rule r) { return r != Rule::kQuantized; }
+
+// The rule a schema name denotes (host only); false for an unknown name.
+inline bool rule_from_name(const char* name, size_t length, Rule* out) {
+#define ZO_RULE_NAME_CASE(e, n, ...)                                          \
+  if (length == sizeof(n) - 1 && strncmp(name, n, length) == 0) {             \
+    *out = Rule::e;                                                           \
+    return true;                                                              \
+  }
+  ZO_UPDATE_RULES(ZO_RULE_NAME_CASE)
+#undef ZO_RULE_NAME_CASE
+  return false;
 }
 
-// Hyperparameters of one call, float32, in the order zounlearn.ops.update.Hyper lists them.
+// Calls fn(std::integral_constant<Rule, R>{}) for the runtime rule r, which must be a valid
+// enumerator; every rule instantiates fn, so fn skips what it does not support with if constexpr.
+template <typename F>
+auto with_rule(Rule r, const F& fn) -> decltype(fn(std::integral_constant<Rule, Rule::kSgd>{})) {
+  switch (r) {
+#define ZO_RULE_DISPATCH_CASE(e, ...) \
+  case Rule::e:                       \
+    return fn(std::integral_constant<Rule, Rule::e>{});
+    ZO_UPDATE_RULES(ZO_RULE_DISPATCH_CASE)
+#undef ZO_RULE_DISPATCH_CASE
+  }
+  return fn(std::integral_constant<Rule, Rule::kSgd>{});  // unreachable for a valid r
+}
+
+// The rules' scalars, in zounlearn/ops/rules.py Hyper's order, which is also the order of the
+// ops' schema arguments (tests/test_update_ops.py checks the names): X(field).
+#define ZO_HYPER_FIELDS(X)                                                              \
+  X(lr)                                                                                 \
+  X(decay)        /* 1 - lr * weight_decay (decoupled rules); 1 for kSgd */             \
+  X(weight_decay) /* coupled weight decay (kSgd only) */                                \
+  X(beta1)        /* also the momentum of kSgd */                                       \
+  X(one_minus_beta1)                                                                    \
+  X(beta2)                                                                              \
+  X(one_minus_beta2)                                                                    \
+  X(eps)                                                                                \
+  X(bias_correction1)      /* 1 - beta1^t (kAdam, kAdamMoments, kQuantized) */          \
+  X(sqrt_bias_correction2) /* sqrt(1 - beta2^t) */                                      \
+  X(levels)                /* kQuantized: 2^(bits-1) - 1; 0 means sign */               \
+  X(rho)                   /* kSophia */
+
+// Hyperparameters of one call, float32.
 struct Hyper {
-  float lr;
-  float decay;         // 1 - lr * weight_decay (decoupled rules); 1 for kSgd
-  float weight_decay;  // coupled weight decay (kSgd only)
-  float beta1;         // also the momentum of kSgd
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float bias_correction1;       // 1 - beta1^t (kAdam, kAdamMoments, kQuantized)
-  float sqrt_bias_correction2;  // sqrt(1 - beta2^t)
-  float levels;                 // kQuantized: 2^(bits-1) - 1; 0 means sign
-  float rho;                    // kSophia
+#define ZO_HYPER_MEMBER(name) float name;
+  ZO_HYPER_FIELDS(ZO_HYPER_MEMBER)
+#undef ZO_HYPER_MEMBER
 };
-constexpr int kHyperFields = 12;
-
-inline Hyper make_hyper(const double* h) {
-  return Hyper{static_cast<float>(h[0]), static_cast<float>(h[1]),  static_cast<float>(h[2]),
-               static_cast<float>(h[3]), static_cast<float>(h[4]),  static_cast<float>(h[5]),
-               static_cast<float>(h[6]), static_cast<float>(h[7]),  static_cast<float>(h[8]),
-               static_cast<float>(h[9]), static_cast<float>(h[10]), static_cast<float>(h[11])};
-}
 
 // torch.sign for finite x, without a branch; NaN gives 0.
 ZO_HD float sign_of(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }

@@ -1,8 +1,9 @@
-"""Triton kernels of zounlearn, installed as `zounlearn.kernels`.
+"""Triton kernels of zounlearn, installed as `zounlearn.kernels`: the triton backend of
+torch.ops.zounlearn.* (zounlearn/ops/backends.py registers them).
 
-Self-contained: they import only torch and triton. `perturb_` is the fused in-place
-update of ZO-RNG v1 (docs/rng.md); `zo_update_` and `grad_update_` are the fused
-optimizer updates (csrc/update_rules.h).
+Each launcher takes its op's schema arguments. `perturb_` is the fused in-place update of
+ZO-RNG v1 (docs/rng.md); `zo_update_` and `grad_update_` are the fused optimizer updates
+(csrc/update_rules.h), whose rule table they read from zounlearn.ops.rules.
 """
 
 from .perturb import perturb_

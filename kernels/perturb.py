@@ -99,6 +99,58 @@ def _add_term(acc, coef, stream, seed, block, col, GAUSSIAN: tl.constexpr):
 
 
 @triton.jit
+def _sum_terms(acc, seed, block, col,
+               coef0, coef1, coef2, coef3, coef4, coef5, coef6, coef7,
+               stream0, stream1, stream2, stream3, stream4, stream5, stream6, stream7,
+               NUM_TERMS: tl.constexpr, GAUSSIAN: tl.constexpr):
+    """acc + coef0 z_0 + ... in order, for the first NUM_TERMS terms; and the last term's stream."""
+    acc = _add_term(acc, coef0, stream0, seed, block, col, GAUSSIAN)
+    last = stream0
+    if NUM_TERMS > 1:
+        acc = _add_term(acc, coef1, stream1, seed, block, col, GAUSSIAN)
+        last = stream1
+    if NUM_TERMS > 2:
+        acc = _add_term(acc, coef2, stream2, seed, block, col, GAUSSIAN)
+        last = stream2
+    if NUM_TERMS > 3:
+        acc = _add_term(acc, coef3, stream3, seed, block, col, GAUSSIAN)
+        last = stream3
+    if NUM_TERMS > 4:
+        acc = _add_term(acc, coef4, stream4, seed, block, col, GAUSSIAN)
+        last = stream4
+    if NUM_TERMS > 5:
+        acc = _add_term(acc, coef5, stream5, seed, block, col, GAUSSIAN)
+        last = stream5
+    if NUM_TERMS > 6:
+        acc = _add_term(acc, coef6, stream6, seed, block, col, GAUSSIAN)
+        last = stream6
+    if NUM_TERMS > 7:
+        acc = _add_term(acc, coef7, stream7, seed, block, col, GAUSSIAN)
+        last = stream7
+    return acc, last
+
+
+@triton.jit
+def _tile(numel, lead, first_group, GROUP_SIZE: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr):
+    """This program's tile of one tensor: (local element offsets, mask, Philox blocks, columns).
+
+    The tile's rows are GROUPS_PER_PROGRAM whole groups of the global index space; the first and
+    last tiles overhang the tensor and are masked. Per-program scalars are int64; offsets inside
+    the tile fit int32."""
+    TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
+    pid = tl.program_id(0).to(tl.int64)
+    tile_start = pid * TILE - lead  # local index of the tile's first element (negative for the first tile)
+    row = tl.arange(0, GROUPS_PER_PROGRAM)
+    col = tl.arange(0, GROUP_SIZE)
+    pos = row[:, None] * GROUP_SIZE + col[None, :]
+    first_valid = tl.maximum(-tile_start, 0).to(tl.int32)
+    end_valid = tl.minimum(numel - tile_start, TILE).to(tl.int32)
+    mask = (pos >= first_valid) & (pos < end_valid)
+    block = tl.cast(first_group, tl.int64) + pid * GROUPS_PER_PROGRAM + row
+    return tile_start + pos, mask, block, col
+
+
+@triton.jit
 def _round_to(x, dtype: tl.constexpr):
     """float32 x rounded to nearest even in dtype."""
     if dtype == tl.bfloat16:
@@ -134,63 +186,42 @@ def _perturb_kernel(
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
-    TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
-    pid = tl.program_id(0).to(tl.int64)
-    # Per-program scalars are int64; offsets inside the tile fit int32.
-    tile_start = pid * TILE - lead  # local index of the tile's first element (negative for the first tile)
-    row = tl.arange(0, GROUPS_PER_PROGRAM)
-    col = tl.arange(0, GROUP_SIZE)
-    pos = row[:, None] * GROUP_SIZE + col[None, :]
-    first_valid = tl.maximum(-tile_start, 0).to(tl.int32)
-    end_valid = tl.minimum(numel - tile_start, TILE).to(tl.int32)
-    mask = (pos >= first_valid) & (pos < end_valid)
-    ptrs = param_ptr + tile_start + pos
-    theta = tl.load(ptrs, mask=mask).to(tl.float32)
-    block = tl.cast(first_group, tl.int64) + pid * GROUPS_PER_PROGRAM + row
-
-    acc = tl.cast(alpha, tl.float32) * theta
-    acc = _add_term(acc, coef0, stream0, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 1:
-        acc = _add_term(acc, coef1, stream1, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 2:
-        acc = _add_term(acc, coef2, stream2, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 3:
-        acc = _add_term(acc, coef3, stream3, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 4:
-        acc = _add_term(acc, coef4, stream4, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 5:
-        acc = _add_term(acc, coef5, stream5, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 6:
-        acc = _add_term(acc, coef6, stream6, seed, block, col, GAUSSIAN)
-    if NUM_TERMS > 7:
-        acc = _add_term(acc, coef7, stream7, seed, block, col, GAUSSIAN)
-    tl.store(ptrs, _round_to(acc, param_ptr.dtype.element_ty), mask=mask)
+    offs, mask, block, col = _tile(numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
+    theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+    acc, _ = _sum_terms(tl.cast(alpha, tl.float32) * theta, seed, block, col,
+                        coef0, coef1, coef2, coef3, coef4, coef5, coef6, coef7,
+                        stream0, stream1, stream2, stream3, stream4, stream5, stream6, stream7, NUM_TERMS, GAUSSIAN)
+    tl.store(param_ptr + offs, _round_to(acc, param_ptr.dtype.element_ty), mask=mask)
 
 
-def perturb_(
-    params: list[torch.Tensor],
-    offsets: list[int],
-    alpha: float,
-    coefs: list[float],
-    streams: list[int],
-    seed: int,
-    dist: str,
-) -> None:
-    """theta <- alpha * theta + sum_k coefs[k] * z(seed, streams[k], offset + i), in place.
+def term_args(coefs: list[float], streams: list[int]) -> list[float | int]:
+    """The kernels' 16 scalar term arguments: the coefficients, then the streams, unused ones 0."""
+    if not 1 <= len(coefs) <= MAX_TERMS or len(streams) != len(coefs):
+        raise ValueError(f"need 1 to {MAX_TERMS} coefs and as many streams, got {len(coefs)} and {len(streams)}")
+    padding = MAX_TERMS - len(coefs)
+    return [float(c) for c in coefs] + [0.0] * padding + list(streams) + [0] * padding
+
+
+def check_dist(dist: str) -> bool:
+    """Whether dist is Gaussian; ValueError for an unknown one."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    return dist == "gaussian"
+
+
+def perturb_(params: list[torch.Tensor], offsets: list[int], coefs: list[float], streams: list[int], seed: int,
+             dist: str, alpha: float) -> None:
+    """theta <- alpha * theta + sum_k coefs[k] * z(seed, streams[k], offset + i), in place
+    (torch.ops.zounlearn.perturb_'s arguments).
 
     The caller has validated the tensors: contiguous float32/bfloat16/float16. seed and
     streams arrive as signed int64 (zounlearn.ops.validation.as_int64); the kernel reads
     their bits as uint64. One launch per non-empty tensor, on the current stream.
     """
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
-    if not 1 <= len(coefs) <= MAX_TERMS or len(streams) != len(coefs):
-        raise ValueError(f"need 1 to {MAX_TERMS} coefs and as many streams, got {len(coefs)} and {len(streams)}")
-    gaussian = dist == "gaussian"
+    gaussian = check_dist(dist)
+    terms = term_args(coefs, streams)
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
-    padding = MAX_TERMS - len(coefs)
-    term_args = [float(c) for c in coefs] + [0.0] * padding + list(streams) + [0] * padding
     for param, offset in zip(params, offsets):
         numel = param.numel()
         if numel == 0:
@@ -204,10 +235,11 @@ def perturb_(
             offset // group_size,
             float(alpha),
             seed,
-            *term_args,
+            *terms,
             NUM_TERMS=len(coefs),
             GAUSSIAN=gaussian,
             GROUP_SIZE=group_size,
             GROUPS_PER_PROGRAM=groups_per_program,
             **LAUNCH_OPTIONS,
         )
+    torch.autograd.graph.increment_version(params)

@@ -1,4 +1,4 @@
-"""Triton kernel for the fused optimizer updates (zounlearn.ops.update):
+"""Triton kernel for the fused optimizer updates (torch.ops.zounlearn.zo_update_ and grad_update_):
 
     zo_update_:   theta <- rule(theta + restore * z_last, g = sum_k coefs[k] * z_k, m, v)
     grad_update_: theta <- rule(theta, g = grad, m, v)
@@ -16,21 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
+from zounlearn.ops.rules import Hyper, Rule
+
 from .perturb import (
-    DISTRIBUTIONS,
     GAUSSIAN_GROUP,
     LAUNCH_OPTIONS,
     MAX_TERMS,
     RADEMACHER_GROUP,
     _add_term,
     _round_to,
+    _sum_terms,
+    _tile,
+    check_dist,
+    term_args,
 )
 
-# zo::Rule (csrc/update_rules.h); jit code reads only constexpr globals.
-SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA = map(tl.constexpr, range(8))
-RULES = range(8)
-ZO_RULES = tuple(r.value for r in (SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, SOPHIA))  # the others are first-order only
-HYPER_FIELDS = 12
+# The rules' constexpr numbers, from the registry (jit code reads only constexpr globals).
+SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA = (
+    tl.constexpr(Rule[name].index)
+    for name in ("SGD", "SIGN", "ADAM", "ADAZO", "SIGN_ADAM", "ADAM_MOMENTS", "QUANTIZED", "SOPHIA")
+)
 # Half perturb_'s tiles (8 and 4 elements per thread at 4 warps): with m and v in flight too,
 # Adam at K = 8 took all 255 registers on sm_90 and spilled; now ~100 and ~150.
 RADEMACHER_GROUPS_PER_PROGRAM = 8
@@ -82,7 +87,7 @@ def _update_kernel(
     stream0: tl.int64, stream1: tl.int64, stream2: tl.int64, stream3: tl.int64,
     stream4: tl.int64, stream5: tl.int64, stream6: tl.int64, stream7: tl.int64,
     restore: tl.float32,
-    # zounlearn.ops.update.Hyper, in its order
+    # zounlearn.ops.rules.Hyper's fields, passed by name
     lr: tl.float32, decay: tl.float32, weight_decay: tl.float32, beta1: tl.float32,
     one_minus_beta1: tl.float32, beta2: tl.float32, one_minus_beta2: tl.float32, eps: tl.float32,
     bias_correction1: tl.float32, sqrt_bias_correction2: tl.float32, levels: tl.float32, rho: tl.float32,
@@ -91,19 +96,12 @@ def _update_kernel(
     GAUSSIAN: tl.constexpr,
     HAS_M: tl.constexpr,
     HAS_V: tl.constexpr,
+    WRITES_M: tl.constexpr,
+    WRITES_V: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
-    TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
-    pid = tl.program_id(0).to(tl.int64)
-    tile_start = pid * TILE - lead
-    row = tl.arange(0, GROUPS_PER_PROGRAM)
-    col = tl.arange(0, GROUP_SIZE)
-    pos = row[:, None] * GROUP_SIZE + col[None, :]
-    first_valid = tl.maximum(-tile_start, 0).to(tl.int32)
-    end_valid = tl.minimum(numel - tile_start, TILE).to(tl.int32)
-    mask = (pos >= first_valid) & (pos < end_valid)
-    offs = tile_start + pos
+    offs, mask, block, col = _tile(numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
     theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     # The interpreter ignores the float32 annotations (Python floats stay float64): cast once here.
     lr = tl.cast(lr, tl.float32)
@@ -120,33 +118,15 @@ def _update_kernel(
     rho = tl.cast(rho, tl.float32)
 
     if NUM_TERMS == 0:
-        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        if RULE != QUANTIZED:  # which reads the moments pass's m and v, not the gradient
+            g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        else:
+            g = tl.zeros(theta.shape, tl.float32)
     else:
-        block = tl.cast(first_group, tl.int64) + pid * GROUPS_PER_PROGRAM + row
-        g = tl.zeros(theta.shape, tl.float32)
-        g = _add_term(g, coef0, stream0, seed, block, col, GAUSSIAN)
-        last = stream0
-        if NUM_TERMS > 1:
-            g = _add_term(g, coef1, stream1, seed, block, col, GAUSSIAN)
-            last = stream1
-        if NUM_TERMS > 2:
-            g = _add_term(g, coef2, stream2, seed, block, col, GAUSSIAN)
-            last = stream2
-        if NUM_TERMS > 3:
-            g = _add_term(g, coef3, stream3, seed, block, col, GAUSSIAN)
-            last = stream3
-        if NUM_TERMS > 4:
-            g = _add_term(g, coef4, stream4, seed, block, col, GAUSSIAN)
-            last = stream4
-        if NUM_TERMS > 5:
-            g = _add_term(g, coef5, stream5, seed, block, col, GAUSSIAN)
-            last = stream5
-        if NUM_TERMS > 6:
-            g = _add_term(g, coef6, stream6, seed, block, col, GAUSSIAN)
-            last = stream6
-        if NUM_TERMS > 7:
-            g = _add_term(g, coef7, stream7, seed, block, col, GAUSSIAN)
-            last = stream7
+        g, last = _sum_terms(tl.zeros(theta.shape, tl.float32), seed, block, col,
+                             coef0, coef1, coef2, coef3, coef4, coef5, coef6, coef7,
+                             stream0, stream1, stream2, stream3, stream4, stream5, stream6, stream7,
+                             NUM_TERMS, GAUSSIAN)
         # z_last again: LLVM folds the repeated Philox into the last term's (tests/test_triton_kernels.py).
         theta = _add_term(theta, restore, last, seed, block, col, GAUSSIAN)
     if HAS_M:
@@ -188,13 +168,14 @@ def _update_kernel(
 
     if RULE != ADAM_MOMENTS:
         tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
-    if HAS_M and RULE != QUANTIZED:
+    if WRITES_M:
         tl.store(m_ptr + offs, m, mask=mask)
-    if RULE == ADAM or RULE == ADAZO or RULE == ADAM_MOMENTS:
+    if WRITES_V:  # not SOPHIA, whose h is read only
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule, hyper, num_terms, gaussian) -> None:
+def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule: Rule, hyper, num_terms,
+            gaussian) -> None:
     """One tensor; grad, m, v and scales are None where unused (the kernel gets param in their place)."""
     numel = param.numel()
     if numel == 0:
@@ -205,73 +186,52 @@ def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule
     grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
     _update_kernel[grid](
         param, *(param if t is None else t for t in (grad, m, v, scales)), index, numel, lead,
-        offset // group_size, seed, *terms, float(restore), *(float(h) for h in hyper),
-        RULE=rule,
+        offset // group_size, seed, *terms, float(restore), **hyper._asdict(),
+        RULE=rule.index,
         NUM_TERMS=num_terms,
         GAUSSIAN=gaussian,
         HAS_M=m is not None,
         HAS_V=v is not None,
+        WRITES_M=rule.info.writes_m,
+        WRITES_V=rule.info.writes_v,
         GROUP_SIZE=group_size,
         GROUPS_PER_PROGRAM=groups_per_program,
         **LAUNCH_OPTIONS,
     )
 
 
-def _check_rule(rule: int, allowed, hyper) -> None:
-    if rule not in allowed:
-        raise ValueError(f"rule must be one of {tuple(allowed)} here, got {rule}")
-    if len(hyper) != HYPER_FIELDS:
-        raise ValueError(f"hyper must have {HYPER_FIELDS} values, got {len(hyper)}")
+def _rule(name: str, zeroth_order: bool) -> Rule:
+    rule = Rule(name)
+    if zeroth_order and not rule.info.zeroth_order:
+        raise ValueError(f"rule {name!r} is first-order only")
+    return rule
 
 
-def zo_update_(
-    params: list[torch.Tensor],
-    m: list[torch.Tensor],
-    v: list[torch.Tensor],
-    offsets: list[int],
-    coefs: list[float],
-    streams: list[int],
-    seed: int,
-    dist: str,
-    restore: float,
-    rule: int,
-    hyper: list[float],
-) -> None:
-    """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor.
-
-    Arguments arrive validated as for perturb_; m and v are given (float32, like params)
-    exactly when the rule uses them, else empty. One launch per non-empty tensor.
-    """
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
-    if not 1 <= len(coefs) <= MAX_TERMS or len(streams) != len(coefs):
-        raise ValueError(f"need 1 to {MAX_TERMS} coefs and as many streams, got {len(coefs)} and {len(streams)}")
-    _check_rule(rule, ZO_RULES, hyper)
-    padding = MAX_TERMS - len(coefs)
-    terms = [float(c) for c in coefs] + [0.0] * padding + list(streams) + [0] * padding
+def zo_update_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], offsets: list[int],
+               coefs: list[float], streams: list[int], seed: int, dist: str, restore: float, rule: str,
+               *hyper: float) -> None:
+    """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor
+    (torch.ops.zounlearn.zo_update_'s arguments, validated by the caller: m and v are given,
+    float32 like params, exactly when the rule uses them, else empty). One launch per tensor."""
+    gaussian = check_dist(dist)
+    terms = term_args(coefs, streams)
+    rule, h = _rule(rule, True), Hyper(*hyper)
     for i, (param, offset) in enumerate(zip(params, offsets)):
         _launch(param, None, m[i] if m else None, v[i] if v else None, None, 0, offset, seed, terms, restore, rule,
-                hyper, len(coefs), dist == "gaussian")
+                h, len(coefs), gaussian)
+    torch.autograd.graph.increment_version([*params, *m, *v])
 
 
-def grad_update_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    m: list[torch.Tensor],
-    v: list[torch.Tensor],
-    scales: torch.Tensor | None,
-    rule: int,
-    hyper: list[float],
-) -> None:
-    """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass per tensor.
-
-    scales: float32, one per tensor, for ADAM_MOMENTS (overwritten with max |u|, 0 for an
-    empty tensor) and QUANTIZED (read); else None.
-    """
-    _check_rule(rule, RULES, hyper)
-    if rule == ADAM_MOMENTS.value:
+def grad_update_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                 scales: torch.Tensor | None, rule: str, *hyper: float) -> None:
+    """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass per tensor
+    (torch.ops.zounlearn.grad_update_'s arguments). scales: float32, one per tensor, for
+    ADAM_MOMENTS (overwritten with max |u|, 0 for an empty tensor) and QUANTIZED (read)."""
+    rule, h = _rule(rule, False), Hyper(*hyper)
+    if rule.info.scales == "write":
         scales.zero_()  # the kernel max-es into it
-    no_terms = [0.0] * MAX_TERMS + [0] * MAX_TERMS
+    no_terms = term_args([0.0] * MAX_TERMS, [0] * MAX_TERMS)
     for i, (param, grad) in enumerate(zip(params, grads)):
-        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, 0, 0, no_terms, 0.0, rule, hyper,
-                0, False)
+        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, 0, 0, no_terms, 0.0, rule, h, 0,
+                False)
+    torch.autograd.graph.increment_version([*params, *m, *v, *([scales] if scales is not None else [])])

@@ -1,5 +1,6 @@
-"""Shared test set-up. Without a GPU, Triton kernels run in its interpreter, which must be
-chosen before any kernel module is imported."""
+"""Shared test set-up and constants (test modules import them: `from conftest import DEVICE`).
+Without a GPU, Triton kernels run in its interpreter, which must be chosen before any kernel
+module is imported."""
 
 import os
 
@@ -8,8 +9,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402 -- after the interpreter is chosen
 
-import pytest  # noqa: E402
+from zounlearn.ops import backends  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd sizes, one empty tensor: laid end to end, no tensor starts on a Philox group boundary.
+SHAPES = [(37, 11), (129,), (0,), (5, 3, 7), (1,), (300,)]
+# The backends that can run the ops for DEVICE here, the reference (every test's oracle) last.
+BACKENDS = [name for name in backends.BACKENDS if backends.runs_on(name, DEVICE)]
+FAST_BACKENDS = [name for name in BACKENDS if name != "reference"]
+
+
+@pytest.fixture
+def backend(request):
+    """Parametrize with indirect=True: the test runs with that backend's kernels registered."""
+    with backends.use(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +47,7 @@ def small_files(tmp_path_factory):
     import json
 
     from tiny import SMALL_EMBEDDED, split_rows
+
     from zounlearn.unlearning import embedded_model, embedded_model_dir
 
     cache = tmp_path_factory.mktemp("small-models")

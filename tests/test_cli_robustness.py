@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
+from tiny import SMALL_EMBEDDED, data_flags
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zounlearn.cli.inputs as cli_inputs
 import zounlearn.cli.robustness as cli
-from tiny import SMALL_EMBEDDED, data_flags
 from zounlearn import robustness
 from zounlearn.cli import build_parser, main
 from zounlearn.cli.inputs import load_model_and_data

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-
 from tiny import data_flags
+
 from zounlearn.cli import main
 
 

@@ -10,8 +10,8 @@ import random
 
 import pytest
 import torch
-
 from tiny import DATA, hand_log_likelihoods, hand_token_log_probs, tiny_gpt2, tokenizer
+
 from zounlearn.unlearning import Example, Split
 from zounlearn.unlearning.batches import Batches
 from zounlearn.unlearning.evaluation import (

@@ -11,8 +11,8 @@ import signal
 
 import pytest
 import torch
-
 from tiny import SMALL_EMBEDDED, assert_unchanged, snapshot
+
 from zounlearn.optim.registry import OPTIMIZERS, make_optimizer, optimizer_options
 from zounlearn.unlearning import embedded_model, load_model
 from zounlearn.unlearning import loop as loop_module
@@ -237,7 +237,7 @@ def test_registry_builds_every_optimizer_and_rejects_unknown_options():
     hybrid = make_optimizer("hybrid", params, lr=1e-3, fo_optimizer="signadam", block=3, zo_block=2, zo_mu=1e-2,
                             total_steps=10)
     assert type(hybrid.fo).__name__ == "SignAdam" and hybrid.fo.param_groups[0]["lr"] == 1e-3
-    assert (hybrid.fo_steps, hybrid.zo_steps, hybrid.zo.mu) == (3, 2, 1e-2)
+    assert (hybrid.fo_steps, hybrid.zo_steps, hybrid.zo.defaults["mu"]) == (3, 2, 1e-2)
     assert "zo_mu" in optimizer_options("hybrid") and "momentum" in optimizer_options("zo_sgd")
     with pytest.raises(ValueError, match="unknown optimizer 'adam'.*adamw"):
         make_optimizer("adam", params)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from tiny import SMALL_EMBEDDED as SMALL
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from tiny import SMALL_EMBEDDED as SMALL
 from zounlearn.unlearning import model as model_module
 from zounlearn.unlearning import synthetic_data
 from zounlearn.unlearning.model import (

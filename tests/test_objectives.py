@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from tiny import DATA, hand_ce, hand_log_likelihoods, nudge, tiny_gpt2, tiny_llama, tokenizer
+
 from zounlearn.unlearning.batches import IGNORE, Batches, answer_log_likelihoods, join, tokenize_examples
 from zounlearn.unlearning.objectives import (
     GA,

@@ -53,41 +53,51 @@ def test_offset_slices_one_stream():
         assert torch.equal(rng.sample(9, 2, 357, 200, dist), long[257:457])
 
 
-cpp = pytest.mark.skipif(backends.status()["cpp"] is not None, reason="C++ extension not built")
+cpp = pytest.mark.skipif(not backends.runs_on("cpp", "cpu"), reason="C++ extension not built")
+
+
+@pytest.fixture(autouse=False)
+def on_cpp():
+    with backends.use("cpp"):
+        yield
 
 
 @cpp
+@pytest.mark.usefixtures("on_cpp")
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("stream", STREAMS)
 def test_cpp_rademacher_bit_exact(seed, stream):
     for offset in OFFSETS:
         for size in SIZES:
-            got = sample(size, seed, stream, offset=offset, backend="cpp")
+            got = sample(size, seed, stream, offset=offset)
             assert torch.equal(got, rng.sample(seed, stream, offset, size)), (offset, size)
 
 
 @cpp
+@pytest.mark.usefixtures("on_cpp")
 @pytest.mark.parametrize("shape", [(3, 45), (7, 129), (2, 3, 5)])
 def test_cpp_odd_shapes_row_major(shape):
-    got = sample(shape, 77, 1, offset=2**32 - 100, backend="cpp")
+    got = sample(shape, 77, 1, offset=2**32 - 100)
     assert torch.equal(got.reshape(-1), rng.sample(77, 1, 2**32 - 100, got.numel()))
 
 
 @cpp
+@pytest.mark.usefixtures("on_cpp")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cpp_gaussian_within_1e6(seed):
     for stream in (0, 3, 2**40 + 7):
         for offset in OFFSETS:
             for size in SIZES:
-                got = sample(size, seed, stream, offset=offset, dist="gaussian", backend="cpp")
+                got = sample(size, seed, stream, offset=offset, dist="gaussian")
                 want = rng.sample(seed, stream, offset, size, "gaussian")
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 @cpp
+@pytest.mark.usefixtures("on_cpp")
 def test_cpp_gaussian_many_values_within_1e6():
     """2^18 normals cover the tails of log and the four sincos quadrants of the polynomial path."""
-    got = sample(1 << 18, 2024, 5, offset=3, dist="gaussian", backend="cpp")
+    got = sample(1 << 18, 2024, 5, offset=3, dist="gaussian")
     want = rng.sample(2024, 5, 3, 1 << 18, "gaussian")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 

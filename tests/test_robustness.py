@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from tiny import DATA, assert_unchanged, nudge, snapshot, tiny_gpt2, tiny_llama, tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tiny import DATA, assert_unchanged, nudge, snapshot, tiny_gpt2, tiny_llama, tokenizer
 from zounlearn.robustness import (
     NF4_LEVELS,
     QUANTIZATION_SCHEMES,

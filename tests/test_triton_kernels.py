@@ -24,7 +24,7 @@ from zounlearn import rng  # noqa: E402
 from zounlearn.kernels import perturb as perturb_module  # noqa: E402
 from zounlearn.kernels import update as update_module  # noqa: E402
 from zounlearn.ops import reference  # noqa: E402
-from zounlearn.ops.update import Hyper, Rule  # noqa: E402
+from zounlearn.ops.rules import Hyper, Rule  # noqa: E402
 
 perturb_ = perturb_module.perturb_
 
@@ -39,7 +39,7 @@ SHAPES_2D = [(3, 45), (7, 129)]
 def kernel_sample(seed: int, stream: int, offset: int, shape: tuple[int, ...], dist: str) -> torch.Tensor:
     """z through the fused op: perturb_ of zeros with alpha = 0 and one term of coef 1."""
     z = torch.zeros(shape, dtype=torch.float32, device=DEVICE)
-    perturb_([z], [offset], 0.0, [1.0], [stream], seed, dist)
+    perturb_([z], [offset], [1.0], [stream], seed, dist, 0.0)
     return z.cpu()
 
 
@@ -50,7 +50,7 @@ def oracle(seed: int, stream: int, offset: int, shape: tuple[int, ...], dist: st
 def reference_update(theta, offset, alpha, coefs, streams, seed, dist):
     """The shared oracle (zounlearn.ops.reference) on a CPU copy of theta."""
     out = theta.cpu().clone()
-    reference.perturb_([out], [offset], alpha, coefs, streams, seed, dist)
+    reference.perturb_([out], [offset], coefs, streams, seed, dist, alpha)
     return out
 
 
@@ -74,7 +74,7 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
 def test_rademacher_bit_exact(seed, stream):
     cases = [(offset, (size,)) for offset in OFFSETS for size in (1, 129, 4097)] + [(2**32 - 70, SHAPES_2D[1])]
     zs = [torch.zeros(shape, device=DEVICE) for _, shape in cases]
-    perturb_(zs, [offset for offset, _ in cases], 0.0, [1.0], [stream], seed, "rademacher")
+    perturb_(zs, [offset for offset, _ in cases], [1.0], [stream], seed, "rademacher", 0.0)
     for z, (offset, shape) in zip(zs, cases):
         assert torch.equal(z.cpu(), oracle(seed, stream, offset, shape, "rademacher")), (offset, shape)
 
@@ -140,7 +140,7 @@ def test_fused_float32(dist, alpha, num_terms):
     streams = FUSED_STREAMS[:num_terms]
     seed = 2**63 + 3 - 2**64
     got = theta.to(DEVICE, copy=True)
-    perturb_([got], [offset], alpha, coefs, streams, seed, dist)
+    perturb_([got], [offset], coefs, streams, seed, dist, alpha)
     expected = reference_update(theta, offset, alpha, coefs, streams, seed, dist)
     if dist == "rademacher":
         # c * z is exact and the kernel turns off FMA contraction, so even alpha != 1 is bit-exact.
@@ -158,7 +158,7 @@ def test_fused_low_precision_rounds_once(dtype, num_terms):
     offset, alpha, seed = 2**40 + 3, 0.999, 12345
     coefs, streams = [0.02, -0.05, 0.011][:num_terms], [0, 2**40 + 7, 9][:num_terms]
     got = theta.to(DEVICE, copy=True)
-    perturb_([got], [offset], alpha, coefs, streams, seed, "rademacher")
+    perturb_([got], [offset], coefs, streams, seed, "rademacher", alpha)
     expected = reference_update(theta, offset, alpha, coefs, streams, seed, "rademacher")
     assert torch.equal(got.cpu(), expected)
     rounded_per_term = rounded_after_every_term(theta, offset, alpha, coefs, streams, seed, "rademacher")
@@ -172,7 +172,7 @@ def test_bfloat16_rounds_to_nearest_even():
     theta = torch.tensor(values * 16, dtype=torch.bfloat16)
     coefs, streams, seed = [2.0**-8], [0], 4  # half a bfloat16 ulp at 1: every finite sum below 2 is a tie
     got = theta.to(DEVICE, copy=True)
-    perturb_([got], [0], 1.0, coefs, streams, seed, "rademacher")
+    perturb_([got], [0], coefs, streams, seed, "rademacher", 1.0)
     expected = reference_update(theta, 0, 1.0, coefs, streams, seed, "rademacher")
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0, equal_nan=True)
 
@@ -182,9 +182,9 @@ def test_plus_then_minus_restores(dist):
     theta = torch.randn(5000, generator=torch.Generator().manual_seed(3))
     offset, seed, stream, coef = 2**32 - 70, -1, 2**40 + 7, 3e-3
     perturbed = theta.to(DEVICE, copy=True)
-    perturb_([perturbed], [offset], 1.0, [coef], [stream], seed, dist)
+    perturb_([perturbed], [offset], [coef], [stream], seed, dist, 1.0)
     restored = perturbed.clone()
-    perturb_([restored], [offset], 1.0, [-coef], [stream], seed, dist)
+    perturb_([restored], [offset], [-coef], [stream], seed, dist, 1.0)
     tolerance = ulp(torch.maximum(theta.abs(), perturbed.cpu().abs()))
     assert not torch.equal(perturbed.cpu(), theta)
     assert ((restored.cpu() - theta).abs() <= tolerance).all()
@@ -196,8 +196,8 @@ def test_split_into_tensors_equals_flat(dist):
     base, seed, coefs, streams = 2**32 - 1000, 99, [0.5, -0.25], [1, 2]
     flat = torch.randn(5000, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     pieces = [flat[:1000].clone(), flat[1000:1135].clone().reshape(3, 45), flat[1135:].clone()]
-    perturb_(pieces, [base, base + 1000, base + 1135], 1.0, coefs, streams, seed, dist)
-    perturb_([flat], [base], 1.0, coefs, streams, seed, dist)
+    perturb_(pieces, [base, base + 1000, base + 1135], coefs, streams, seed, dist, 1.0)
+    perturb_([flat], [base], coefs, streams, seed, dist, 1.0)
     assert torch.equal(torch.cat([p.reshape(-1) for p in pieces]), flat)
 
 
@@ -206,22 +206,22 @@ def test_touches_only_its_elements(dist):
     """Tiles overhang a tensor at both ends (lead = 5, ragged end): the overhang stays untouched."""
     buffer = torch.zeros(9000, device=DEVICE)
     view = buffer[300:4500]  # contiguous, with neighbours on both sides
-    perturb_([view], [2**32 - 70 + 5], 1.0, [1.0], [7], 11, dist)
+    perturb_([view], [2**32 - 70 + 5], [1.0], [7], 11, dist, 1.0)
     torch.testing.assert_close(view.cpu(), oracle(11, 7, 2**32 - 70 + 5, (4200,), dist), rtol=0, atol=1e-6)
     assert (buffer[:300] == 0).all() and (buffer[4500:] == 0).all()
 
 
 def test_empty_tensor_and_bad_arguments():
     empty = torch.zeros(0, device=DEVICE)
-    perturb_([empty], [7], 1.0, [1.0], [0], 0, "rademacher")
+    perturb_([empty], [7], [1.0], [0], 0, "rademacher", 1.0)
     assert empty.numel() == 0
     theta = torch.zeros(4, device=DEVICE)
     with pytest.raises(ValueError):
-        perturb_([theta], [0], 1.0, [1.0], [0], 0, "uniform")
+        perturb_([theta], [0], [1.0], [0], 0, "uniform", 1.0)
     with pytest.raises(ValueError):
-        perturb_([theta], [0], 1.0, [1.0] * 9, [0] * 9, 0, "rademacher")
+        perturb_([theta], [0], [1.0] * 9, [0] * 9, 0, "rademacher", 1.0)
     with pytest.raises(ValueError):
-        perturb_([theta], [0], 1.0, [1.0, 2.0], [0], 0, "rademacher")
+        perturb_([theta], [0], [1.0, 2.0], [0], 0, "rademacher", 1.0)
     assert torch.equal(theta.cpu(), torch.zeros(4))
 
 
@@ -233,19 +233,19 @@ def test_update_spans_several_tiles(dist):
     shapes = [(5000,), (3, 1100)]
     params = [torch.randn(s, generator=generator) for s in shapes]
     grads = [torch.randn(s, generator=generator) for s in shapes]
-    h = list(Hyper.make(0.05, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-6, step=4, bits=3))
+    h = Hyper.make(0.05, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-6, step=4, bits=3)
     coefs, offsets = [0.3, -0.2, 0.1, 0.5, -0.7, 0.05, 0.9, -0.33], [2**32 - 70, 2**32 - 70 + 5000]
     want = [[t.clone() for t in params], [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]]
     got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]
-    reference.zo_update_(*want, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, int(Rule.ADAM), h)
-    update_module.zo_update_(*got, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, int(Rule.ADAM), h)
+    reference.zo_update_(*want, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, *h)
+    update_module.zo_update_(*got, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, *h)
     for g, w in zip(sum(got, []), sum(want, [])):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0 if dist == "rademacher" else 1e-5)
     want_scales, got_scales = torch.full((2,), 9.0), torch.full((2,), 9.0, device=DEVICE)
     got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]  # the reference's state (Gaussian z differ)
     for rule in (Rule.ADAM_MOMENTS, Rule.QUANTIZED):
-        reference.grad_update_(want[0], grads, want[1], want[2], want_scales, int(rule), h)
-        update_module.grad_update_(got[0], [t.to(DEVICE) for t in grads], got[1], got[2], got_scales, int(rule), h)
+        reference.grad_update_(want[0], grads, want[1], want[2], want_scales, rule.value, *h)
+        update_module.grad_update_(got[0], [t.to(DEVICE) for t in grads], got[1], got[2], got_scales, rule.value, *h)
         assert torch.equal(got_scales.cpu(), want_scales), rule
         assert all(torch.equal(g.cpu(), w) for g, w in zip(sum(got, []), sum(want, []))), rule
 
@@ -276,9 +276,7 @@ types = {"numel": "i32", "lead": "i32", "index": "i32", "first_group": "i64", "a
          "seed": "i64", "m_ptr": "*fp32", "v_ptr": "*fp32", "scales_ptr": "*fp32"}
 types.update({f"coef{k}": "fp32" for k in range(perturb.MAX_TERMS)})
 types.update({f"stream{k}": "i64" for k in range(perturb.MAX_TERMS)})
-types.update({name: "fp32" for name in ("lr", "decay", "weight_decay", "beta1", "one_minus_beta1", "beta2",
-                                        "one_minus_beta2", "eps", "bias_correction1", "sqrt_bias_correction2",
-                                        "levels", "rho")})
+types.update({name: "fp32" for name in update.Hyper._fields})
 
 
 def layout(module, dist):
@@ -323,12 +321,15 @@ for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher",
                                ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
     constexprs = {"NUM_TERMS": num_terms, **layout(perturb, dist)}
     _, results[f"{dtype}-{dist}-{num_terms}"] = build(perturb._perturb_kernel, dtype, constexprs, num_terms)
-# zo_update_ (num_terms > 0) and grad_update_ (num_terms = 0, Rademacher layout); all keep m, all but SGD v.
+# zo_update_ (num_terms > 0) and grad_update_ (num_terms = 0, Rademacher layout).
 for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16", "ADAZO", "rademacher", 1),
-                                     ("bf16", "SOPHIA", "gaussian", 2), ("fp32", "ADAM_MOMENTS", "rademacher", 0),
-                                     ("bf16", "QUANTIZED", "rademacher", 0), ("fp16", "SGD", "rademacher", 0)]:
-    constexprs = {"RULE": getattr(update, rule).value, "NUM_TERMS": num_terms, "HAS_M": True,
-                  "HAS_V": rule != "SGD", **layout(update, dist)}
+                                     ("bf16", "ADAM", "gaussian", 2), ("fp32", "ADAM_MOMENTS", "rademacher", 0),
+                                     ("bf16", "QUANTIZED", "rademacher", 0), ("fp16", "SGD", "rademacher", 0),
+                                     ("fp32", "SOPHIA", "rademacher", 0)]:
+    info = update.Rule[rule].info  # what the launcher passes for the rule, from the registry
+    constexprs = {"RULE": getattr(update, rule).value, "NUM_TERMS": num_terms, "HAS_M": info.reads_m or info.writes_m,
+                  "HAS_V": info.reads_v or info.writes_v, "WRITES_M": info.writes_m, "WRITES_V": info.writes_v,
+                  **layout(update, dist)}
     ptx, build_info = build(update._update_kernel, dtype, constexprs, num_terms)
     build_info.update(
         approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)),
@@ -369,8 +370,9 @@ def test_compiles_for_sm90(sm90_build, variant):
 
 
 @pytest.mark.parametrize("variant", ["update-fp32-ADAM-rademacher-3", "update-fp16-ADAZO-rademacher-1",
-                                     "update-bf16-SOPHIA-gaussian-2", "update-fp32-ADAM_MOMENTS-rademacher-0",
-                                     "update-bf16-QUANTIZED-rademacher-0", "update-fp16-SGD-rademacher-0"])
+                                     "update-bf16-ADAM-gaussian-2", "update-fp32-ADAM_MOMENTS-rademacher-0",
+                                     "update-bf16-QUANTIZED-rademacher-0", "update-fp16-SGD-rademacher-0",
+                                     "update-fp32-SOPHIA-rademacher-0"])
 def test_update_compiles_for_sm90_with_ieee_math(sm90_build, variant):
     """The rules' bits on a GPU: IEEE division and square root (div_rn, sqrt_rn), no FMA."""
     build = sm90_build[variant]

@@ -7,16 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, DTYPES, FAST_BACKENDS, SHAPES
 
 from zounlearn import rng
 from zounlearn.ops import backends, flat_offsets, reference
-from zounlearn.ops.update import Hyper, Rule, grad_update_, zo_update_
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RUNNABLE = [n for n, why in backends.status().items() if why is None and n != "reference" and backends.runs_on(n, DEVICE)]
-ZO_RULES = [r for r in Rule if r not in (Rule.ADAM_MOMENTS, Rule.QUANTIZED)]
-SHAPES = [(37, 11), (129,), (0,), (5, 3, 7), (1,), (300,)]
+from zounlearn.ops.rules import RULES, ZO_RULES, Hyper, Rule
+from zounlearn.ops.update import grad_update_, zo_update_
 
 
 def fresh_seed() -> int:
@@ -56,7 +52,7 @@ def assert_same(got, want, exact: bool, dtype: torch.dtype, max_flips: int = 0, 
         assert int((err > tol).sum()) <= max_flips, f"seed {seed}: max error {err.max()}"
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ZO_RULES, ids=lambda r: r.name)
 @pytest.mark.parametrize("dist", rng.DISTRIBUTIONS)
@@ -67,19 +63,19 @@ def test_zo_update_equals_reference(backend, dtype, rule, dist):
     coefs, streams = [0.7, -0.4, 0.2], [3, 2**40 + 1, 9]
     h = hyper(rule)
     want = clones(params, m, v)
-    reference.zo_update_(*want, offsets, coefs, streams, 17, dist, 1e-3, int(rule), list(h))
+    reference.zo_update_(*want, offsets, coefs, streams, 17, dist, 1e-3, rule.value, *h)
     got = clones(params, m, v)
     zo_update_(got[0], coefs, 17, streams, offsets, rule=rule, hyper=h, m=got[1], v=got[2], restore=1e-3,
-               dist=dist, backend=backend)
+               dist=dist)
     exact = dist == "rademacher"
     flips = 0 if exact else 3 * (rule in (Rule.SIGN, Rule.SIGN_ADAM))
     for g, w in zip(got, want):
         assert_same(g, w, exact, dtype if g is got[0] else torch.float32, flips, seed)
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rule", list(Rule), ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", list(RULES), ids=lambda r: r.name)
 def test_grad_update_equals_reference(backend, dtype, rule):
     seed = fresh_seed()
     params, grads, m, v = make(dtype, rule, seed)
@@ -87,15 +83,15 @@ def test_grad_update_equals_reference(backend, dtype, rule):
     scales = None
     if rule is Rule.QUANTIZED:  # the scales a moments pass would leave
         scales = torch.empty(len(params), device=DEVICE)
-        reference.grad_update_(clones(params)[0], grads, clones(m)[0], clones(v)[0], scales, int(Rule.ADAM_MOMENTS), list(h))
+        reference.grad_update_(clones(params)[0], grads, clones(m)[0], clones(v)[0], scales, Rule.ADAM_MOMENTS.value,
+                               *h)
         scales[2] = 0.0  # the empty tensor
     elif rule is Rule.ADAM_MOMENTS:
         scales = torch.full((len(params),), 123.0, device=DEVICE)  # overwritten, not max-ed with
     want = clones(params, m, v) + [[scales.clone()] if scales is not None else []]
-    reference.grad_update_(want[0], grads, want[1], want[2], want[3][0] if want[3] else None, int(rule), list(h))
+    reference.grad_update_(want[0], grads, want[1], want[2], want[3][0] if want[3] else None, rule.value, *h)
     got = clones(params, m, v) + [[scales.clone()] if scales is not None else []]
-    grad_update_(got[0], grads, rule=rule, hyper=h, m=got[1], v=got[2], scales=got[3][0] if got[3] else None,
-                 backend=backend)
+    grad_update_(got[0], grads, rule=rule, hyper=h, m=got[1], v=got[2], scales=got[3][0] if got[3] else None)
     for g, w in zip(got, want):
         assert_same(g, w, True, dtype, seed=seed)
     if rule is Rule.QUANTIZED:
@@ -120,13 +116,14 @@ def test_reference_rules_match_hand_formulas():
         Rule.ADAM: ((1 - lr * wd) * d(theta) - lr * u, m_adam),
         Rule.ADAZO: ((1 - lr * wd) * d(theta) - lr * m_adam / (v_adazo.sqrt() + eps), m_adam),
         Rule.SIGN_ADAM: ((1 - lr * wd) * d(theta) - lr * torch.sign(m_adam), m_adam),
-        Rule.SOPHIA: ((1 - lr * wd) * d(theta) - lr * torch.sign(m_adam) * torch.clamp(m_adam.abs() / (rho * d(v0) + eps), max=1),
-                      m_adam),
+        Rule.SOPHIA: ((1 - lr * wd) * d(theta)
+                      - lr * torch.sign(m_adam) * torch.clamp(m_adam.abs() / (rho * d(v0) + eps), max=1), m_adam),
     }
     for rule, (want_theta, want_m) in expected.items():
         p, m, v = theta.clone(), m0.clone(), v0.clone()
-        h = Hyper.make(lr, weight_decay=wd, decoupled=rule is not Rule.SGD, beta1=b1, beta2=b2, eps=eps, step=t, rho=rho)
-        reference.grad_update_([p], [g], [m] if rule.uses_m else [], [v] if rule.uses_v else [], None, int(rule), list(h))
+        h = Hyper.make(lr, weight_decay=wd, decoupled=rule is not Rule.SGD, beta1=b1, beta2=b2, eps=eps, step=t,
+                       rho=rho)
+        reference.grad_update_([p], [g], [m] if rule.uses_m else [], [v] if rule.uses_v else [], None, rule.value, *h)
         torch.testing.assert_close(p.double(), want_theta, rtol=1e-5, atol=1e-6, msg=rule.name)
         if want_m is not None:
             torch.testing.assert_close(m.double(), want_m, rtol=1e-5, atol=1e-6, msg=rule.name)
@@ -139,10 +136,10 @@ def test_quantized_step_takes_the_promised_levels(bits):
     m, v = torch.zeros(1000), torch.zeros(1000)
     h = Hyper.make(1.0, beta1=0.9, beta2=0.99, eps=1e-8, step=1, bits=bits)
     scales = torch.zeros(1)
-    reference.grad_update_([theta.clone()], [g], [m], [v], scales, int(Rule.ADAM_MOMENTS), list(h))
+    reference.grad_update_([theta.clone()], [g], [m], [v], scales, Rule.ADAM_MOMENTS.value, *h)
     u = g.sign()  # step 1 of Adam: m / bc1 / sqrt(v / bc2) = g / |g|
     assert scales.item() == pytest.approx(1.0, abs=1e-6)
-    reference.grad_update_([theta], [g], [m], [v], scales, int(Rule.QUANTIZED), list(h))
+    reference.grad_update_([theta], [g], [m], [v], scales, Rule.QUANTIZED.value, *h)
     levels = 2 ** (bits - 1) - 1
     if levels == 0:
         assert torch.equal(theta, -u)
@@ -156,45 +153,80 @@ def test_all_zero_tensor_quantizes_to_zero():
     theta = torch.ones(10)
     h = Hyper.make(0.1, beta1=0.9, beta2=0.99, bits=4)
     reference.grad_update_([theta], [torch.zeros(10)], [torch.zeros(10)], [torch.zeros(10)], torch.zeros(1),
-                           int(Rule.QUANTIZED), list(h))
+                           Rule.QUANTIZED.value, *h)
     assert torch.equal(theta, torch.ones(10))
 
 
-@pytest.mark.parametrize("backend", RUNNABLE + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_zo_update_restores_and_updates_in_one_pass(backend):
     """ZO-SignSGD from theta - mu z: the restore + mu z_last happens before the rule."""
     theta = torch.randn(1000, device=DEVICE)
     mu = 1e-3
     x = theta.clone()
-    reference.perturb_([x], [0], 1.0, [-mu], [5], 3, "rademacher")
-    zo_update_([x], [2.0], 3, [5], [0], rule=Rule.SIGN, hyper=Hyper.make(0.01), restore=mu, backend=backend)
+    reference.perturb_([x], [0], [-mu], [5], 3, "rademacher", 1.0)
+    zo_update_([x], [2.0], 3, [5], [0], rule=Rule.SIGN, hyper=Hyper.make(0.01), restore=mu)
     z = rng.sample(3, 5, 0, 1000, device=DEVICE)
     torch.testing.assert_close(x, theta - 0.01 * z, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", RUNNABLE + ["reference"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bad_state_raises_before_any_write(backend):
     p = [torch.randn(10, device=DEVICE), torch.randn(20, device=DEVICE)]
     m = [torch.zeros(10, device=DEVICE), torch.zeros(20, dtype=torch.float16, device=DEVICE)]
     before = [t.clone() for t in p]
     with pytest.raises(ValueError, match=r"m\[1\] must be a contiguous torch.float32 tensor"):
-        grad_update_(p, p, rule=Rule.SIGN_ADAM, hyper=Hyper.make(0.1), m=m, backend=backend)
+        grad_update_(p, p, rule=Rule.SIGN_ADAM, hyper=Hyper.make(0.1), m=m)
     with pytest.raises(ValueError, match="keeps no m state"):
-        zo_update_(p, [1.0], 0, [0], [0, 10], rule=Rule.SIGN, hyper=Hyper.make(0.1), m=[m[0], m[0]], backend=backend)
+        zo_update_(p, [1.0], 0, [0], [0, 10], rule=Rule.SIGN, hyper=Hyper.make(0.1), m=[m[0], m[0]])
     state = [torch.zeros_like(t) for t in p]
     with pytest.raises(ValueError, match="needs scales"):
-        grad_update_(p, p, rule=Rule.QUANTIZED, hyper=Hyper.make(0.1), m=state, v=state, backend=backend)
+        grad_update_(p, p, rule=Rule.QUANTIZED, hyper=Hyper.make(0.1), m=state, v=state)
     with pytest.raises(ValueError, match="first-order only"):
-        zo_update_(p, [1.0], 0, [0], [0, 10], rule=Rule.ADAM_MOMENTS, hyper=Hyper.make(0.1), m=state, v=state,
-                   backend=backend)
+        zo_update_(p, [1.0], 0, [0], [0, 10], rule=Rule.ADAM_MOMENTS, hyper=Hyper.make(0.1), m=state, v=state)
     assert all(torch.equal(a, b) for a, b in zip(p, before))
 
 
 def test_update_ops_opcheck():
     p, g = [torch.randn(300)], [torch.randn(300)]
     m, v = [torch.zeros(300)], [torch.ones(300)]
-    h = list(Hyper.make(0.1, beta1=0.9, beta2=0.99))
+    h = Hyper.make(0.1, beta1=0.9, beta2=0.99)
     torch.library.opcheck(torch.ops.zounlearn.zo_update_.default,
-                          (p, m, v, [0], [0.5], [1], 3, "rademacher", 1e-3, int(Rule.ADAZO), h, "auto"))
+                          (p, m, v, [0], [0.5], [1], 3, "rademacher", 1e-3, "adazo", *h))
     torch.library.opcheck(torch.ops.zounlearn.grad_update_.default,
-                          (p, g, m, v, torch.zeros(1), int(Rule.ADAM_MOMENTS), h, "auto"))
+                          (p, g, m, v, torch.zeros(1), "adam_moments", *h))
+
+
+def test_schema_names_every_scalar():
+    """The ops' schemas name the rules' scalars (no positional array of floats) in Hyper's order."""
+    schema = torch.ops.zounlearn.zo_update_.default._schema
+    names = [a.name for a in schema.arguments]
+    assert names[-len(Hyper._fields):] == list(Hyper._fields)
+    assert "backend" not in names and "hyper" not in names
+
+
+@pytest.mark.skipif(not backends.runs_on("cpp", "cpu"), reason="C++ extension not built")
+def test_compiled_rule_table_is_the_registry():
+    """csrc/update_rules.h's table and Hyper's field order, as compiled, against zounlearn.ops.rules."""
+    import zounlearn._C_cpu as ext
+
+    compiled = [(name, rm, rv, wm, wv, zo) for name, rm, rv, wm, wv, zo in ext.rules()]
+    assert compiled == [(r.value, i.reads_m, i.reads_v, i.writes_m, i.writes_v, i.zeroth_order)
+                        for r, i in RULES.items()]
+    assert ext.hyper_fields() == list(Hyper._fields)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("op", ["zo_update_", "grad_update_"])
+def test_updates_bump_the_version_counter(op, backend):
+    """Autograd refuses a parameter an update changed after it was saved for backward."""
+    x = torch.ones(5, device=DEVICE, requires_grad=True)
+    y = x * 1.0
+    loss = (y * y).sum()
+    m, v = [torch.zeros(5, device=DEVICE)], [torch.ones(5, device=DEVICE)]
+    h = Hyper.make(0.1, beta1=0.9, beta2=0.99)
+    if op == "zo_update_":
+        zo_update_([y], [1.0], 0, [0], [0], rule=Rule.ADAM, hyper=h, m=m, v=v)
+    else:
+        grad_update_([y], [torch.ones(5, device=DEVICE)], rule=Rule.ADAM, hyper=h, m=m, v=v)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -1,6 +1,9 @@
-// The Python module zounlearn._C_cpu: the CPU ops of ops_cpu.h.
-#include <torch/extension.h>
+// The Python module zounlearn._C_cpu: registers the CPU kernels of ops_cpu.h for the CPU dispatch
+// key when zounlearn/ops/backends.py chooses them, and says what it was built with.
+#include <tuple>
+#include <vector>
 
+#include "../registration.h"
 #include "ops_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,8 +16,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // A test checks this: 1 would mean the module was built without OpenMP, whatever
   // torch.get_num_threads() says.
   m.def("parallel_threads", &zo::cpu::parallel_threads);
-  m.def("perturb_", &zo::cpu::perturb_, "theta <- alpha * theta + sum_k c_k z(seed, stream_k, e), in place");
-  m.def("zo_update_", &zo::cpu::zo_update_,
-        "theta <- rule(theta + restore z_last, sum_k c_k z_k, m, v), in place (update_rules.h)");
-  m.def("grad_update_", &zo::cpu::grad_update_, "theta <- rule(theta, grad, m, v), in place (update_rules.h)");
+  ZO_BIND_KERNEL_REGISTRATION(m, c10::DispatchKey::CPU, zo::cpu);
+  m.def("rules", [] {
+    std::vector<std::tuple<std::string, bool, bool, bool, bool, bool>> out;
+#define ZO_RULE_ROW(e, name, rm, rv, wm, wv, zo) out.emplace_back(name, rm, rv, wm, wv, zo);
+    ZO_UPDATE_RULES(ZO_RULE_ROW)
+#undef ZO_RULE_ROW
+    return out;
+  }, "The compiled rule table: (name, reads m, reads v, writes m, writes v, zeroth-order) per rule.");
+  m.def("hyper_fields", [] {
+#define ZO_HYPER_NAME(name) #name,
+    return std::vector<std::string>{ZO_HYPER_FIELDS(ZO_HYPER_NAME)};
+#undef ZO_HYPER_NAME
+  }, "The hyperparameters' names in the order the kernels take them.");
 }

@@ -1,26 +1,51 @@
-// The CPU module's ops, bound to Python in module_cpu.cpp.
+// The CPU kernels of the registered ops (zounlearn/ops/library.py), registered for the CPU
+// dispatch key by module_cpu.cpp, and what their torch glue shares.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <optional>
-#include <vector>
+
+#include "../op_args.h"
+#include "parallel_groups.h"
+#include "perturb_cpu_kernel.h"
 
 namespace zo::cpu {
 
-void perturb_(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, double alpha,
-              const std::vector<double>& coefs, const std::vector<int64_t>& streams, int64_t seed, int64_t dist);
-
-void zo_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& m,
-                const std::vector<at::Tensor>& v, const std::vector<int64_t>& offsets, const std::vector<double>& coefs,
-                const std::vector<int64_t>& streams, int64_t seed, int64_t dist, double restore, int64_t rule,
-                const std::vector<double>& hyper);
-
-void grad_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                  const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
-                  const std::optional<at::Tensor>& scales, int64_t rule, const std::vector<double>& hyper);
+ZO_DECLARE_OP_KERNELS
 
 // Threads this module's at::parallel_for really uses (1 when built without OpenMP).
 int parallel_threads();
+
+// Calls fn(T*) with the tensor's data as the kernel's storage type (float, bf16, f16).
+template <typename F>
+void with_dtype(const at::Tensor& t, const F& fn) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fn(static_cast<float*>(t.data_ptr()));
+    case at::kBFloat16: return fn(static_cast<bf16*>(t.data_ptr()));
+    default: return fn(static_cast<f16*>(t.data_ptr()));
+  }
+}
+
+// params[i], checked for the raw pointers: a contiguous CPU tensor of a supported dtype whose
+// global indices offsets[i] .. offsets[i] + numel - 1 lie in [0, 2^63).
+inline void check_param_at(const at::Tensor& t, int64_t offset, const char* op, size_t i) {
+  check_param(t, c10::Device(c10::kCPU), op, i);
+  TORCH_CHECK(offset >= 0 && t.numel() <= INT64_MAX - offset, op, ": params[", i,
+              "]: global indices must lie in [0, 2^63)");
+}
+
+// The parameters, checked, and the global 128-element groups each one covers.
+inline GroupRanges checked_groups(at::TensorList params, at::IntArrayRef offsets, const char* op) {
+  GroupRanges ranges;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param_at(params[i], offsets[i], op, i);
+    const auto base = static_cast<uint64_t>(offsets[i]);
+    const int64_t first = first_group(base);
+    ranges.add(i, first, params[i].numel() == 0 ? 0 : end_group(base, params[i].numel()) - first);
+  }
+  return ranges;
+}
 
 }  // namespace zo::cpu

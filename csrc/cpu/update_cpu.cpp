@@ -1,131 +1,83 @@
-// Torch binding of the CPU optimizer updates (update_cpu_kernel.h). Arguments arrive validated
-// by zounlearn.ops; the checks here guard the raw pointers and all run before any write.
-#include <torch/extension.h>
-
+// The CPU optimizer updates (update_cpu_kernel.h) behind torch.ops.zounlearn.zo_update_ and
+// grad_update_: the pointer checks, all before any write, then one parallel loop per call.
 #include <atomic>
-#include <cstring>
 #include <vector>
 
-#include "../op_args.h"
 #include "ops_cpu.h"
-#include "parallel_groups.h"
 #include "update_cpu_kernel.h"
 
 namespace zo::cpu {
 namespace {
 
-// Calls fn(std::integral_constant<Rule, R>) for the runtime rule.
-template <typename F>
-void with_rule(Rule r, const F& fn) {
-  switch (r) {
-    case Rule::kSgd: return fn(std::integral_constant<Rule, Rule::kSgd>{});
-    case Rule::kSign: return fn(std::integral_constant<Rule, Rule::kSign>{});
-    case Rule::kAdam: return fn(std::integral_constant<Rule, Rule::kAdam>{});
-    case Rule::kAdaZo: return fn(std::integral_constant<Rule, Rule::kAdaZo>{});
-    case Rule::kSignAdam: return fn(std::integral_constant<Rule, Rule::kSignAdam>{});
-    case Rule::kAdamMoments: return fn(std::integral_constant<Rule, Rule::kAdamMoments>{});
-    case Rule::kQuantized: return fn(std::integral_constant<Rule, Rule::kQuantized>{});
-    case Rule::kSophia: return fn(std::integral_constant<Rule, Rule::kSophia>{});
-  }
-}
-
-// Calls fn(T*) with the tensor's data as the kernel's storage type.
-template <typename F>
-void with_dtype(const at::Tensor& t, void* data, const F& fn) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return fn(static_cast<float*>(data));
-    case at::kBFloat16: return fn(static_cast<bf16*>(data));
-    default: return fn(static_cast<f16*>(data));
-  }
-}
-
-void check_param(const at::Tensor& t, size_t i) {
-  const auto type = t.scalar_type();
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "params[", i, "] must be a contiguous CPU tensor");
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, "params[", i,
-              "] has unsupported dtype ", type);
-}
-
-// m or v: float32, like params[i]; empty when the rule keeps no such state.
-float* state_ptr(const std::vector<at::Tensor>& state, bool used, const at::Tensor& p, size_t i, const char* name) {
-  if (!used) return nullptr;
-  TORCH_CHECK(state.size() > i, name, ": one tensor per parameter");
-  const at::Tensor& s = state[i];
-  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.scalar_type() == at::kFloat && s.numel() == p.numel(),
-              name, "[", i, "] must be a contiguous float32 CPU tensor with as many elements as params[", i, "]");
-  return s.data_ptr<float>();
+// Where each parameter's m and v live (null when the rule keeps none), checked.
+std::vector<State> checked_states(at::TensorList params, at::TensorList m, at::TensorList v, Rule r, const char* op) {
+  const std::vector<float*> pm = checked_state(m, params, rule_uses_m(r), op, "m");
+  const std::vector<float*> pv = checked_state(v, params, rule_uses_v(r), op, "v");
+  std::vector<State> states;
+  for (size_t i = 0; i < params.size(); ++i) states.push_back({pm[i], pv[i]});
+  return states;
 }
 
 }  // namespace
 
-void zo_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& m,
-                const std::vector<at::Tensor>& v, const std::vector<int64_t>& offsets, const std::vector<double>& coefs,
-                const std::vector<int64_t>& streams, int64_t seed, int64_t dist, double restore, int64_t rule,
-                const std::vector<double>& hyper) {
-  const Terms terms = checked_terms(params.size(), offsets, 1.0, coefs, streams, seed, dist);
-  const Rule r = checked_rule(rule, "zo_update_");
-  TORCH_CHECK(r != Rule::kAdamMoments && r != Rule::kQuantized, "zo_update_: rule ", rule, " is first-order only");
-  const Hyper h = checked_hyper(hyper, "zo_update_");
-  std::vector<State> states;
-  GroupRanges ranges;
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_param(params[i], i);
-    TORCH_CHECK(offsets[i] >= 0, "zo_update_: offsets[", i, "] must be >= 0");
-    states.push_back({state_ptr(m, rule_uses_m(r), params[i], i, "m"), state_ptr(v, rule_uses_v(r), params[i], i, "v")});
-    const auto base = static_cast<uint64_t>(offsets[i]);
-    const int64_t first = first_group(base);
-    ranges.add(i, first, params[i].numel() == 0 ? 0 : end_group(base, params[i].numel()) - first);
-  }
-  const auto d = static_cast<Dist>(dist);
+void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::IntArrayRef offsets,
+                at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,
+                double restore, c10::string_view rule ZO_HYPER_PARAMS) {
+  constexpr const char* op = "zo_update_";
+  const Terms terms = checked_terms(params.size(), offsets, coefs, streams, seed, 1.0, op);
+  const Dist d = checked_dist(dist, op);
+  const Rule r = checked_rule(rule, true, op);
+  const Hyper h = ZO_HYPER_FROM_ARGS;
+  const GroupRanges ranges = checked_groups(params, offsets, op);
+  const std::vector<State> states = checked_states(params, m, v, r, op);
   const auto c = static_cast<float>(restore);
   with_rule(r, [&](auto rule_tag) {
-    parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
-      const at::Tensor& t = params[i];
-      with_dtype(t, t.data_ptr(), [&](auto* data) {
-        zo_update_groups<decltype(rule_tag)::value>(data, states[i], t.numel(), static_cast<uint64_t>(offsets[i]),
-                                                    terms, c, h, d, g0, g1);
+    constexpr Rule R = decltype(rule_tag)::value;
+    if constexpr (rule_zeroth_order(R)) {
+      parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
+        const at::Tensor& t = params[i];
+        with_dtype(t, [&](auto* data) {
+          zo_update_groups<R>(data, states[i], t.numel(), static_cast<uint64_t>(offsets[i]), terms, c, h, d, g0, g1);
+        });
       });
-    });
+    }
   });
+  bump_written(params, m, v, r);
 }
 
-void grad_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                  const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
-                  const std::optional<at::Tensor>& scales, int64_t rule, const std::vector<double>& hyper) {
-  const Rule r = checked_rule(rule, "grad_update_");
-  const Hyper h = checked_hyper(hyper, "grad_update_");
-  TORCH_CHECK(grads.size() == params.size(), "grad_update_: one gradient per parameter");
-  const bool uses_scales = r == Rule::kAdamMoments || r == Rule::kQuantized;
+void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
+                  const std::optional<at::Tensor>& scales, c10::string_view rule ZO_HYPER_PARAMS) {
+  constexpr const char* op = "grad_update_";
+  const Rule r = checked_rule(rule, false, op);
+  const Hyper h = ZO_HYPER_FROM_ARGS;
+  TORCH_CHECK(grads.size() == params.size(), op, ": one gradient per parameter");
   float* scale = nullptr;
-  if (uses_scales) {
+  if (rule_writes_scales(r) || rule_reads_scales(r)) {
     TORCH_CHECK(scales.has_value() && scales->device().is_cpu() && scales->is_contiguous() &&
                     scales->scalar_type() == at::kFloat && scales->numel() == static_cast<int64_t>(params.size()),
-                "grad_update_: scales must be a float32 CPU tensor with one value per parameter");
-    scale = scales->data_ptr<float>();
+                op, ": scales must be a float32 CPU tensor with one value per parameter");
+    scale = static_cast<float*>(scales->data_ptr());
   }
-  std::vector<State> states;
   GroupRanges ranges;
   for (size_t i = 0; i < params.size(); ++i) {
-    check_param(params[i], i);
-    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].is_contiguous() &&
-                    grads[i].scalar_type() == params[i].scalar_type() && grads[i].numel() == params[i].numel(),
-                "grads[", i, "] must be a contiguous CPU tensor like params[", i, "]");
-    states.push_back({state_ptr(m, rule_uses_m(r), params[i], i, "m"), state_ptr(v, rule_uses_v(r), params[i], i, "v")});
+    check_param_at(params[i], 0, op, i);
+    check_like(grads[i], params[i], params[i].scalar_type(), op, "grads", i);
     ranges.add(i, 0, (params[i].numel() + kGroup - 1) / kGroup);
   }
+  const std::vector<State> states = checked_states(params, m, v, r, op);
   // kAdamMoments: each task's max |u| joins its tensor's by compare-and-swap on the float bits
   // (non-negative floats order as their bit patterns; a NaN's bits exceed inf's).
   std::vector<std::atomic<uint32_t>> max_bits(params.size());
   for (auto& b : max_bits) b.store(0);
   with_rule(r, [&](auto rule_tag) {
+    constexpr Rule R = decltype(rule_tag)::value;
     parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
       const at::Tensor& t = params[i];
-      const float s = r == Rule::kQuantized ? scale[i] : 0.0f;
-      with_dtype(t, t.data_ptr(), [&](auto* data) {
+      const float s = rule_reads_scales(R) ? scale[i] : 0.0f;
+      with_dtype(t, [&](auto* data) {
         using T = std::remove_pointer_t<decltype(data)>;
-        const float local = grad_update_range<decltype(rule_tag)::value>(
-            data, static_cast<const T*>(grads[i].data_ptr()), states[i], s, h, g0 * kGroup,
-            std::min(g1 * kGroup, t.numel()));
+        const float local = grad_update_range<R>(data, static_cast<const T*>(grads[i].data_ptr()), states[i], s, h,
+                                                 g0 * kGroup, std::min(g1 * kGroup, t.numel()));
         uint32_t seen = max_bits[i].load();
         const uint32_t bits = float_bits(local);
         while (bits > seen && !max_bits[i].compare_exchange_weak(seen, bits)) {
@@ -133,9 +85,11 @@ void grad_update_(const std::vector<at::Tensor>& params, const std::vector<at::T
       });
     });
   });
-  if (r == Rule::kAdamMoments) {
+  if (rule_writes_scales(r)) {
     for (size_t i = 0; i < params.size(); ++i) scale[i] = bits_float(max_bits[i].load());
+    scales->unsafeGetTensorImpl()->bump_version();
   }
+  bump_written(params, m, v, r);
 }
 
 }  // namespace zo::cpu

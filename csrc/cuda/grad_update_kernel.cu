@@ -21,9 +21,6 @@ struct GradUpdate {
   static constexpr int kPtrs = 5;  // param, grad, m, v, &scales[i]
   Hyper h;
 
-  // kQuantized only reads m and v.
-  static constexpr bool kWritesState = R != Rule::kQuantized;
-
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
     T* const p = t.at<T>(0);
     const T* const pg = t.at<const T>(1);
@@ -32,7 +29,7 @@ struct GradUpdate {
     Run<T> x[kRuns], gr[kRuns];
     Run<float> m[kRuns], v[kRuns];
     if (R != Rule::kAdamMoments) load_tile(x, p, t.n, t.vec(0));  // which neither reads nor writes it
-    load_tile(gr, pg, t.n, t.vec(1));
+    if (rule_reads_grad(R)) load_tile(gr, pg, t.n, t.vec(1));
     if (rule_uses_m(R)) load_tile(m, pm, t.n, t.vec(2));
     if (rule_uses_v(R)) load_tile(v, pv, t.n, t.vec(3));
     const float scale = R == Rule::kQuantized ? *static_cast<const float*>(t.ptr[4]) : 0.0f;
@@ -65,22 +62,19 @@ struct GradUpdate {
     } else {
       store_tile(p, x, t.n, t.vec(0));
     }
-    if (kWritesState && rule_uses_m(R)) store_tile(pm, m, t.n, t.vec(2));
-    if (kWritesState && rule_uses_v(R)) store_tile(pv, v, t.n, t.vec(3));
+    if (rule_writes_m(R)) store_tile(pm, m, t.n, t.vec(2));
+    if (rule_writes_v(R)) store_tile(pv, v, t.n, t.vec(3));
   }
 };
 
 static_assert(BatchOf<GradUpdate<float, Rule::kAdam>>::kCap == 63, "tensors per launch, as kernels.cuh says");
 
-using AllRules = Rules<Rule::kSgd, Rule::kSign, Rule::kAdam, Rule::kAdaZo, Rule::kSignAdam, Rule::kAdamMoments,
-                       Rule::kQuantized, Rule::kSophia>;
-
 }  // namespace
 
 cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float* scales, Rule rule,
                                const Hyper& hyper, int sm_count, cudaStream_t stream) {
-  const bool uses_scales = rule == Rule::kAdamMoments || rule == Rule::kQuantized;
-  if (n_tensors < 0 || !AllRules::has(rule) ||
+  const bool uses_scales = rule_writes_scales(rule) || rule_reads_scales(rule);
+  if (n_tensors < 0 || !rule_valid(rule) ||
       (uses_scales && n_tensors > 0 && scales == nullptr)) {
     return cudaErrorInvalidValue;
   }
@@ -88,12 +82,13 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
   for (int i = 0; i < n_tensors; ++i) {
     const UpdateTensor& u = tensors[i];
     if (u.numel < 0 || !valid_elem_type(u.dtype) ||
-        (u.numel > 0 && (u.param == nullptr || u.grad == nullptr || (rule_uses_m(rule) && u.m == nullptr) ||
+        (u.numel > 0 && (u.param == nullptr || (rule_reads_grad(rule) && u.grad == nullptr) ||
+                         (rule_uses_m(rule) && u.m == nullptr) ||
                          (rule_uses_v(rule) && u.v == nullptr)))) {
       return cudaErrorInvalidValue;
     }
   }
-  if (rule == Rule::kAdamMoments && n_tensors > 0) {
+  if (rule_writes_scales(rule) && n_tensors > 0) {
     // Overwritten, not maxed with the old values; empty tensors keep 0.
     const cudaError_t err = cudaMemsetAsync(scales, 0, sizeof(float) * static_cast<size_t>(n_tensors), stream);
     if (err != cudaSuccess) return err;
@@ -101,7 +96,7 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
   for (const ElemType dtype : {ElemType::kFloat32, ElemType::kBFloat16, ElemType::kFloat16}) {
     const cudaError_t err = with_elem_type(dtype, [&](auto type) {
       using T = typename decltype(type)::type;
-      return AllRules::dispatch(rule, [&](auto r) {
+      return with_rule(rule, [&](auto r) {
         return launch_tensors(
             GradUpdate<T, decltype(r)::value>{hyper}, n_tensors,
             [&](int i, void** p, int64_t&) -> int64_t {

@@ -245,19 +245,5 @@ inline bool valid_elem_type(ElemType dtype) {
   return dtype == ElemType::kFloat32 || dtype == ElemType::kBFloat16 || dtype == ElemType::kFloat16;
 }
 
-// The rules an op is instantiated for: has(rule), and dispatch(rule, fn), which calls
-// fn(std::integral_constant<Rule, R>{}) for the runtime rule (cudaErrorInvalidValue if not in Rs).
-template <Rule... Rs>
-struct Rules {
-  static bool has(Rule rule) { return ((rule == Rs) || ...); }
-
-  template <typename F>
-  static cudaError_t dispatch(Rule rule, const F& fn) {
-    cudaError_t err = cudaErrorInvalidValue;
-    (void)((rule == Rs && (err = fn(std::integral_constant<Rule, Rs>{}), true)) || ...);
-    return err;
-  }
-};
-
 }  // namespace mt
 }  // namespace zo

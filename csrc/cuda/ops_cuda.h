@@ -1,10 +1,10 @@
-// The CUDA module's ops, bound to Python in module_cuda.cpp, and the pieces their torch glue
-// shares. Only at::Tensor and c10/cuda headers: ATen/cuda/CUDAContext.h would drag in
-// cuBLAS/cuSPARSE/cuSOLVER headers, and torch/extension.h (the whole C++ API and pybind11,
-// about 5x the compile time) is for module_cuda.cpp alone.
-// Arguments arrive validated by zounlearn.ops; the checks here guard the raw pointers handed
-// to the kernels (kernels.cuh) and all run before anything is launched, so a call that fails
-// them changes no tensor.
+// The CUDA kernels of the registered ops (zounlearn/ops/library.py), registered for the CUDA
+// dispatch key by module_cuda.cpp, and the pieces their torch glue shares. Only at::Tensor and
+// c10/cuda headers: ATen/cuda/CUDAContext.h would drag in cuBLAS/cuSPARSE/cuSOLVER headers, and
+// torch/extension.h (the whole C++ API and pybind11, about 5x the compile time) is for
+// module_cuda.cpp alone. The checks here guard the raw pointers handed to the kernels
+// (kernels.cuh) and all run before anything is launched, so a call that fails them changes
+// no tensor.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,31 +13,25 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
-#include <vector>
 
+#include "../op_args.h"
 #include "kernels.cuh"
 
 namespace zo::gpu {
 
-void perturb_(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, double alpha,
-              const std::vector<double>& coefs, const std::vector<int64_t>& streams, int64_t seed, int64_t dist);
+ZO_DECLARE_OP_KERNELS
 
-void zo_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& m,
-                const std::vector<at::Tensor>& v, const std::vector<int64_t>& offsets, const std::vector<double>& coefs,
-                const std::vector<int64_t>& streams, int64_t seed, int64_t dist, double restore, int64_t rule,
-                const std::vector<double>& hyper);
-
-void grad_update_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                  const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
-                  const std::optional<at::Tensor>& scales, int64_t rule, const std::vector<double>& hyper);
-
-// The kernels' storage type of params[i]: a contiguous CUDA tensor of float32, bfloat16 or float16.
-inline ElemType checked_elem_type(const at::Tensor& t, const char* op, size_t i) {
-  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), op, ": params[", i, "] must be a contiguous CUDA tensor");
+// The kernels' storage type of params[i], checked to be a contiguous tensor of float32,
+// bfloat16 or float16 on params[0]'s (CUDA) device whose global indices stay below 2^63.
+inline ElemType checked_elem_type(at::TensorList params, int64_t offset, const char* op, size_t i) {
+  const at::Tensor& t = params[i];
+  TORCH_CHECK(params[0].is_cuda(), op, ": params[0] must be a CUDA tensor");
+  check_param(t, params[0].device(), op, i);
+  TORCH_CHECK(offset >= 0 && t.numel() <= std::numeric_limits<int64_t>::max() - offset, op, ": params[", i,
+              "]: global indices must lie in [0, 2^63)");
   const at::ScalarType type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, op, ": params[", i,
-              "] has unsupported dtype ", type);
   return type == at::kFloat ? ElemType::kFloat32 : type == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat16;
 }
 

@@ -86,8 +86,8 @@ struct ZoUpdate {
     }
 
     store_tile(p, x, t.n, t.vec(0));
-    if (rule_uses_m(R)) store_tile(pm, m, t.n, t.vec(1));
-    if (rule_uses_v(R)) store_tile(pv, v, t.n, t.vec(2));
+    if (rule_writes_m(R)) store_tile(pm, m, t.n, t.vec(1));
+    if (rule_writes_v(R)) store_tile(pv, v, t.n, t.vec(2));
   }
 
   // One run: the rule on every element (those past the tensor's end compute garbage, never stored).
@@ -100,14 +100,13 @@ struct ZoUpdate {
 
 static_assert(BatchOf<ZoUpdate<float, Dist::kGaussian, Rule::kAdam>>::kCap == 81, "tensors per launch, as kernels.cuh says");
 
-// The rules a zeroth-order update may use (compressed Adam's two passes are first-order only).
-using ZoRules = Rules<Rule::kSgd, Rule::kSign, Rule::kAdam, Rule::kAdaZo, Rule::kSignAdam, Rule::kSophia>;
-
 }  // namespace
 
 cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const Terms& terms, Dist dist,
                              float restore, Rule rule, const Hyper& hyper, int sm_count, cudaStream_t stream) {
-  if (n_tensors < 0 || !valid_terms(terms, dist) || !ZoRules::has(rule)) return cudaErrorInvalidValue;
+  if (n_tensors < 0 || !valid_terms(terms, dist) || !rule_valid(rule) || !rule_zeroth_order(rule)) {
+    return cudaErrorInvalidValue;
+  }
   // Validate everything before launching anything: global indices must stay below 2^63.
   for (int i = 0; i < n_tensors; ++i) {
     const UpdateTensor& u = tensors[i];
@@ -121,19 +120,24 @@ cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const T
     const cudaError_t err = with_elem_type(dtype, [&](auto type) {
       using T = typename decltype(type)::type;
       return with_dist(dist, [&](auto d) {
-        return ZoRules::dispatch(rule, [&](auto r) {
-          return launch_tensors(
-              ZoUpdate<T, decltype(d)::value, decltype(r)::value>{terms, hyper, restore}, n_tensors,
-              [&](int i, void** p, int64_t& base) -> int64_t {
-                const UpdateTensor& u = tensors[i];
-                if (u.dtype != dtype) return 0;
-                p[0] = u.param;
-                p[1] = u.m;
-                p[2] = u.v;
-                base = u.offset;
-                return u.numel;
-              },
-              sm_count, stream);
+        return with_rule(rule, [&](auto r) -> cudaError_t {
+          constexpr Rule R = decltype(r)::value;
+          if constexpr (!rule_zeroth_order(R)) {
+            return cudaErrorInvalidValue;  // not instantiated: compressed Adam and Sophia need gradients
+          } else {
+            return launch_tensors(
+                ZoUpdate<T, decltype(d)::value, R>{terms, hyper, restore}, n_tensors,
+                [&](int i, void** p, int64_t& base) -> int64_t {
+                  const UpdateTensor& u = tensors[i];
+                  if (u.dtype != dtype) return 0;
+                  p[0] = u.param;
+                  p[1] = u.m;
+                  p[2] = u.v;
+                  base = u.offset;
+                  return u.numel;
+                },
+                sm_count, stream);
+          }
         });
       });
     });

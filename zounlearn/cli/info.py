@@ -21,13 +21,10 @@ def info() -> int:
         built = backends.build_info(name) if reason is None else ""
         detail = f" ({built})" if built else ""
         print(f"  {name:<10} {'available' + detail if reason is None else 'unavailable: ' + reason}")
-    for device in ("cpu", "cuda"):
-        try:
-            chosen, _ = backends.select(device)
-        except backends.BackendUnavailable as err:
-            chosen = f"none ({err})"
-        if device == "cpu" or torch.cuda.is_available():
-            print(f"default for {device} tensors: {chosen}")
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        chosen = backends.active(device)
+        why = backends.why_not(chosen, device)
+        print(f"default for {device} tensors: {chosen}" + (f" (cannot run: {why})" if why else ""))
     return 0
 
 
@@ -43,12 +40,13 @@ def roundtrip(numel: int, seed: int, repeats: int) -> int:
         if reason is not None or not backends.runs_on(name, device):
             continue
         for dist in ("rademacher", "gaussian"):
-            perturb_(theta, 0.0, seed, dist=dist, backend=name)  # warm-up: threads, caches
-            theta.copy_(original)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                for coef in (mu, -2 * mu, mu):
-                    perturb_(theta, coef, seed, dist=dist, backend=name)
+            with backends.use(name):
+                perturb_(theta, 0.0, seed, dist=dist)  # warm-up: threads, caches
+                theta.copy_(original)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    for coef in (mu, -2 * mu, mu):
+                        perturb_(theta, coef, seed, dist=dist)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / (3 * repeats)

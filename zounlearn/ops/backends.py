@@ -1,132 +1,182 @@
-"""Which implementation of the fused op runs, and why the others cannot.
+"""Which kernels run the fused ops, chosen once per device type and registered with the dispatcher.
 
-Order of preference per device: CPU: cpp, reference; CUDA: cuda, triton, reference.
-`ZOUNLEARN_BACKEND` or the per-call `backend=` argument picks one by name; a
-backend that was asked for by name and cannot run raises, it never falls back silently.
+Order of preference: CPU tensors: cpp, then reference; CUDA tensors: cuda, then triton, then
+reference. `ZOUNLEARN_BACKEND=name` forces one backend for every device type; `use(name)` does
+the same for a block (tests, benchmarks, the command line's --backend). A backend that was
+asked for by name and cannot run raises BackendUnavailable with the reason when an op is
+called, never falls back silently; an automatic choice skips what cannot run.
+
+The C++ backends register their kernels for the CPU or CUDA dispatch key from C++, so a call
+never re-enters Python; Triton's and the reference's kernels are Python functions registered
+the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from ..errors import BackendUnavailable
-from ..rng import DISTRIBUTIONS
-from . import reference
+from . import library, reference
 
 BACKENDS = ("cpp", "cuda", "triton", "reference")
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 ENV_VAR = "ZOUNLEARN_BACKEND"
+_EXTENSIONS = {"cpp": "_C_cpu", "cuda": "_C_cuda"}
+_DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": ("cpu", "cuda")}
 
 
-class Kernels(NamedTuple):
-    """One backend's implementation of every op, with the Python-level signatures of
-    zounlearn.ops.reference (dist as a name)."""
-
-    perturb_: Callable[..., None]
-    zo_update_: Callable[..., None]
-    grad_update_: Callable[..., None]
-
-
-def _extension(module: str) -> Kernels:
+def _import_extension(name: str) -> ModuleType:
     try:
-        ext = importlib.import_module(f"zounlearn.{module}")
+        return importlib.import_module(f"zounlearn.{_EXTENSIONS[name]}")
     except ImportError as err:
-        raise BackendUnavailable(
-            f"extension zounlearn.{module} is not built ({err}); build it with "
-            "`pip install --no-build-isolation -e .`"
-        ) from None
-
-    def perturb_(params, offsets, alpha, coefs, streams, seed, dist):
-        ext.perturb_(params, offsets, alpha, coefs, streams, seed, DISTRIBUTIONS.index(dist))
-
-    def zo_update_(params, m, v, offsets, coefs, streams, seed, dist, restore, rule, hyper):
-        ext.zo_update_(params, m, v, offsets, coefs, streams, seed, DISTRIBUTIONS.index(dist), restore, rule, hyper)
-
-    return Kernels(perturb_, zo_update_, ext.grad_update_)
-
-
-def _load_cpp() -> Kernels:
-    return _extension("_C_cpu")
-
-
-def _load_cuda() -> Kernels:
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA device is visible to torch")
-    return _extension("_C_cuda")
-
-
-def _load_triton() -> Kernels:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise BackendUnavailable("triton is not installed (pip install triton)") from None
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailable("no CUDA device (set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU)")
-    from zounlearn.kernels import grad_update_, perturb_, zo_update_
-
-    return Kernels(perturb_, zo_update_, grad_update_)
-
-
-_LOADERS: dict[str, Callable[[], Kernels]] = {
-    "cpp": _load_cpp,
-    "cuda": _load_cuda,
-    "triton": _load_triton,
-    "reference": lambda: Kernels(reference.perturb_, reference.zo_update_, reference.grad_update_),
-}
-_DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": None}
-
-
-def runs_on(name: str, device_type: str) -> bool:
-    """Whether backend `name` can handle tensors on device_type at all (available or not)."""
-    devices = _DEVICES[name]
-    return devices is None or device_type in devices
+        raise BackendUnavailable(f"extension zounlearn.{_EXTENSIONS[name]} is not built ({err}); build it with "
+                                 "`pip install --no-build-isolation -e .`") from None
 
 
 @functools.cache
-def load(name: str) -> Kernels:
-    """The named backend's kernels; raises BackendUnavailable with the reason."""
-    return _LOADERS[name]()
+def _why_not(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run the ops for tensors on device_type here; None when it can."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    if device_type not in _DEVICES[name]:
+        usable = ", ".join(n for n in BACKENDS if device_type in _DEVICES[n])
+        return f"backend {name!r} cannot run on {device_type} tensors; use one of: {usable}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    try:
+        if name in _EXTENSIONS:
+            _import_extension(name)
+        elif name == "triton":
+            _triton_kernels()
+    except BackendUnavailable as err:
+        return str(err)
+    if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing zounlearn"
+    return None
+
+
+def _triton_kernels() -> ModuleType:
+    try:
+        import triton  # noqa: F401 -- the clear error, before zounlearn.kernels' own import fails
+    except ImportError:
+        raise BackendUnavailable("triton is not installed (pip install triton)") from None
+    return importlib.import_module("zounlearn.kernels")
+
+
+class _Registration:
+    """One backend's kernels for one dispatch key; remove() takes them off the dispatcher."""
+
+    def __init__(self, name: str, device_type: str) -> None:
+        self.name = name
+        key = DISPATCH_KEYS[device_type]
+        reason = _why_not(name, device_type)
+        if reason is None and name in _EXTENSIONS:
+            self._handle: Any = _import_extension(name).register_kernels()
+            return
+        self._handle = torch.library.Library(library.NAMESPACE, "IMPL")
+        for op in library.IN_PLACE_OPS:
+            self._handle.impl(op, _unavailable(reason) if reason else _python_kernel(name, op), key)
+
+    def remove(self) -> None:
+        if isinstance(self._handle, torch.library.Library):
+            self._handle._destroy()
+        self._handle = None  # a C++ registration goes with its last reference
+
+
+def _python_kernel(name: str, op: str) -> Callable[..., None]:
+    return getattr(_triton_kernels() if name == "triton" else reference, op)
+
+
+def _unavailable(reason: str) -> Callable[..., None]:
+    def kernel(*args: Any) -> None:
+        raise BackendUnavailable(reason)
+
+    return kernel
+
+
+_active: dict[str, _Registration] = {}
+
+
+def _choose(device_type: str) -> str:
+    requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    if requested != "auto":
+        return requested
+    return next(n for n in PREFERENCE[device_type] if _why_not(n, device_type) is None)
+
+
+def _activate(device_type: str, name: str) -> None:
+    old = _active.pop(device_type, None)
+    if old is not None:
+        old.remove()
+    _active[device_type] = _Registration(name, device_type)
+
+
+def _device_types() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def active(device_type: str) -> str:
+    """The name of the backend that runs the ops for tensors on device_type now."""
+    return _active[device_type].name
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the ops with backend `name` inside the block (for every device type; where it cannot
+    run, the ops raise BackendUnavailable). Not thread-safe: the dispatcher table is global."""
+    if name not in BACKENDS and name != "auto":
+        raise BackendUnavailable(_why_not(name, "cpu"))
+    previous = {d: r.name for d, r in _active.items()}
+    try:
+        for device_type in _device_types():
+            _activate(device_type, _choose(device_type) if name == "auto" else name)
+        yield
+    finally:
+        for device_type, old in previous.items():
+            _activate(device_type, old)
+
+
+def require(name: str, device_type: str) -> None:
+    """Raise BackendUnavailable, with the reason, unless backend `name` can run on device_type."""
+    reason = _why_not(name, device_type) if name != "auto" else None
+    if reason is not None:
+        raise BackendUnavailable(reason)
+
+
+def status() -> dict[str, str | None]:
+    """Backend name -> None when it can run on some device here, else why it cannot."""
+    result: dict[str, str | None] = {}
+    for name in BACKENDS:
+        reasons = [_why_not(name, d) for d in _DEVICES[name]]
+        result[name] = None if None in reasons else reasons[0]
+    return result
+
+
+def runs_on(name: str, device_type: str) -> bool:
+    """Whether backend `name` can run the ops for tensors on device_type here."""
+    return _why_not(name, device_type) is None
+
+
+def why_not(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run the ops for tensors on device_type here; None when it can."""
+    return _why_not(name, device_type)
 
 
 def build_info(name: str) -> str:
     """What a compiled backend was built for, e.g. the CPU op's instruction set."""
-    if name == "cpp":
-        return f"built for {importlib.import_module('zounlearn._C_cpu').isa}"
+    if name == "cpp" and runs_on("cpp", "cpu"):
+        return f"built for {_import_extension('cpp').isa}"
     return ""
 
 
-def status() -> dict[str, str | None]:
-    """Backend name -> None when it can run here, else the reason it cannot."""
-    result: dict[str, str | None] = {}
-    for name in BACKENDS:
-        try:
-            load(name)
-            result[name] = None
-        except BackendUnavailable as err:
-            result[name] = str(err)
-    return result
-
-
-def select(device_type: str, requested: str | None = None) -> tuple[str, Kernels]:
-    """(name, kernels) of the backend that runs the ops for tensors on device_type."""
-    if requested in (None, "auto"):
-        requested = os.environ.get(ENV_VAR) or "auto"
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS} or 'auto'")
-        if not runs_on(requested, device_type):
-            hint = ", ".join(n for n in BACKENDS if runs_on(n, device_type))
-            raise BackendUnavailable(f"backend {requested!r} cannot run on {device_type} tensors; use one of: {hint}")
-        return requested, load(requested)
-    for name in PREFERENCE.get(device_type, ("reference",)):
-        try:
-            return name, load(name)
-        except BackendUnavailable:
-            continue
-    raise AssertionError("the reference backend is always available")
+for _device_type in _device_types():
+    _activate(_device_type, _choose(_device_type))

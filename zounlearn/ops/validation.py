@@ -1,13 +1,20 @@
-"""Argument checks shared by every backend: all run before any tensor is touched."""
+"""The one validation layer of the fused ops: the fake implementations run it when torch.compile
+traces, the public ops (zounlearn.ops) before they dispatch, and the optimizers once per step
+before their passes. Nothing here mutates; every failure names the argument and says how to
+fix it. The compiled kernels keep only the checks that guard their raw pointers.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor  # tensors torch.compile traces with
 
+from ..errors import UsageError
 from ..rng import DISTRIBUTIONS
+from .rules import RULES, Hyper, Rule
 
 MAX_TERMS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -22,109 +29,146 @@ def as_int64(value: int, name: str) -> int:
     return value - (1 << 64) if value > INT64_MAX else value
 
 
-def _address(t: torch.Tensor) -> int | None:
-    """The tensor's data address, or None when it has no data (empty, meta or fake tensors)."""
-    if t.numel() == 0 or t.device.type == "meta" or isinstance(t, FakeTensor):
-        return None
-    return t.data_ptr()
+def _describe(kind: str, i: int, t: torch.Tensor) -> str:
+    return f"{kind}[{i}] (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
 
 
-def _describe(i: int, t: torch.Tensor) -> str:
-    return f"params[{i}] (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
+def check_params(params: Sequence[torch.Tensor], offsets: Sequence[int] | None = None, kind: str = "params") -> None:
+    """Contiguous float32/bfloat16/float16 tensors on one device, no two sharing any memory; with
+    offsets, one non-negative base index per tensor and every global index below 2^63.
 
-
-def check_perturb_args(
-    params: Sequence[torch.Tensor],
-    offsets: Sequence[int],
-    coefs: Sequence[float],
-    streams: Sequence[int],
-    dist: str,
-) -> None:
-    """Raise a ValueError/TypeError that names the bad argument; never mutates."""
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
-    if not 1 <= len(coefs) <= MAX_TERMS:
-        raise ValueError(
-            f"perturb_ takes 1 to {MAX_TERMS} terms in one pass, got {len(coefs)}; split the terms over several calls"
-        )
-    if len(streams) != len(coefs):
-        raise ValueError(f"one stream per coefficient: got {len(coefs)} coefs and {len(streams)} streams")
-    if len(offsets) != len(params):
-        raise ValueError(f"one base offset per tensor: got {len(params)} tensors and {len(offsets)} offsets")
+    Runs once per optimizer step over every parameter: kept to the attribute reads it needs."""
+    if offsets is not None and len(offsets) != len(params):
+        raise UsageError(f"one base offset per tensor: got {len(params)} tensors and {len(offsets)} offsets")
     device = None
-    seen: dict[int, int] = {}
-    for i, (t, off) in enumerate(zip(params, offsets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{_describe(i, t)}: dtype must be float32, bfloat16 or float16; "
-                "integer, complex and float64 tensors are not supported"
-            )
-        if not t.is_contiguous():
-            raise ValueError(f"{_describe(i, t)} is not contiguous; pass a contiguous tensor (e.g. t.contiguous())")
+    spans = []  # (first byte, end byte, index) of the tensors that have data
+    has_memory = bool(params) and not isinstance(params[0], FakeTensor)  # tracing: all fake, no memory
+    for i, t in enumerate(params):
+        try:
+            dtype, contiguous, numel, here = t.dtype, t.is_contiguous(), t.numel(), t.device
+        except AttributeError:
+            raise TypeError(f"{kind}[{i}] must be a torch.Tensor, got {type(t).__name__}") from None
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{_describe(kind, i, t)}: dtype must be float32, bfloat16 or float16; "
+                            "integer, complex and float64 tensors are not supported")
+        if not contiguous:
+            raise UsageError(f"{_describe(kind, i, t)} is not contiguous; pass a contiguous tensor "
+                             "(e.g. t.contiguous())")
         if device is None:
-            device = t.device
-        elif t.device != device:
-            raise ValueError(
-                f"{_describe(i, t)} is on {t.device} but params[0] is on {device}; all tensors must share one device"
-            )
-        if isinstance(off, bool) or not isinstance(off, int):
-            raise TypeError(f"offsets[{i}] must be an int, got {type(off).__name__}")
-        if off < 0 or off + t.numel() > INT64_MAX:
-            raise ValueError(
-                f"offsets[{i}] = {off} for {_describe(i, t)}: global indices must lie in [0, 2^63); "
-                "base offsets are non-negative"
-            )
-        address = _address(t)
-        if address in seen:
-            raise ValueError(f"params[{i}] and params[{seen[address]}] share memory; each tensor may appear once")
-        if address is not None:
-            seen[address] = i
+            device = here
+        elif here != device:
+            raise UsageError(f"{_describe(kind, i, t)} is on {here} but {kind}[0] is on {device}; all tensors "
+                             "must share one device")
+        if offsets is not None:
+            off = offsets[i]
+            if off.__class__ is not int:
+                if isinstance(off, bool) or not isinstance(off, int):
+                    raise TypeError(f"offsets[{i}] must be an int, got {type(off).__name__}")
+            if off < 0 or off + numel > INT64_MAX:
+                raise UsageError(f"offsets[{i}] = {off} for {_describe(kind, i, t)}: global indices must lie in "
+                                 "[0, 2^63); base offsets are non-negative")
+        if numel and has_memory and here.type != "meta":
+            start = t.data_ptr()
+            spans.append((start, start + t.nbytes, i))
+    spans.sort()
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:  # distinct allocations never overlap: this is one memory, twice
+            first, second = sorted((i, j))
+            raise UsageError(f"{kind}[{second}] and {kind}[{first}] share memory; each element may appear once "
+                             "(pass each tensor once, and no overlapping views of one tensor)")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be finite, got {value}; a NaN or inf would overwrite every element")
+
+
+def check_terms(coefs: Sequence[float], streams: Sequence[int], dist: str) -> None:
+    """1 to 8 finite coefficients, one int64 stream each, a known distribution."""
+    if dist not in DISTRIBUTIONS:
+        raise UsageError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    if not 1 <= len(coefs) <= MAX_TERMS:
+        raise UsageError(f"perturb_ takes 1 to {MAX_TERMS} terms in one pass, got {len(coefs)}; split the terms "
+                         "over several calls")
+    if len(streams) != len(coefs):
+        raise UsageError(f"one stream per coefficient: got {len(coefs)} coefs and {len(streams)} streams")
+    for k, c in enumerate(coefs):
+        check_finite(f"coefs[{k}]", c)
 
 
 def _check_like(kind: str, tensors: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dtype) -> None:
     if len(tensors) != len(params):
-        raise ValueError(f"one {kind} tensor per parameter: got {len(params)} params and {len(tensors)} {kind}")
+        raise UsageError(f"one {kind} tensor per parameter: got {len(params)} params and {len(tensors)} {kind}")
     for i, (s, p) in enumerate(zip(tensors, params)):
         want = p.dtype if dtype is None else dtype
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{kind}[{i}] must be a torch.Tensor, got {type(s).__name__}")
         if s.shape != p.shape or s.dtype != want or s.device != p.device or not s.is_contiguous():
-            raise ValueError(
+            raise UsageError(
                 f"{kind}[{i}] must be a contiguous {want} tensor of shape {tuple(p.shape)} on {p.device} "
-                f"like {_describe(i, p)}; got shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}"
+                f"like {_describe('params', i, p)}; got shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}"
             )
 
 
-def check_state_args(
+def check_rule(rule: str, *, zeroth_order: bool) -> Rule:
+    """The named rule, if the op may use it."""
+    try:
+        r = Rule(rule)
+    except ValueError:
+        raise UsageError(f"unknown rule {rule!r}; the rules: {', '.join(r.value for r in RULES)}") from None
+    if zeroth_order and not r.info.zeroth_order:
+        raise UsageError(f"rule {r.value!r} is first-order only; zo_update_ takes "
+                         f"{', '.join(x.value for x, i in RULES.items() if i.zeroth_order)}")
+    return r
+
+
+def check_state(
     params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor] | None,
     m: Sequence[torch.Tensor],
     v: Sequence[torch.Tensor],
-    scales: torch.Tensor | None,
-    rule,
+    rule: Rule,
+    scales: torch.Tensor | None = None,
+    grads: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """The optimizer updates' tensors: grads like params (same dtype), state in float32.
-
-    rule is a zounlearn.ops.update.Rule; m and v are given exactly when it uses them.
-    Call check_perturb_args (zo_update_) or this alone (grad_update_) first for params.
-    """
+    """The rule's tensors besides params: state m and v in float32 exactly when the rule uses them,
+    grads like params (same dtype), scales a float32 vector with one value per tensor."""
     if grads is not None:
-        check_perturb_args(params, [0] * len(params), [0.0], [0], "rademacher")
         _check_like("grads", grads, params, None)
     for kind, tensors, used in (("m", m, rule.uses_m), ("v", v, rule.uses_v)):
         if used:
             _check_like(kind, tensors, params, torch.float32)
         elif tensors:
-            raise ValueError(f"rule {rule.name} keeps no {kind} state; pass an empty list")
-    if rule.name in ("ADAM_MOMENTS", "QUANTIZED"):
-        if grads is None:
-            raise ValueError(f"rule {rule.name} is first-order only (compressed Adam's two passes)")
-        if (
-            not isinstance(scales, torch.Tensor)
-            or scales.shape != (len(params),)
-            or scales.dtype != torch.float32
-            or (params and scales.device != params[0].device)
-        ):
-            raise ValueError(f"rule {rule.name} needs scales: a float32 tensor of shape ({len(params)},) on the params' device")
+            raise UsageError(f"rule {rule.value!r} keeps no {kind} state; pass an empty list")
+    if rule.info.scales is not None:
+        if (not isinstance(scales, torch.Tensor) or scales.shape != (len(params),) or scales.dtype != torch.float32
+                or (params and scales.device != params[0].device)):
+            raise UsageError(f"rule {rule.value!r} needs scales: a float32 tensor of shape ({len(params)},) on the "
+                             "params' device")
+
+
+def check_hyper(hyper: Sequence[float]) -> None:
+    """The update rules' scalars, in Hyper's order."""
+    for name, value in zip(Hyper._fields, hyper):
+        check_finite(name, value)
+
+
+# The ops' checks, with the ops' signatures: they are also the fake implementations.
+
+def check_perturb(params, offsets, coefs, streams, seed, dist, alpha) -> None:
+    check_terms(coefs, streams, dist)
+    check_finite("alpha", alpha)
+    check_params(params, offsets)
+
+
+def check_zo_update(params, m, v, offsets, coefs, streams, seed, dist, restore, rule, *hyper) -> None:
+    check_terms(coefs, streams, dist)
+    check_finite("restore", restore)
+    check_hyper(hyper)
+    check_params(params, offsets)
+    check_state(params, m, v, check_rule(rule, zeroth_order=True))
+
+
+def check_grad_update(params, grads, m, v, scales, rule, *hyper) -> None:
+    check_hyper(hyper)
+    check_params(params)
+    check_state(params, m, v, check_rule(rule, zeroth_order=False), scales, grads)

@@ -1,24 +1,31 @@
-"""What every zounlearn optimizer shares: counters saved in the state dict, float32 state that
-survives load_state_dict, the closure contract and its checks.
+"""What every fused zounlearn optimizer shares: torch.optim's per-parameter state (a "step" count
+per parameter, float32 moments), counters of the random stream saved in the state dict, a
+load_state_dict that validates before it changes anything, and the closure contract.
 
 The closure only computes and returns the loss (a float or a one-element tensor). Zeroth-order
 optimizers call it under torch.no_grad(); first-order ones call it with grad enabled, after
-setting the gradients to None, and call backward() themselves.
+setting the gradients to None, and call backward() themselves. A closure may carry a
+`hessian_closure` attribute: the loss whose gradient estimates the Hessian (SophiaG reads it,
+the others ignore it). `step(optimizer, closure)` takes one step of any torch optimizer on such
+a closure.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from ..checks import check_betas, check_range
-from ..ops import backends
-from ..ops.update import Hyper, Rule
+from ..errors import UsageError
+from ..ops.rules import Hyper, Rule
+from ..ops.validation import check_params, check_state
 
 Closure = Callable[[], "torch.Tensor | float"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+COUNTERS = "zounlearn"  # the state dict's entry for the optimizer-wide counters
 
 
 def loss_value(value: Any) -> float:
@@ -32,38 +39,74 @@ def loss_value(value: Any) -> float:
         return float(value.detach())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise TypeError(f"the closure must return a scalar loss (a float or a one-element tensor), got {type(value).__name__}")
+    raise TypeError(f"the closure must return a scalar loss (a float or a one-element tensor), got "
+                    f"{type(value).__name__}")
 
 
-class CountedOptimizer(torch.optim.Optimizer):
-    """torch.optim.Optimizer with global counters (steps taken, random directions drawn) that
-    travel in the state dict, and float32 state kept float32 when loaded next to half parameters
-    (torch casts floating state to the parameter's dtype)."""
+def backward(closure: Closure, optimizer: torch.optim.Optimizer, who: str) -> tuple[Any, bool]:
+    """Set the gradients to None, call closure with grad enabled, and backward() its loss when it is
+    finite: (loss, finite). A non-finite loss leaves the gradients None and warns that who skips."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = closure()
+        value = loss_value(loss)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise TypeError(f"{who} is first-order: the closure must return a loss tensor that requires grad "
+                            "(computed from the parameters with grad enabled), not a float or a detached tensor")
+        finite = math.isfinite(value)
+        if finite:
+            loss.backward()
+        else:
+            warnings.warn(f"{who}: the closure returned a non-finite loss ({value}); the step was skipped",
+                          RuntimeWarning, stacklevel=3)
+    return loss, finite
 
+
+def step(optimizer: torch.optim.Optimizer, closure: Closure) -> float:
+    """One step of any torch.optim optimizer on a loss-only closure; returns the loss (before the step).
+
+    zounlearn's optimizers take the closure as it is; any other optimizer gets the gradients of
+    its loss (a non-finite loss skips the step with a warning), and they are freed afterwards."""
+    if getattr(optimizer, "takes_loss_closure", False):
+        return loss_value(optimizer.step(closure))
+    loss, finite = backward(closure, optimizer, type(optimizer).__name__)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value(loss)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the optimizers whose update is one fused pass (torch.ops.zounlearn.*).
+
+    Per-parameter state as torch.optim keeps it: state[p]["step"] (an int: the steps that updated
+    p, so a parameter that joins late is bias-corrected from its own first step) and the rule's
+    float32 moments, named by `state_keys`, kept float32 when a state dict is loaded next to half
+    parameters (torch would cast them). Optimizer-wide counters (`_counters`) travel in the state
+    dict's "zounlearn" entry.
+    """
+
+    takes_loss_closure = True  # step(closure) wants a closure that only returns the loss
     # Names of the rules' m and v in self.state[p].
     state_keys: tuple[str, str] = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: str | None = None) -> None:
-        super().__init__(params, defaults)
-        self.backend = backend
-        self.steps = 0
+    def _counters(self) -> dict[str, Any]:
+        return {"optimizer": type(self).__name__}
 
-    def _counters(self) -> dict[str, int]:
-        return {"steps": self.steps}
-
-    def _set_counters(self, counters: dict[str, int]) -> None:
-        self.steps = counters["steps"]
+    def _set_counters(self, counters: dict[str, Any]) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["zounlearn"] = self._counters()
+        sd[COUNTERS] = self._counters()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, after checking everything it would not: whose state dict this is,
+        that every state tensor fits its parameter. A refused state dict changes nothing."""
+        self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
-        if "zounlearn" not in state_dict:
-            raise ValueError(f"not a {type(self).__name__} state dict: it has no 'zounlearn' counters entry")
-        counters = state_dict.pop("zounlearn")
+        counters = state_dict.pop(COUNTERS)
         super().load_state_dict(state_dict)
         # Put back the saved float32 state that torch just cast to each parameter's dtype.
         params = [p for g in self.param_groups for p in g["params"]]
@@ -74,30 +117,73 @@ class CountedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self._set_counters(counters)
 
-    def _state(self, p: torch.Tensor, keys: tuple[str, ...]) -> list[torch.Tensor]:
-        """p's float32 state tensors named keys, created as zeros on first use."""
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        counters = state_dict.get(COUNTERS) if isinstance(state_dict, dict) else None
+        if not isinstance(counters, dict) or counters.get("optimizer") != name:
+            got = counters.get("optimizer") if isinstance(counters, dict) else "no zounlearn optimizer"
+            raise UsageError(f"not a {name} state dict: it is from {got} (its 'zounlearn' entry); load the state "
+                             f"dict of the same optimizer class")
+        missing = sorted(set(self._counters()) - set(counters))
+        if missing:
+            raise UsageError(f"the {name} state dict lacks its counters {', '.join(missing)}")
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+                len(saved["params"]) != len(group["params"]) for saved, group in zip(groups, self.param_groups)):
+            raise UsageError(f"the {name} state dict has {[len(g['params']) for g in groups]} parameters per group, "
+                             f"this optimizer {[len(g['params']) for g in self.param_groups]}")
+        allowed = {"step", *self.state_keys}
+        ids = [i for g in groups for i in g["params"]]
+        for param_id, p in zip(ids, (p for g in self.param_groups for p in g["params"])):
+            for key, value in state_dict.get("state", {}).get(param_id, {}).items():
+                if key not in allowed:
+                    raise UsageError(f"the {name} state dict holds {key!r} for a parameter; {name} keeps "
+                                     f"{', '.join(sorted(allowed))}")
+                if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise UsageError(f"the {name} state dict's {key!r} has shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}; it belongs to another model")
+
+    def _moments(self, rule: Rule | None, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The rule's m and v of each parameter (float32, created as zeros on first use); [] for what
+        the rule does not keep."""
+        if rule is None:
+            return [], []
+        lists: list[list[torch.Tensor]] = []
+        for key, used in zip(self.state_keys, (rule.uses_m, rule.uses_v)):
+            lists.append([self._state(p, key) for p in params] if used else [])
+        return lists[0], lists[1]
+
+    def _state(self, p: torch.Tensor, key: str) -> torch.Tensor:
         state = self.state[p]
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        return [state[key] for key in keys]
+        if key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return state[key]
 
-    def _rule_states(self, rule: Rule | None, params: list[torch.Tensor], which: int) -> list[torch.Tensor]:
-        """m (which=0) or v (which=1) of each param for rule; [] when the rule keeps no such state."""
-        if rule is None or not (rule.uses_m, rule.uses_v)[which]:
-            return []
-        keys = rule_state(rule, self.state_keys)
-        return [self._state(p, keys)[keys.index(self.state_keys[which])] for p in params]
+    def _checked(self, rule: Rule | None, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None,
+                 scales: torch.Tensor | None = None, *, check_tensors: bool = True) -> None:
+        """The fused pass's arguments, checked once per step before any write (state loaded from a
+        state dict may not fit); check_tensors=False when the caller checks the params themselves."""
+        if check_tensors:
+            check_params(params)
+        if rule is not None:
+            m, v = self._moments(rule, params)
+            check_state(params, m, v, rule, scales, grads)
 
-    def _kernels(self, device: torch.device) -> backends.Kernels:
-        return backends.select(device.type, self.backend)[1]
+    def _count_steps(self, params: list[torch.Tensor]) -> dict[int, list[int]]:
+        """Add one to each parameter's step; {step: indices of the params at that step} in order."""
+        by_step: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            by_step.setdefault(state["step"], []).append(i)
+        return by_step
 
 
-def rule_state(rule: Rule | None, keys: tuple[str, str]) -> tuple[str, ...]:
-    """The state keys a rule keeps, from the optimizer's names for (m, v)."""
-    if rule is None:
-        return ()
-    return tuple(k for k, used in zip(keys, (rule.uses_m, rule.uses_v)) if used)
+def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
+    """Adam-type scalars of a param group with betas, eps and weight_decay, at a parameter's step."""
+    b1, b2 = group["betas"]
+    return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
+                      step=step, **extra)
 
 
-__all__ = ["Closure", "CountedOptimizer", "Hyper", "ParamsT", "Rule", "check_betas", "check_range", "loss_value", "rule_state"]
+__all__ = ["COUNTERS", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam", "loss_value", "step"]

@@ -1,80 +1,71 @@
-"""Base of the fused first-order optimizers: one grad_update_ pass per param group."""
+"""Base of the fused first-order optimizers: one grad_update_ pass per param group and step count.
+
+step() uses the gradients in p.grad; step(closure) first sets them to None, calls the closure
+with grad enabled and calls backward() on the loss it returns. As in torch.optim, a parameter
+without a gradient is skipped (its state and step count stay as they are), and each parameter's
+bias correction uses its own step count. A non-finite loss from the closure skips the update
+(as the ZO optimizers do); without a closure the update always runs, like torch.optim's.
+"""
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
 
-from ..ops.validation import check_state_args
-from .base import Closure, CountedOptimizer, Hyper, Rule, loss_value
+from ..ops.library import ops
+from ..ops.rules import Hyper, Rule
+from .base import Closure, FusedOptimizer, backward
 
 
-class FirstOrderOptimizer(CountedOptimizer):
-    """step() uses the gradients in p.grad; step(closure) first sets them to None, calls the
-    closure with grad enabled and calls backward() on the loss it returns. A non-finite loss
-    from the closure skips the update (as the ZO optimizers do); without a closure the update
-    always runs, like torch.optim's."""
+class FirstOrderOptimizer(FusedOptimizer):
+    """Subclasses name their `rule` and `_hyper(group, step)`; the rule's m and v live in
+    state[p][state_keys[0]] and state[p][state_keys[1]]."""
 
     rule: ClassVar[Rule]
 
     def _hyper(self, group: dict[str, Any], step: int) -> Hyper:
         raise NotImplementedError
 
-    def _loss(self, closure: Closure) -> tuple[torch.Tensor, bool]:
-        """(loss, finite); backward() has run when it is finite."""
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            finite = math.isfinite(loss_value(loss))
-            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                raise TypeError(
-                    f"{type(self).__name__} is first-order: the closure must return a loss tensor that requires grad "
-                    "(computed from the parameters with grad enabled), not a float or a detached tensor"
-                )
-            if finite:
-                loss.backward()
-        return loss, finite
-
-    def _grouped(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
-        """(group, params, grads) of the parameters that have a gradient, checked before any write."""
+    def _with_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        """(group, params, grads) of each group's parameters that have a gradient, checked before any write."""
         out = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            check_state_args(params, grads, self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1), self._scales(params),
-                             self.rule)
+            self._checked(self.rule, params, grads, self._scales(params))
             out.append((group, params, grads))
         return out
 
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """The per-tensor scales the rule needs (compressed Adam's), else None."""
         return None
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | float | None:  # type: ignore[override]
+        return self._step(closure)[0]
+
+    def _step(self, closure: Closure | None) -> tuple[Any, bool]:
+        """(the closure's loss or None, whether the update ran)."""
         loss = None
         if closure is not None:
-            loss, finite = self._loss(closure)
+            loss, finite = backward(closure, self, type(self).__name__)
             if not finite:
-                warnings.warn(f"{type(self).__name__}: the closure returned a non-finite loss ({loss_value(loss)}); "
-                              "the step was skipped", RuntimeWarning, stacklevel=2)
-                return loss
-        groups = self._grouped()
-        for group, params, grads in groups:
-            if params:
-                self._apply(group, params, grads, self._hyper(group, self.steps + 1))
-        self.steps += 1
-        return loss
+                return loss, False
+        for group, params, grads in self._with_grads():
+            for step, indices in self._count_steps(params).items():
+                self._apply(group, [params[i] for i in indices], [grads[i] for i in indices],
+                            self._hyper(group, step))
+        return loss, True
 
-    def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], hyper: Hyper) -> None:
-        kernels = self._kernels(params[0].device)
-        kernels.grad_update_(params, grads, self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1), None, int(self.rule),
-                             list(hyper))
+    def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+               hyper: Hyper) -> None:
+        m, v = self._moments(self.rule, params)
+        ops.grad_update_(params, grads, m, v, None, self.rule.value, *hyper)
 
 
 __all__ = ["FirstOrderOptimizer"]

@@ -1,112 +1,143 @@
 """The hybrid first-order / zeroth-order optimizer of "Downgrade to Upgrade" (ICLR 2026).
 
-Blocks alternate: fo_steps first-order steps with an inner first-order optimizer (Adam by
-default, any torch optimizer or ours), then zo_steps zeroth-order steps with an inner ZO
-optimizer (AdaZO by default, any of ours). Given total_steps, the schedule is laid out from
-the end so that the last block is zeroth-order; without it, it starts with a first-order
-block. Both inner optimizers keep their state across blocks.
+Blocks alternate: `block` first-order steps with an inner first-order optimizer (torch's Adam by
+default, any torch optimizer or ours), then `zo_block` zeroth-order steps with an inner ZO
+optimizer (AdaZO by default, any of ours). Given total_steps, the schedule is laid out from the
+end so that the last block is zeroth-order; without it, it starts with a first-order block.
+Both inner optimizers keep their state across blocks.
 
-Memory: the peak is the first-order phase's (gradients plus the inner optimizer's state);
-gradients are freed after each first-order step, so ZO blocks run at inference memory plus
-the ZO optimizer's state.
+It is a torch.optim.Optimizer whose param groups carry `lr` (the first-order phase's rate) and
+`zo_lr` (the zeroth-order phase's); the inner optimizers' groups mirror them and follow them at
+every step. A torch LR scheduler on the hybrid changes each group's lr, and the zeroth-order
+phase follows in proportion (zo_lr * lr / initial_lr, initial_lr being what the scheduler
+recorded), so one schedule drives both phases.
+
+Memory: both inner states persist, so the steady state holds the first-order optimizer's state
+and the zeroth-order one's (Adam + AdaZO: 16 bytes of float32 moments per parameter) plus, in a
+first-order step, the gradients; they are freed after each first-order step.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .base import Closure, loss_value
+from ..checks import check_int, check_range
+from ..errors import UsageError
+from .base import Closure, FusedOptimizer, ParamsT, step
 from .zo import AdaZO, ZeroOrderOptimizer
 
-OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+# A factory gets the hybrid's param groups ([{"params": [...]}, ...]) and builds the inner optimizer.
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 class HybridFOZO(torch.optim.Optimizer):
     """step(closure) runs one step of the phase the schedule says; last_phase is "fo" or "zo".
 
-    fo_optimizer / zo_optimizer: factories that take the parameter list, e.g.
-    lambda ps: torch.optim.AdamW(ps, lr=1e-5). Defaults: Adam(lr=fo_lr) and AdaZO(lr=zo_lr, seed=seed).
+    fo_optimizer / zo_optimizer: factories that take the param groups, e.g.
+    lambda groups: torch.optim.AdamW(groups, lr=1e-5). Defaults: Adam(lr=lr) and AdaZO(lr=zo_lr,
+    seed=seed). The inner optimizers' learning rates are set from the hybrid's groups at every
+    step, whatever the factories gave them.
     """
+
+    takes_loss_closure = True
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
+        lr: float = 1e-5,
         *,
-        fo_optimizer: OptimizerFactory | None = None,
-        zo_optimizer: Callable[[list[torch.Tensor]], ZeroOrderOptimizer] | None = None,
-        fo_lr: float = 1e-5,
         zo_lr: float = 1e-5,
+        fo_optimizer: OptimizerFactory | None = None,
+        zo_optimizer: Callable[[list[dict[str, Any]]], ZeroOrderOptimizer] | None = None,
         block: int = 20,
         zo_block: int | None = None,
         total_steps: int | None = None,
         seed: int = 0,
     ) -> None:
         zo_block = block if zo_block is None else zo_block
-        for name, value in (("block", block), ("zo_block", zo_block)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
-        super().__init__(params, {})
-        plist = [p for g in self.param_groups for p in g["params"]]
-        self.fo = fo_optimizer(plist) if fo_optimizer else torch.optim.Adam(plist, lr=fo_lr)
-        self.zo = zo_optimizer(plist) if zo_optimizer else AdaZO(plist, lr=zo_lr, seed=seed)
+        check_range("lr", lr, 0.0)
+        check_range("zo_lr", zo_lr, 0.0)
+        check_int("block", block, 1)
+        check_int("zo_block", zo_block, 1)
+        if total_steps is not None:
+            check_int("total_steps", total_steps, 1)
+        super().__init__(params, {"lr": lr, "zo_lr": zo_lr})
+        # Each inner optimizer its own group dicts: torch.optim keeps and fills the ones it is given.
+        groups = lambda: [{"params": list(g["params"])} for g in self.param_groups]  # noqa: E731
+        self.fo = fo_optimizer(groups()) if fo_optimizer else torch.optim.Adam(groups(), lr=lr)
+        self.zo = zo_optimizer(groups()) if zo_optimizer else AdaZO(groups(), lr=zo_lr, seed=seed)
         if not isinstance(self.zo, ZeroOrderOptimizer):
             raise TypeError(f"zo_optimizer must build a zounlearn zeroth-order optimizer, got {type(self.zo).__name__}")
+        for inner in (self.fo, self.zo):
+            if len(inner.param_groups) != len(self.param_groups):
+                raise UsageError(f"the hybrid's {type(inner).__name__} has {len(inner.param_groups)} param groups, "
+                                 f"the hybrid {len(self.param_groups)}: a factory must keep the groups it is given")
         self.fo_steps, self.zo_steps, self.total_steps = block, zo_block, total_steps
         self.steps = 0
         self.last_phase: str | None = None
+        self._follow_rates()
 
-    def phase(self, step: int) -> str:
-        """"fo" or "zo" for step index `step` (0-based)."""
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "zo"):  # after __init__: the inner optimizers get the group too
+            for inner in (self.fo, self.zo):
+                inner.add_param_group({"params": list(self.param_groups[-1]["params"])})
+            self._follow_rates()
+
+    def phase(self, step_index: int) -> str:
+        """"fo" or "zo" for step index `step_index` (0-based)."""
         cycle = self.fo_steps + self.zo_steps
         if self.total_steps is None:
-            return "fo" if step % cycle < self.fo_steps else "zo"
+            return "fo" if step_index % cycle < self.fo_steps else "zo"
         # Counted from the last step back: the final zo_steps steps are ZO, the fo_steps before FO, ...
-        return "zo" if (self.total_steps - 1 - step) % cycle < self.zo_steps else "fo"
+        return "zo" if (self.total_steps - 1 - step_index) % cycle < self.zo_steps else "fo"
 
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+    def _follow_rates(self) -> None:
+        for group, fo, zo in zip(self.param_groups, self.fo.param_groups, self.zo.param_groups):
+            fo["lr"] = group["lr"]
+            scheduled = group.get("initial_lr")
+            zo["lr"] = group["zo_lr"] * (group["lr"] / scheduled if scheduled else 1.0)
+
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
         if closure is None:
-            raise ValueError("HybridFOZO needs a closure that returns the loss; it calls backward() itself in FO phases")
+            raise ValueError("HybridFOZO needs a closure that returns the loss; it calls backward() itself in "
+                             "first-order steps")
+        self._follow_rates()
         phase = self.phase(self.steps)
         self.last_phase = phase
         if phase == "zo":
-            before = self.zo.steps
+            before = self.zo.draws
             loss = self.zo.step(closure)
-            self.steps += self.zo.steps > before  # a skipped ZO step (non-finite loss) does not count
+            self.steps += self.zo.draws > before  # a skipped ZO step (non-finite loss) does not count
             return loss
-        self.fo.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            value = loss_value(loss)
-            if value != value or abs(value) == float("inf"):
-                warnings.warn(f"HybridFOZO: the closure returned a non-finite loss ({value}); the first-order step "
-                              "was skipped", RuntimeWarning, stacklevel=2)
-                self.fo.zero_grad(set_to_none=True)
-                return loss
-            loss.backward()
-        self.fo.step()
+        loss = step(self.fo, closure)
         self.fo.zero_grad(set_to_none=True)  # free the gradients before a ZO block
-        self.steps += 1
+        self.steps += math.isfinite(loss)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.fo.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fo": self.fo.state_dict(), "zo": self.zo.state_dict(), "steps": self.steps,
+        return {**super().state_dict(), "fo": self.fo.state_dict(), "zo": self.zo.state_dict(), "steps": self.steps,
                 "schedule": [self.fo_steps, self.zo_steps, self.total_steps]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if list(state_dict.get("schedule", [])) != [self.fo_steps, self.zo_steps, self.total_steps]:
-            raise ValueError(
-                f"the state dict's schedule (fo, zo, total) = {state_dict.get('schedule')} differs from this "
-                f"optimizer's {[self.fo_steps, self.zo_steps, self.total_steps]}; build it with the same block sizes"
-            )
+        """Everything checked that can be before anything changes."""
+        schedule = [self.fo_steps, self.zo_steps, self.total_steps]
+        if not isinstance(state_dict, dict) or not {"fo", "zo", "steps", "schedule"} <= set(state_dict):
+            raise UsageError("not a HybridFOZO state dict: it lacks the fo, zo, steps and schedule entries")
+        if list(state_dict["schedule"]) != schedule:
+            raise UsageError(f"the state dict's schedule (fo, zo, total) = {state_dict['schedule']} differs from this "
+                             f"optimizer's {schedule}; build it with the same block sizes")
+        self.zo._check_state_dict(state_dict["zo"])
+        if isinstance(self.fo, FusedOptimizer):
+            self.fo._check_state_dict(state_dict["fo"])
         self.fo.load_state_dict(state_dict["fo"])
         self.zo.load_state_dict(state_dict["zo"])
+        super().load_state_dict({"state": state_dict.get("state", {}), "param_groups": state_dict["param_groups"]})
         self.steps = state_dict["steps"]

@@ -1,11 +1,12 @@
 """Optimizers by name, for the unlearning loop and the command line.
 
-`make_optimizer("adazo", params, lr=1e-5, seed=0, mu=1e-3)` builds one; `OPTIMIZERS` lists
-every name with its grade (the axis of "Downgrade to Upgrade": first order, compressed first
-order, zeroth order, hybrid, second order) and its default learning rate. The defaults are
-the usual starting points for LLM unlearning (1e-5 for Adam-like and sign updates, as in
-TOFU's and NPO's fine-tuning runs; 1e-6 for ZO-SGD, MeZO's range), not tuned values:
-every model and objective wants its own, so pass `lr`.
+`make_optimizer("adazo", params, lr=1e-5, seed=0, mu=1e-3)` builds one; `OPTIMIZERS` lists every
+name with its grade (the axis of "Downgrade to Upgrade": first order, compressed first order,
+zeroth order, hybrid, second order) and its default learning rate. The defaults are the usual
+starting points for LLM unlearning (1e-5 for Adam-like and sign updates, as in TOFU's and NPO's
+fine-tuning runs; 1e-6 for ZO-SGD, MeZO's range), not tuned values: every model and objective
+wants its own, so pass `lr`. `check_optimizer_options` validates a name and its options without
+building anything a caller can see, so that a command fails before it loads a model.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 
 import torch
 
+from ..checks import check_betas, check_range
+from ..errors import UsageError
 from .hybrid import HybridFOZO
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG
-from .zo import ZOSGD, AdaZO, ZOAdam, ZOSignSGD
+from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
 
 
 @dataclass(frozen=True)
@@ -45,62 +48,105 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "hybrid": OptimizerSpec(HybridFOZO, "hybrid", 1e-5, seeded=True),
 }
 
-# Options of the hybrid's inner optimizers, passed as zo_<option> (e.g. zo_mu, zo_queries).
-_HYBRID_ZO_OPTIONS = ("mu", "queries", "dist", "estimator", "betas", "eps", "weight_decay", "backend")
+# Options of the hybrid's zeroth-order phase (AdaZO), passed as zo_<option> (e.g. zo_mu, zo_queries).
+_HYBRID_ZO_OPTIONS = ("mu", "queries", "dist", "estimator", "betas", "eps", "weight_decay")
+_HYBRID_OPTIONS = ("fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer")
+# torch's own optimizers check their options with bare comparisons (a string gives a TypeError
+# deep inside); these run first, with our messages.
+_TORCH_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "betas": lambda name, value: check_betas(value, name),
+    "eps": lambda name, value: check_range(name, value, 0.0, open_low=True),
+    "weight_decay": lambda name, value: check_range(name, value, 0.0),
+    "momentum": lambda name, value: check_range(name, value, 0.0, 1.0),
+    "dampening": lambda name, value: check_range(name, value, 0.0, 1.0),
+}
+_TORCH_FLAGS = ("amsgrad", "nesterov", "maximize", "foreach", "capturable", "differentiable", "fused")
 
 
 def optimizer_options(name: str) -> list[str]:
     """The keyword options `make_optimizer(name, ...)` accepts besides lr and seed."""
     spec = _spec(name)
     if spec.cls is HybridFOZO:
-        return ["fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer", *(f"zo_{o}" for o in _HYBRID_ZO_OPTIONS)]
+        return [*_HYBRID_OPTIONS, *(f"zo_{o}" for o in _HYBRID_ZO_OPTIONS)]
     accepted = [n for n in _keywords(spec.cls) if n not in ("params", "lr", "seed")]
-    return accepted + (["queries", "mu", "dist", "estimator", "backend"] if spec.seeded else [])
+    return accepted + (_keywords_zo() if spec.seeded else [])
 
 
 def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | None = None, seed: int = 0,
                    total_steps: int | None = None, **options: Any) -> torch.optim.Optimizer:
     """The optimizer called `name` over params. lr None: the default in OPTIMIZERS.
 
-    For "hybrid", lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names
-    the first-order phase's optimizer ("adamw" by default, any non-ZO name here), the ZO
-    phase is AdaZO with the zo_* options; total_steps lays the schedule out so the run ends
-    on a ZO block.
+    For "hybrid", lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names the
+    first-order phase's optimizer ("adamw" by default, any non-ZO name here), the ZO phase is
+    AdaZO with the zo_* options; total_steps lays the schedule out so the run ends on a ZO block.
+    Bad names and options raise UsageError before anything is built.
     """
     spec = _spec(name)
-    unknown = sorted(set(options) - set(optimizer_options(name)))
-    if unknown:
-        raise ValueError(f"optimizer {name} has no option {', '.join(unknown)}; its options: "
-                         f"{', '.join(optimizer_options(name))}")
+    _check_options(name, spec, options)
     lr = spec.lr if lr is None else lr
+    check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        return _hybrid(params, lr, seed, total_steps, options)
+        return _hybrid(params, lr, seed, total_steps, dict(options))
     if spec.seeded:
         options["seed"] = seed
-    return spec.cls(params, lr=lr, **options)
+    if not spec.cls.__module__.startswith("torch."):
+        return spec.cls(params, lr=lr, **options)
+    try:
+        return spec.cls(params, lr=lr, **options)
+    except (TypeError, ValueError) as err:  # an option torch checks itself, e.g. a wrong type
+        raise UsageError(f"optimizer {name}: {err}") from None
+
+
+def check_optimizer_options(name: str, options: dict[str, Any], lr: float | None = None) -> None:
+    """Raise UsageError, naming the option, unless make_optimizer(name, ..., **options) would build
+    (it builds one over a one-element stand-in parameter and drops it)."""
+    make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr=lr, **options)
+
+
+def _check_options(name: str, spec: OptimizerSpec, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(optimizer_options(name)))
+    if unknown:
+        raise UsageError(f"optimizer {name} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(optimizer_options(name))}")
+    if spec.cls.__module__.startswith("torch."):
+        for key, value in options.items():
+            if key in _TORCH_OPTION_CHECKS:
+                _TORCH_OPTION_CHECKS[key](key, value)
+            elif key in _TORCH_FLAGS and not isinstance(value, bool):
+                raise UsageError(f"{key} must be true or false, got {value!r}")
 
 
 def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int | None, options: dict[str, Any]
             ) -> HybridFOZO:
     fo_name = options.pop("fo_optimizer", "adamw")
-    if _spec(fo_name).grade in ("zeroth-order", "hybrid"):
-        raise ValueError(f"the hybrid's fo_optimizer must be a first-order optimizer, got {fo_name!r}")
+    if not isinstance(fo_name, str) or fo_name.lower() not in OPTIMIZERS or \
+            OPTIMIZERS[fo_name.lower()].grade in ("zeroth-order", "hybrid"):
+        first_order = [n for n, s in OPTIMIZERS.items() if s.grade not in ("zeroth-order", "hybrid")]
+        raise UsageError(f"the hybrid's fo_optimizer must be a first-order optimizer, one of "
+                         f"{', '.join(first_order)}; got {fo_name!r}")
     fo_lr, zo_lr = options.pop("fo_lr", lr), options.pop("zo_lr", lr)
+    check_range("fo_lr", fo_lr, 0.0)
+    check_range("zo_lr", zo_lr, 0.0)
     blocks = {key: options.pop(key) for key in ("block", "zo_block") if key in options}
     zo = {key[3:]: value for key, value in options.items()}  # what is left: zo_<option>
-    return HybridFOZO(params, fo_optimizer=lambda ps: make_optimizer(fo_name, ps, lr=fo_lr),
-                      zo_optimizer=lambda ps: AdaZO(ps, lr=zo_lr, seed=seed, **zo), total_steps=total_steps,
+    return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr, fo_optimizer=lambda groups: make_optimizer(fo_name, groups),
+                      zo_optimizer=lambda groups: AdaZO(groups, lr=zo_lr, seed=seed, **zo), total_steps=total_steps,
                       seed=seed, **blocks)
 
 
 def _spec(name: str) -> OptimizerSpec:
     spec = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
     if spec is None:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     return spec
 
 
 def _keywords(cls: Callable[..., Any]) -> list[str]:
     return [n for n, p in inspect.signature(cls).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _keywords_zo() -> list[str]:
+    """The options every zeroth-order optimizer takes from ZeroOrderOptimizer."""
+    return [n for n in _keywords(ZeroOrderOptimizer) if n not in ("params", "defaults", "seed")]

@@ -6,7 +6,10 @@ from typing import Any
 
 import torch
 
-from .base import Hyper, ParamsT, Rule, check_betas, check_range
+from ..checks import check_betas, check_int, check_range
+from ..ops.library import ops
+from ..ops.rules import Hyper, Rule
+from .base import ParamsT, hyper_adam
 from .first_order import FirstOrderOptimizer
 
 
@@ -15,10 +18,10 @@ class SignSGD(FirstOrderOptimizer):
 
     rule = Rule.SIGN
 
-    def __init__(self, params: ParamsT, lr: float = 1e-4, *, weight_decay: float = 0.0, backend: str | None = None):
+    def __init__(self, params: ParamsT, lr: float = 1e-4, *, weight_decay: float = 0.0) -> None:
         check_range("lr", lr, 0.0)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, backend=backend)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def _hyper(self, group, step):
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"])
@@ -29,12 +32,11 @@ class SignAdam(FirstOrderOptimizer):
 
     rule = Rule.SIGN_ADAM
 
-    def __init__(self, params: ParamsT, lr: float = 1e-4, *, beta: float = 0.9, weight_decay: float = 0.0,
-                 backend: str | None = None):
+    def __init__(self, params: ParamsT, lr: float = 1e-4, *, beta: float = 0.9, weight_decay: float = 0.0) -> None:
         check_range("lr", lr, 0.0)
         check_range("beta", beta, 0.0, 1.0)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, backend=backend)
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
 
     def _hyper(self, group, step):
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=group["beta"])
@@ -51,27 +53,22 @@ class CompressedAdam(FirstOrderOptimizer):
     rule = Rule.ADAM_MOMENTS
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, bits: int = 4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         check_range("lr", lr, 0.0)
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ValueError(f"bits must be an int from 1 to 16, got {bits!r}")
-        check_betas(betas)
+        check_int("bits", bits, 1, 16)
+        betas = check_betas(betas)
         check_range("eps", eps, 0.0, open_low=True)
         check_range("weight_decay", weight_decay, 0.0)
-        defaults = {"lr": lr, "bits": bits, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, {"lr": lr, "bits": bits, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     def _hyper(self, group, step):
-        b1, b2 = group["betas"]
-        return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
-                          step=step, bits=group["bits"])
+        return hyper_adam(group, step, bits=group["bits"])
 
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        return torch.zeros(len(params), device=params[0].device) if params else None
+        return torch.zeros(len(params), device=params[0].device)
 
     def _apply(self, group: dict[str, Any], params, grads, hyper) -> None:
-        kernels = self._kernels(params[0].device)
-        m, v = self._rule_states(self.rule, params, 0), self._rule_states(self.rule, params, 1)
+        m, v = self._moments(self.rule, params)
         scales = self._scales(params)
-        kernels.grad_update_(params, grads, m, v, scales, int(Rule.ADAM_MOMENTS), list(hyper))
-        kernels.grad_update_(params, grads, m, v, scales, int(Rule.QUANTIZED), list(hyper))
+        ops.grad_update_(params, grads, m, v, scales, Rule.ADAM_MOMENTS.value, *hyper)
+        ops.grad_update_(params, grads, m, v, scales, Rule.QUANTIZED.value, *hyper)

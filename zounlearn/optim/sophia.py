@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Closure, Hyper, ParamsT, Rule, check_betas, check_range, loss_value
+from ..checks import check_betas, check_int, check_range
+from ..ops.rules import Rule
+from .base import Closure, ParamsT, hyper_adam, loss_value
 from .first_order import FirstOrderOptimizer
 
 
@@ -32,40 +34,48 @@ def gnb_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class SophiaG(FirstOrderOptimizer):
-    """step(closure=None, hessian_closure=None). After every update_period-th step, when a
-    hessian_closure is given, the Hessian estimate is refreshed from it (e.g.
-    lambda: gnb_loss(model(x).logits)); it averages over hessian_batch_size sampled labels.
-    Before the first refresh h = 0 and the update is lr sign(m), as in the reference code."""
+    """step(closure=None, hessian_closure=None). After every update_period-th step of the optimizer
+    the Hessian estimate is refreshed from hessian_closure, or else from the closure's own
+    `hessian_closure` attribute when it has one (e.g. lambda: gnb_loss(model(x).logits)); it
+    averages over hessian_batch_size sampled labels. Before the first refresh h = 0 and the update
+    is lr sign(m), as in the reference code. update_period and hessian_batch_size are the
+    optimizer's (one refresh covers every group); the rest are per group."""
 
     rule = Rule.SOPHIA
     state_keys = ("exp_avg", "hessian")
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, eps: float = 1e-15, weight_decay: float = 0.1, update_period: int = 10,
-                 hessian_batch_size: int = 1, backend: str | None = None) -> None:
+                 hessian_batch_size: int = 1) -> None:
         check_range("lr", lr, 0.0)
-        check_betas(betas)
+        betas = check_betas(betas)
         check_range("rho", rho, 0.0, open_low=True)
         check_range("eps", eps, 0.0, open_low=True)
         check_range("weight_decay", weight_decay, 0.0)
-        for name, value in (("update_period", update_period), ("hessian_batch_size", hessian_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        defaults = {"lr": lr, "betas": tuple(betas), "rho": rho, "eps": eps, "weight_decay": weight_decay}
+        check_int("update_period", update_period, 1)
+        check_int("hessian_batch_size", hessian_batch_size, 1)
+        defaults = {"lr": lr, "betas": betas, "rho": rho, "eps": eps, "weight_decay": weight_decay}
         self.update_period, self.hessian_batch_size = update_period, hessian_batch_size
-        super().__init__(params, defaults, backend=backend)
+        self.steps = 0  # steps taken, for the refresh period
+        super().__init__(params, defaults)
 
     def _hyper(self, group, step):
-        b1, b2 = group["betas"]
-        return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
-                          rho=group["rho"])
+        return hyper_adam(group, step, rho=group["rho"])
+
+    def _counters(self) -> dict[str, Any]:
+        return {**super()._counters(), "steps": self.steps}
+
+    def _set_counters(self, counters: dict[str, Any]) -> None:
+        self.steps = counters["steps"]
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, hessian_closure: Closure | None = None) -> Any:  # type: ignore[override]
-        steps = self.steps
-        loss = super().step(closure)
-        if hessian_closure is not None and self.steps > steps and self.steps % self.update_period == 0:
-            self.update_hessian(hessian_closure)
+        hessian_closure = hessian_closure or getattr(closure, "hessian_closure", None)
+        loss, updated = self._step(closure)
+        if updated:
+            self.steps += 1
+            if hessian_closure is not None and self.steps % self.update_period == 0:
+                self.update_hessian(hessian_closure)
         return loss
 
     @torch.no_grad()
@@ -82,6 +92,6 @@ class SophiaG(FirstOrderOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                h = self._state(p, self.state_keys)[1]
+                h = self._state(p, self.state_keys[1])
                 h.mul_(b2).add_(p.grad.float().square().mul_((1.0 - b2) * self.hessian_batch_size))
         self.zero_grad(set_to_none=True)

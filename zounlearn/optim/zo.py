@@ -1,16 +1,17 @@
 """Zeroth-order optimizers: forward passes only, directions regenerated, never stored.
 
-One step with q queries (central difference, the default):
+One step with q queries (central difference, the default), each group g perturbed by its mu_g:
 
-    for j in 0 .. q-1:  theta += mu z_j            (fused with the restore of query j-1)
-                        L+ = closure(); theta -= 2 mu z_j; L- = closure()
-                        g_j = (L+ - L-) / (2 mu)
-    one pass:           theta += mu z_{q-1}, then the update with g_hat = (1/q) sum_j g_j z_j
+    for j in 0 .. q-1:  theta_g += mu_g z_j        (fused with the restore of query j-1)
+                        L+ = closure(); theta_g -= 2 mu_g z_j; L- = closure()
+                        d_j = (L+ - L-) / 2
+    one pass per group: theta_g += mu_g z_{q-1}, then the update with g_hat = (1/q) sum_j (d_j / mu_g) z_j
 
 2q + 1 passes over the parameters (3 for q = 1; MeZO's own loop makes 4 and materialises z).
-The forward estimator evaluates L(theta) once, then g_j = (L(theta + mu z_j) - L(theta)) / mu:
-q + 1 passes and q + 1 losses. z_j is z(seed, stream, e) of ZO-RNG v1 (docs/rng.md) with one
-stream per direction drawn, counted in the state dict, so a resumed run draws the same z.
+E[(d_j / mu_g) z_j] restricted to group g is its gradient, whatever the other groups' mu. The
+forward estimator evaluates L(theta) once, then d_j = L(theta + mu z_j) - L(theta): q + 1 passes
+and q + 1 losses. z_j is z(seed, stream, e) of ZO-RNG v1 (docs/rng.md) with one stream per
+direction drawn, counted in the state dict, so a resumed run draws the same z.
 """
 
 from __future__ import annotations
@@ -22,35 +23,39 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checks import check_betas, check_choice, check_int, check_range
 from ..ops import flat_offsets
-from ..ops.reference import CHUNK
-from ..ops.validation import MAX_TERMS, as_int64, check_perturb_args, check_state_args
-from .base import Closure, CountedOptimizer, Hyper, ParamsT, Rule, check_betas, check_range, loss_value
+from ..ops.library import ops
+from ..ops.rules import Hyper, Rule
+from ..ops.validation import MAX_TERMS, as_int64, check_params
+from .base import Closure, FusedOptimizer, ParamsT, hyper_adam, loss_value
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 ESTIMATORS = ("central", "forward")
+NORM_CHUNK = 1 << 20  # the sphere's norm is sampled in chunks of this many elements (4 MiB of scratch)
 
 
 @dataclass
 class _Plan:
     """The parameters one step touches: trainable ones, laid end to end across all groups."""
 
-    groups: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]
-    params: list[torch.Tensor]
-    offsets: list[int]
+    groups: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]  # (group, params, offsets), non-empty
+    segments: list[tuple[float, list[torch.Tensor], list[int]]]  # (mu, params, offsets): one pass each
     numel: int
 
 
-class ZeroOrderOptimizer(CountedOptimizer):
+class ZeroOrderOptimizer(FusedOptimizer):
     """Base of the ZO optimizers. Subclasses name their rule and hyperparameters.
 
     seed: the generator's key; with the count of directions drawn (state dict) it fixes every z.
-    queries: q directions per step (1 to 8). mu: perturbation scale. dist: "rademacher",
-    "gaussian" or "sphere" (Gaussian scaled to unit norm over all trainable parameters, with
-    the gradient estimate multiplied by their number d so that E[g_hat] ~ grad; costs one extra
-    generation pass per query to get the norm: no parameter traffic, a 4 MiB scratch buffer).
-    estimator: "central" or "forward". Parameters with requires_grad=False are never touched.
-    After a step: last_loss and last_projected_grads (the g_j).
+    mu: the perturbation scale, a param-group key like lr. queries: q directions per step (1 to 8),
+    dist: "rademacher", "gaussian" or "sphere" (Gaussian scaled to unit norm over all trainable
+    parameters, with the gradient estimate multiplied by their number d so that E[g_hat] ~ grad;
+    costs one extra generation pass per query to get the norm: no parameter traffic, a 4 MiB
+    scratch buffer), and estimator ("central" or "forward") are the optimizer's, not a group's:
+    one step perturbs every group along the same directions. Parameters with requires_grad=False
+    are never touched. After a step: last_loss and last_projected_grads (d_j / mu of the first
+    group that has trainable parameters: the projected gradients when all groups share one mu).
     """
 
     def __init__(
@@ -63,21 +68,17 @@ class ZeroOrderOptimizer(CountedOptimizer):
         mu: float = 1e-3,
         dist: str = "rademacher",
         estimator: str = "central",
-        backend: str | None = None,
     ) -> None:
-        if isinstance(queries, bool) or not isinstance(queries, int) or not 1 <= queries <= MAX_TERMS:
-            raise ValueError(f"queries must be an int from 1 to {MAX_TERMS}, got {queries!r}")
+        check_int("queries", queries, 1, MAX_TERMS)
         check_range("mu", mu, 0.0, open_low=True)
-        if dist not in DIRECTIONS:
-            raise ValueError(f"dist must be one of {DIRECTIONS}, got {dist!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        check_choice("dist", dist, DIRECTIONS)
+        check_choice("estimator", estimator, ESTIMATORS)
         self.seed = as_int64(seed, "seed")
-        self.queries, self.mu, self.dist, self.estimator = queries, float(mu), dist, estimator
+        self.queries, self.dist, self.estimator = queries, dist, estimator
         self.draws = 0
         self.last_loss: float | None = None
         self.last_projected_grads: list[float] = []
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, {**defaults, "mu": float(mu)})
 
     # What a subclass defines.
     def _rule(self, group: dict[str, Any]) -> Rule | None:
@@ -88,42 +89,55 @@ class ZeroOrderOptimizer(CountedOptimizer):
         raise NotImplementedError
 
     # State dict.
-    def _counters(self) -> dict[str, int]:
-        return {"steps": self.steps, "draws": self.draws, "seed": self.seed}
+    def _counters(self) -> dict[str, Any]:
+        return {**super()._counters(), "draws": self.draws, "seed": self.seed}
 
-    def _set_counters(self, counters: dict[str, int]) -> None:
-        self.steps, self.draws, self.seed = counters["steps"], counters["draws"], counters["seed"]
+    def _set_counters(self, counters: dict[str, Any]) -> None:
+        self.draws, self.seed = counters["draws"], counters["seed"]
 
     def _plan(self) -> _Plan:
-        groups, params = [], []
+        """The step's parameters and layout, every tensor and state checked before any write."""
+        groups, segments, numel = [], {}, 0
         for group in self.param_groups:
+            check_range("mu", group["mu"], 0.0, open_low=True)
             trainable = [p for p in group["params"] if p.requires_grad]
-            offsets = flat_offsets(trainable, start=sum(p.numel() for p in params))
+            if not trainable:
+                continue
+            offsets = flat_offsets(trainable, start=numel)
+            numel += sum(p.numel() for p in trainable)
+            self._checked(self._rule(group), trainable, check_tensors=False)
             groups.append((group, trainable, offsets))
+            params, offs = segments.setdefault(group["mu"], ([], []))
             params += trainable
-        offsets = flat_offsets(params)
-        # Checked once per step here; the passes then call the backend's kernels directly.
-        check_perturb_args(params, offsets, [0.0], [0], "rademacher")
-        return _Plan(groups, params, offsets, sum(p.numel() for p in params))
-
-    def _perturb(self, plan: _Plan, coefs: list[float], streams: list[int]) -> None:
-        kernels = self._kernels(plan.params[0].device)
-        kernels.perturb_(plan.params, plan.offsets, 1.0, coefs, streams, self.seed, self._kernel_dist)
+            offs += offsets
+        # Once across the groups: one device, no memory shared; the offsets are ours.
+        check_params([p for _, ps, _ in groups for p in ps])
+        return _Plan(groups, [(mu, ps, offs) for mu, (ps, offs) in segments.items()], numel)
 
     @property
     def _kernel_dist(self) -> str:
         return "gaussian" if self.dist == "sphere" else self.dist
 
-    def _norm(self, plan: _Plan, stream: int) -> float:
-        """||z|| over all trainable elements, sampled chunk by chunk into one scratch buffer."""
-        kernels = self._kernels(plan.params[0].device)
-        scratch = torch.zeros(min(plan.numel, CHUNK), device=plan.params[0].device)  # alpha = 0 times garbage could be NaN
-        total = 0.0
-        for start in range(0, plan.numel, CHUNK):
-            part = scratch[: min(CHUNK, plan.numel - start)]
-            kernels.perturb_([part], [start], 0.0, [1.0], [stream], self.seed, "gaussian")
-            total += float(torch.dot(part, part))
-        return math.sqrt(total)
+    def _shift(self, plan: _Plan, terms: list[tuple[float, int]]) -> None:
+        """theta_g += sum (c mu_g) z(stream) over the terms (c, stream), one pass per distinct mu."""
+        for mu, params, offsets in plan.segments:
+            ops.perturb_(params, offsets, [c * mu for c, _ in terms], [s for _, s in terms], self.seed,
+                         self._kernel_dist, 1.0)
+
+    def _norms(self, plan: _Plan, streams: list[int]) -> list[float]:
+        """||z(stream)|| over all trainable elements for each stream, sampled chunk by chunk into one
+        scratch buffer and summed on the device: one host sync per stream."""
+        device = plan.groups[0][1][0].device
+        scratch = torch.zeros(min(plan.numel, NORM_CHUNK), device=device)  # alpha = 0 times garbage could be NaN
+        norms = []
+        for stream in streams:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for start in range(0, plan.numel, NORM_CHUNK):
+                part = scratch[: min(NORM_CHUNK, plan.numel - start)]
+                ops.perturb_([part], [start], [1.0], [stream], self.seed, "gaussian", 0.0)
+                total += torch.dot(part, part)
+            norms.append(math.sqrt(float(total)))
+        return norms
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
@@ -134,22 +148,18 @@ class ZeroOrderOptimizer(CountedOptimizer):
         (or KeyboardInterrupt) from the closure also undoes the perturbation before it propagates.
         """
         if closure is None:
-            raise ValueError(f"{type(self).__name__} needs a closure that returns the loss: step(lambda: loss_fn(model))")
+            raise ValueError(f"{type(self).__name__} needs a closure that returns the loss: "
+                             "step(lambda: loss_fn(model))")
         plan = self._plan()
         if plan.numel == 0:
             self.last_loss, self.last_projected_grads = loss_value(closure()), []
             return self.last_loss
-        for group, params, _ in plan.groups:
-            rule = self._rule(group)
-            if rule is not None:  # state loaded from a state dict may not fit
-                check_state_args(params, None, self._rule_states(rule, params, 0), self._rule_states(rule, params, 1),
-                                 None, rule)
-        q, mu = self.queries, self.mu
+        q = self.queries
         streams = [self.draws + j for j in range(q)]
-        scales = [1.0 / self._norm(plan, s) for s in streams] if self.dist == "sphere" else [1.0] * q
-        grads: list[float] = []
+        scales = [1.0 / n for n in self._norms(plan, streams)] if self.dist == "sphere" else [1.0] * q
+        diffs: list[float] = []  # d_j
         losses: list[float] = []
-        active, active_stream = 0.0, 0  # theta is now theta_0 + active * z(active_stream)
+        active, active_stream = 0.0, 0  # theta_g is now theta_g0 + active * mu_g * z(active_stream)
         try:
             base = None
             if self.estimator == "forward":
@@ -158,65 +168,62 @@ class ZeroOrderOptimizer(CountedOptimizer):
                 if not math.isfinite(base):
                     return self._skip(base)
             for j, stream in enumerate(streams):
-                shift = mu * scales[j]
-                if j == 0:
-                    self._perturb(plan, [shift], [stream])
-                else:  # restore query j-1 and perturb along z_j in one pass
-                    self._perturb(plan, [-active, shift], [active_stream, stream])
-                active, active_stream = shift, stream
+                terms = [(scales[j], stream)] if j == 0 else [(-active, active_stream), (scales[j], stream)]
+                self._shift(plan, terms)  # restores query j-1 and perturbs along z_j in one pass
+                active, active_stream = scales[j], stream
                 plus = loss_value(closure())
                 losses.append(plus)
                 if not math.isfinite(plus):
                     return self._undo_and_skip(plan, active, stream, plus)
                 if base is None:
-                    self._perturb(plan, [-2.0 * shift], [stream])
-                    active = -shift
+                    self._shift(plan, [(-2.0 * scales[j], stream)])
+                    active = -scales[j]
                     minus = loss_value(closure())
                     losses.append(minus)
                     if not math.isfinite(minus):
                         return self._undo_and_skip(plan, active, stream, minus)
-                    grads.append((plus - minus) / (2.0 * mu))
+                    diffs.append((plus - minus) / 2.0)
                 else:
-                    grads.append((plus - base) / mu)
+                    diffs.append(plus - base)
         except BaseException:
             if active:
-                self._perturb(plan, [-active], [active_stream])
+                self._shift(plan, [(-active, active_stream)])
             raise
         factor = plan.numel if self.dist == "sphere" else 1.0
-        coefs = [factor * g * s / q for g, s in zip(grads, scales)]
         for group, params, offsets in plan.groups:
-            self._update(group, params, offsets, coefs, streams, -active)
+            mu = group["mu"]
+            coefs = [factor * d / mu * s / q for d, s in zip(diffs, scales)]
+            self._update(group, params, offsets, coefs, streams, -active * mu)
         self.draws += q
-        self.steps += 1
         self.last_loss = base if base is not None else sum(losses) / len(losses)
-        self.last_projected_grads = grads
+        self.last_projected_grads = [d / plan.groups[0][0]["mu"] for d in diffs]
         return self.last_loss
 
-    def _update(self, group, params, offsets, coefs, streams, restore) -> None:
-        if not params:
-            return
-        kernels = self._kernels(params[0].device)
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], offsets: list[int], coefs: list[float],
+                streams: list[int], restore: float) -> None:
         rule = self._rule(group)
-        if rule is None:
-            # theta <- (1 - lr wd)(theta + r z_last) - lr sum_j c_j z_j: one perturb_ pass.
-            lr, wd = group["lr"], group["weight_decay"]
-            alpha = 1.0 - lr * wd
-            terms = [-lr * c for c in coefs]
-            terms[-1] += alpha * restore
-            kernels.perturb_(params, offsets, alpha, terms, streams, self.seed, self._kernel_dist)
-            return
-        hyper = list(self._hyper(group, self.steps + 1))
-        m, v = self._rule_states(rule, params, 0), self._rule_states(rule, params, 1)
-        kernels.zo_update_(params, m, v, offsets, coefs, streams, self.seed, self._kernel_dist, restore, int(rule), hyper)
+        for step, indices in self._count_steps(params).items():
+            ps, offs = [params[i] for i in indices], [offsets[i] for i in indices]
+            if rule is None:
+                # theta <- (1 - lr wd)(theta + r z_last) - lr sum_j c_j z_j: one perturb_ pass.
+                lr, wd = group["lr"], group["weight_decay"]
+                alpha = 1.0 - lr * wd
+                terms = [-lr * c for c in coefs]
+                terms[-1] += alpha * restore
+                ops.perturb_(ps, offs, terms, streams, self.seed, self._kernel_dist, alpha)
+                continue
+            m, v = self._moments(rule, ps)
+            ops.zo_update_(ps, m, v, offs, coefs, streams, self.seed, self._kernel_dist, restore, rule.value,
+                           *self._hyper(group, step))
 
     def _undo_and_skip(self, plan: _Plan, active: float, stream: int, loss: float) -> float:
-        self._perturb(plan, [-active], [stream])
+        self._shift(plan, [(-active, stream)])
         return self._skip(loss)
 
     def _skip(self, loss: float) -> float:
         warnings.warn(
             f"{type(self).__name__}: the closure returned a non-finite loss ({loss}); the step was skipped "
-            "(parameters restored, no update, step counter and state unchanged)",
+            "(parameters restored, no update, step counts and state unchanged)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -268,17 +275,16 @@ class _ZOAdaptive(ZeroOrderOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, **zo: Any) -> None:
         check_range("lr", lr, 0.0)
-        check_betas(betas)
+        betas = check_betas(betas)
         check_range("eps", eps, 0.0, open_low=True)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, **zo)
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, **zo)
 
     def _rule(self, group):
         return self.rule
 
     def _hyper(self, group, step):
-        b1, b2 = group["betas"]
-        return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"], step=step)
+        return hyper_adam(group, step)
 
 
 class ZOAdam(_ZOAdaptive):

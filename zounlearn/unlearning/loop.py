@@ -36,7 +36,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +47,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..atomic import atomic_dir, write_json, write_text
 from ..checks import check_int
-from ..optim import SophiaG, gnb_loss
-from ..optim.base import CountedOptimizer, loss_value
-from ..optim.hybrid import HybridFOZO
+from ..optim import gnb_loss
+from ..optim import step as take_step
 from ..optim.registry import OPTIMIZERS, make_optimizer
 from .batches import Batch, Batches, model_device, model_mode, rng_devices
 from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
@@ -228,23 +226,12 @@ def _train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.
 def _step(optimizer: torch.optim.Optimizer, model: torch.nn.Module, objective: Objective, forget: Batch,
           retain: Batch | None) -> float:
     """One step of any optimizer; returns the loss at the parameters before it."""
-    closure = lambda: objective(model, forget, retain)  # noqa: E731
-    if isinstance(optimizer, SophiaG):
-        return loss_value(optimizer.step(closure, lambda: _gnb(model, forget)))
-    if isinstance(optimizer, (CountedOptimizer, HybridFOZO)):
-        return loss_value(optimizer.step(closure))
-    # A torch optimizer: the closure's gradients are ours to compute.
-    optimizer.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        loss = closure()
-        value = loss_value(loss)
-        if not math.isfinite(value):
-            warnings.warn(f"non-finite loss ({value}); step skipped", RuntimeWarning, stacklevel=2)
-            return value
-        loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
+
+    def closure() -> torch.Tensor:
+        return objective(model, forget, retain)
+
+    closure.hessian_closure = lambda: _gnb(model, forget)  # what SophiaG refreshes its estimate from
+    return take_step(optimizer, closure)
 
 
 def _gnb(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
