@@ -29,16 +29,27 @@ namespace zo {
 #define ZO_DECLARE_OP_KERNELS                                                                                   \
   void perturb_(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> coefs,                     \
                 at::IntArrayRef streams, int64_t seed, c10::string_view dist, double alpha);                    \
+  void perturb_into(at::TensorList params, at::TensorList out, at::IntArrayRef offsets,                         \
+                    at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,   \
+                    double alpha);                                                                              \
   void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::IntArrayRef offsets,           \
                   at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,     \
-                  double restore, c10::string_view rule ZO_HYPER_PARAMS);                                       \
+                  double restore, c10::string_view rule, c10::string_view rounding,                             \
+                  int64_t rounding_stream ZO_HYPER_PARAMS);                                                     \
   void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,            \
-                    const std::optional<at::Tensor>& scales, c10::string_view rule ZO_HYPER_PARAMS);
+                    const std::optional<at::Tensor>& scales, at::IntArrayRef offsets, int64_t seed,             \
+                    c10::string_view rule, c10::string_view rounding, int64_t rounding_stream ZO_HYPER_PARAMS);
 
 inline Dist checked_dist(c10::string_view dist, const char* op) {
   if (dist == "rademacher") return Dist::kRademacher;
   TORCH_CHECK(dist == "gaussian", op, ": dist must be 'rademacher' or 'gaussian', got '", dist, "'");
   return Dist::kGaussian;
+}
+
+inline Rounding checked_rounding(c10::string_view rounding, int64_t seed, int64_t stream, const char* op) {
+  TORCH_CHECK(rounding == "nearest" || rounding == "stochastic", op,
+              ": rounding must be 'nearest' or 'stochastic', got '", rounding, "'");
+  return Rounding{rounding == "stochastic", static_cast<uint64_t>(seed), static_cast<uint64_t>(stream)};
 }
 
 inline Terms checked_terms(size_t n_params, at::IntArrayRef offsets, at::ArrayRef<double> coefs,

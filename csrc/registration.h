@@ -27,6 +27,7 @@ struct Registration {
         r->library = std::make_unique<torch::Library>(torch::Library::IMPL, "zounlearn", key, __FILE__,       \
                                                       __LINE__);                                              \
         r->library->impl("perturb_", TORCH_FN(ns::perturb_));                                                 \
+        r->library->impl("perturb_into", TORCH_FN(ns::perturb_into));                                         \
         r->library->impl("zo_update_", TORCH_FN(ns::zo_update_));                                             \
         r->library->impl("grad_update_", TORCH_FN(ns::grad_update_));                                         \
         return r;                                                                                             \

@@ -27,11 +27,13 @@ namespace zo {
   X(kSignAdam, "sign_adam", 1, 0, 1, 0, 1)       \
   X(kAdamMoments, "adam_moments", 1, 1, 1, 1, 0) \
   X(kQuantized, "quantized", 1, 1, 0, 0, 0)      \
-  X(kSophia, "sophia", 1, 1, 1, 0, 0)
+  X(kSophia, "sophia", 1, 1, 1, 0, 0)            \
+  X(kDescent, "descent", 0, 0, 0, 0, 1)
 // kSgd: momentum SGD, coupled weight decay (torch.optim.SGD, dampening 0); kSign: sign descent;
 // kAdam: AdamW; kAdaZo: R-AdaZO (v tracks m^2, no bias correction); kSignAdam: Signum;
 // kAdamMoments / kQuantized: compressed Adam's two passes (moments and max |u| per tensor, then
-// theta -= lr Q(u; levels)); kSophia: SophiaG's clipped m / (rho h + eps), h kept in v.
+// theta -= lr Q(u; levels)); kSophia: SophiaG's clipped m / (rho h + eps), h kept in v;
+// kDescent: plain descent theta = decay theta - lr g (ZO-SGD without momentum, coupled decay in decay).
 
 enum class Rule : int {
 #define ZO_RULE_ENUMERATOR(e, ...) e,
@@ -178,10 +180,12 @@ ZO_HD float apply_rule(const Hyper& h, float theta, float g, float& m, float& v,
     return theta;
   } else if constexpr (R == Rule::kQuantized) {
     return h.decay * theta - h.lr * quantize(adam_direction(h, m, v), scale, h.levels);
-  } else {  // kSophia: sign(m) min(|m| / (rho h + eps), 1) is this clamp, exactly
+  } else if constexpr (R == Rule::kSophia) {  // sign(m) min(|m| / (rho h + eps), 1) is this clamp, exactly
     m = h.beta1 * m + h.one_minus_beta1 * g;
     const float ratio = m / (h.rho * v + h.eps);
     return h.decay * theta - h.lr * clamp_unit(ratio);
+  } else {  // kDescent
+    return h.decay * theta - h.lr * g;
   }
 }
 

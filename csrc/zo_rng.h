@@ -1,6 +1,7 @@
-// ZO-RNG v1 (docs/rng.md) and the element math of the fused update.
-// Compiled for the host by the CPU op and for the device by the CUDA op, so the
-// CPU tests exercise the very math the GPU runs. No torch headers here.
+// ZO-RNG v2 (docs/rng.md): the directions (v1's, unchanged) and the rounding words of
+// stochastic rounding, with the element math that uses them. Compiled for the host by the
+// CPU op and for the device by the CUDA op, so the CPU tests exercise the very math the GPU
+// runs. No torch headers here.
 #pragma once
 
 #include <math.h>
@@ -18,6 +19,7 @@ namespace zo {
 constexpr int kMaxTerms = 8;
 constexpr int kRademacherPerBlock = 128;  // one Philox call serves 128 signs
 constexpr int kGaussianPerBlock = 4;      // ... or 4 normals
+constexpr int kRoundingPerBlock = 8;      // ... or 8 rounding words of 16 bits
 
 enum class Dist : int { kRademacher = 0, kGaussian = 1 };
 
@@ -221,6 +223,53 @@ ZO_HD float add_term(float acc, float c, float z) {
 #else
   return acc + c * z;
 #endif
+}
+
+// How a kernel rounds the float32 results it stores into a half-precision tensor: to nearest
+// even, or stochastically with the rounding words of (seed, stream). float32 stores are exact.
+struct Rounding {
+  bool stochastic;
+  uint64_t seed;
+  uint64_t stream;
+};
+
+// The rounding word (16 bits) of global element e inside its block's Philox output.
+ZO_HD uint32_t rounding_bits(const Words& r, uint64_t e) {
+  return (r.w[(e >> 1) & 3] >> (16 * static_cast<uint32_t>(e & 1))) & 0xFFFFu;
+}
+
+// Stochastic rounding (docs/rng.md): |x| rounded toward zero to t, or away to the next value u
+// iff r < f, f = (|x| - t) / (u - t) * 2^16 (computed exactly). NaN gives a quiet NaN and a
+// magnitude past the largest finite value rounds to nearest, as the nearest-even store would.
+ZO_HD uint16_t bf16_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return 0x7FC0u;                                // NaN
+  if (mag > 0x7F7F0000u) return sign | (mag >= 0x7F7F8000u ? 0x7F80u : 0x7F7Fu);  // past the largest: nearest
+  // bfloat16 keeps float32's exponent: t drops the low 16 bits, which are f itself.
+  return static_cast<uint16_t>(sign | ((mag >> 16) + (r < (mag & 0xFFFFu) ? 1u : 0u)));
+}
+
+ZO_HD uint16_t f16_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const float a = bits_float(u & 0x7FFFFFFFu);
+  if (a != a) return 0x7E00u;                                           // NaN
+  if (a > 65504.0f) return static_cast<uint16_t>(sign | (a >= 65520.0f ? 0x7C00u : 0x7BFFu));  // nearest
+  uint32_t t;
+  float f;
+  const int e = static_cast<int>(float_bits(a) >> 23) - 127;
+  if (e >= -14) {  // a normal float16: 10 of float32's 23 mantissa bits stay, 13 are dropped
+    t = (static_cast<uint32_t>(e + 15) << 10) | ((float_bits(a) >> 13) & 0x3FFu);
+    f = static_cast<float>((float_bits(a) & 0x1FFFu) << 3);
+  } else {  // a subnormal float16 (or zero): whole units of 2^-24 stay
+    const float units = a * 16777216.0f;  // exact: a power-of-two scaling
+    const float whole = floorf(units);
+    t = static_cast<uint32_t>(whole);
+    f = (units - whole) * 65536.0f;  // exact: fewer than 24 significant bits
+  }
+  return static_cast<uint16_t>(sign | (t + (static_cast<float>(r) < f ? 1u : 0u)));
 }
 
 }  // namespace zo

@@ -6,7 +6,7 @@ ZO-RNG v1 (docs/rng.md); `zo_update_` and `grad_update_` are the fused optimizer
 (csrc/update_rules.h), whose rule table they read from zounlearn.ops.rules.
 """
 
-from .perturb import perturb_
+from .perturb import perturb_, perturb_into
 from .update import grad_update_, zo_update_
 
-__all__ = ["grad_update_", "perturb_", "zo_update_"]
+__all__ = ["grad_update_", "perturb_", "perturb_into", "zo_update_"]

@@ -151,6 +151,43 @@ def _tile(numel, lead, first_group, GROUP_SIZE: tl.constexpr, GROUPS_PER_PROGRAM
 
 
 @triton.jit
+def _rounding_bits(seed, stream, e):
+    """The 16-bit rounding words (docs/rng.md) of the elements of global indices e (int64)."""
+    w0, w1, w2, w3 = _philox_words(seed, stream, e >> 3)
+    q = (e >> 1) & 3
+    word = tl.where(q == 0, w0, tl.where(q == 1, w1, tl.where(q == 2, w2, w3)))
+    return (word >> ((e & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def _round_stochastic(x, r, dtype: tl.constexpr):
+    """float32 x stochastically rounded to dtype with rounding words r (csrc/zo_rng.h's
+    bf16_stochastic and f16_stochastic, on the same bits)."""
+    u = x.to(tl.uint32, bitcast=True)
+    sign = (u >> 16) & 0x8000
+    mag = u & 0x7FFFFFFF
+    if dtype == tl.bfloat16:
+        t = (mag >> 16) + tl.where(r < (mag & 0xFFFF), 1, 0).to(tl.uint32)
+        t = tl.where(mag > 0x7F7F0000, tl.where(mag >= 0x7F7F8000, 0x7F80, 0x7F7F).to(tl.uint32), t)
+        bits = tl.where(mag > 0x7F800000, 0x7FC0, sign | t)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        a = mag.to(tl.float32, bitcast=True)
+        exponent = (mag >> 23).to(tl.int32) - 127
+        normal = exponent >= -14  # a normal float16: 13 of the 23 mantissa bits are dropped
+        units = a * 16777216.0  # otherwise whole units of 2^-24 stay
+        whole = tl.floor(units)
+        t = tl.where(normal, ((exponent + 15).to(tl.uint32) << 10) | ((mag >> 13) & 0x3FF), whole.to(tl.uint32))
+        f = tl.where(normal, ((mag & 0x1FFF) << 3).to(tl.float32), (units - whole) * 65536.0)
+        t = t + tl.where(r.to(tl.float32) < f, 1, 0).to(tl.uint32)
+        t = tl.where(a > 65504.0, tl.where(a >= 65520.0, 0x7C00, 0x7BFF).to(tl.uint32), t)
+        bits = tl.where(a != a, 0x7E00, sign | t)
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
 def _round_to(x, dtype: tl.constexpr):
     """float32 x rounded to nearest even in dtype."""
     if dtype == tl.bfloat16:
@@ -168,6 +205,7 @@ def _round_to(x, dtype: tl.constexpr):
                                "stream5", "stream6", "stream7"])
 def _perturb_kernel(
     param_ptr,
+    out_ptr,  # param_ptr itself in place
     numel,
     lead,  # base offset mod GROUP_SIZE: the tensor starts `lead` elements into its first group
     first_group: tl.int64,  # base offset // GROUP_SIZE
@@ -191,7 +229,7 @@ def _perturb_kernel(
     acc, _ = _sum_terms(tl.cast(alpha, tl.float32) * theta, seed, block, col,
                         coef0, coef1, coef2, coef3, coef4, coef5, coef6, coef7,
                         stream0, stream1, stream2, stream3, stream4, stream5, stream6, stream7, NUM_TERMS, GAUSSIAN)
-    tl.store(param_ptr + offs, _round_to(acc, param_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 def term_args(coefs: list[float], streams: list[int]) -> list[float | int]:
@@ -218,11 +256,21 @@ def perturb_(params: list[torch.Tensor], offsets: list[int], coefs: list[float],
     streams arrive as signed int64 (zounlearn.ops.validation.as_int64); the kernel reads
     their bits as uint64. One launch per non-empty tensor, on the current stream.
     """
+    _perturb(params, params, offsets, coefs, streams, seed, dist, alpha)
+
+
+def perturb_into(params: list[torch.Tensor], out: list[torch.Tensor], offsets: list[int], coefs: list[float],
+                 streams: list[int], seed: int, dist: str, alpha: float) -> None:
+    """out <- alpha * theta + sum_k coefs[k] * z: perturb_'s pass, written to other tensors."""
+    _perturb(params, out, offsets, coefs, streams, seed, dist, alpha)
+
+
+def _perturb(params, out, offsets, coefs, streams, seed, dist, alpha) -> None:
     gaussian = check_dist(dist)
     terms = term_args(coefs, streams)
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
-    for param, offset in zip(params, offsets):
+    for param, target, offset in zip(params, out, offsets):
         numel = param.numel()
         if numel == 0:
             continue
@@ -230,6 +278,7 @@ def perturb_(params: list[torch.Tensor], offsets: list[int], coefs: list[float],
         grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
         _perturb_kernel[grid](
             param,
+            target,
             numel,
             lead,
             offset // group_size,
@@ -242,4 +291,4 @@ def perturb_(params: list[torch.Tensor], offsets: list[int], coefs: list[float],
             GROUPS_PER_PROGRAM=groups_per_program,
             **LAUNCH_OPTIONS,
         )
-    torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version(out)

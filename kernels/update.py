@@ -24,7 +24,9 @@ from .perturb import (
     MAX_TERMS,
     RADEMACHER_GROUP,
     _add_term,
+    _round_stochastic,
     _round_to,
+    _rounding_bits,
     _sum_terms,
     _tile,
     check_dist,
@@ -32,9 +34,9 @@ from .perturb import (
 )
 
 # The rules' constexpr numbers, from the registry (jit code reads only constexpr globals).
-SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA = (
+SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA, DESCENT = (
     tl.constexpr(Rule[name].index)
-    for name in ("SGD", "SIGN", "ADAM", "ADAZO", "SIGN_ADAM", "ADAM_MOMENTS", "QUANTIZED", "SOPHIA")
+    for name in ("SGD", "SIGN", "ADAM", "ADAZO", "SIGN_ADAM", "ADAM_MOMENTS", "QUANTIZED", "SOPHIA", "DESCENT")
 )
 # Half perturb_'s tiles (8 and 4 elements per thread at 4 warps): with m and v in flight too,
 # Adam at K = 8 took all 255 registers on sm_90 and spilled; now ~100 and ~150.
@@ -70,7 +72,7 @@ def _quantize(u, scale, levels):
 
 
 @triton.jit(do_not_specialize=["first_group", "index", "seed", "stream0", "stream1", "stream2", "stream3",
-                               "stream4", "stream5", "stream6", "stream7"])
+                               "stream4", "stream5", "stream6", "stream7", "rounding_stream"])
 def _update_kernel(
     param_ptr,
     grad_ptr,  # read when NUM_TERMS == 0
@@ -87,6 +89,7 @@ def _update_kernel(
     stream0: tl.int64, stream1: tl.int64, stream2: tl.int64, stream3: tl.int64,
     stream4: tl.int64, stream5: tl.int64, stream6: tl.int64, stream7: tl.int64,
     restore: tl.float32,
+    rounding_stream: tl.int64,
     # zounlearn.ops.rules.Hyper's fields, passed by name
     lr: tl.float32, decay: tl.float32, weight_decay: tl.float32, beta1: tl.float32,
     one_minus_beta1: tl.float32, beta2: tl.float32, one_minus_beta2: tl.float32, eps: tl.float32,
@@ -98,6 +101,7 @@ def _update_kernel(
     HAS_V: tl.constexpr,
     WRITES_M: tl.constexpr,
     WRITES_V: tl.constexpr,
+    STOCHASTIC: tl.constexpr,  # stochastic rounding of theta (a half-precision parameter)
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
@@ -141,6 +145,8 @@ def _update_kernel(
         theta = theta - lr * m
     elif RULE == SIGN:
         theta = decay * theta - lr * _sign(g)
+    elif RULE == DESCENT:
+        theta = decay * theta - lr * g
     elif RULE == ADAZO:
         m = beta1 * m + one_minus_beta1 * g
         v = beta2 * v + one_minus_beta2 * (m * m)
@@ -167,15 +173,20 @@ def _update_kernel(
             tl.atomic_max(scales_ptr.to(tl.pointer_type(tl.int32)) + index, tl.max(bits), sem="relaxed")
 
     if RULE != ADAM_MOMENTS:
-        tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
+        if STOCHASTIC:
+            e = block[:, None] * GROUP_SIZE + col[None, :]  # the elements' global indices
+            bits = _rounding_bits(seed, rounding_stream, e)
+            tl.store(param_ptr + offs, _round_stochastic(theta, bits, param_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
     if WRITES_M:
         tl.store(m_ptr + offs, m, mask=mask)
     if WRITES_V:  # not SOPHIA, whose h is read only
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule: Rule, hyper, num_terms,
-            gaussian) -> None:
+def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule: Rule, rounding: str,
+            rounding_stream: int, hyper, num_terms, gaussian) -> None:
     """One tensor; grad, m, v and scales are None where unused (the kernel gets param in their place)."""
     numel = param.numel()
     if numel == 0:
@@ -186,7 +197,7 @@ def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule
     grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
     _update_kernel[grid](
         param, *(param if t is None else t for t in (grad, m, v, scales)), index, numel, lead,
-        offset // group_size, seed, *terms, float(restore), **hyper._asdict(),
+        offset // group_size, seed, *terms, float(restore), rounding_stream, **hyper._asdict(),
         RULE=rule.index,
         NUM_TERMS=num_terms,
         GAUSSIAN=gaussian,
@@ -194,6 +205,7 @@ def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule
         HAS_V=v is not None,
         WRITES_M=rule.info.writes_m,
         WRITES_V=rule.info.writes_v,
+        STOCHASTIC=rounding == "stochastic" and param.dtype != torch.float32,
         GROUP_SIZE=group_size,
         GROUPS_PER_PROGRAM=groups_per_program,
         **LAUNCH_OPTIONS,
@@ -209,7 +221,7 @@ def _rule(name: str, zeroth_order: bool) -> Rule:
 
 def zo_update_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], offsets: list[int],
                coefs: list[float], streams: list[int], seed: int, dist: str, restore: float, rule: str,
-               *hyper: float) -> None:
+               rounding: str, rounding_stream: int, *hyper: float) -> None:
     """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor
     (torch.ops.zounlearn.zo_update_'s arguments, validated by the caller: m and v are given,
     float32 like params, exactly when the rule uses them, else empty). One launch per tensor."""
@@ -218,12 +230,13 @@ def zo_update_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.
     rule, h = _rule(rule, True), Hyper(*hyper)
     for i, (param, offset) in enumerate(zip(params, offsets)):
         _launch(param, None, m[i] if m else None, v[i] if v else None, None, 0, offset, seed, terms, restore, rule,
-                h, len(coefs), gaussian)
+                rounding, rounding_stream, h, len(coefs), gaussian)
     torch.autograd.graph.increment_version([*params, *m, *v])
 
 
 def grad_update_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-                 scales: torch.Tensor | None, rule: str, *hyper: float) -> None:
+                 scales: torch.Tensor | None, offsets: list[int], seed: int, rule: str, rounding: str,
+                 rounding_stream: int, *hyper: float) -> None:
     """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass per tensor
     (torch.ops.zounlearn.grad_update_'s arguments). scales: float32, one per tensor, for
     ADAM_MOMENTS (overwritten with max |u|, 0 for an empty tensor) and QUANTIZED (read)."""
@@ -231,7 +244,7 @@ def grad_update_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[
     if rule.info.scales == "write":
         scales.zero_()  # the kernel max-es into it
     no_terms = term_args([0.0] * MAX_TERMS, [0] * MAX_TERMS)
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, 0, 0, no_terms, 0.0, rule, h, 0,
-                False)
+    for i, (param, grad, offset) in enumerate(zip(params, grads, offsets)):
+        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, offset, seed, no_terms, 0.0, rule,
+                rounding, rounding_stream, h, 0, False)
     torch.autograd.graph.increment_version([*params, *m, *v, *([scales] if scales is not None else [])])

@@ -2,10 +2,10 @@
 
 Each twin takes the same arguments as its fused namesake in zounlearn.optim, but shares none of
 its code or bookkeeping: it subclasses torch.optim.Optimizer directly, keeps its own per-parameter
-step counts and its own count of directions drawn, materialises every direction with
-zounlearn.rng.sample (the oracle of the random stream, itself checked against Random123's
-known answers), and writes each update from the formulas of docs/optimizers.md in float32 torch
-ops. Slow and memory-hungry by design.
+step counts and its own counts of directions and rounding streams used, materialises every
+direction and rounding word with zounlearn.rng (the oracle of the random stream, itself checked
+against Random123's known answers), and writes each update from the formulas of
+docs/optimizers.md in float32 torch ops. Slow and memory-hungry by design.
 """
 
 from __future__ import annotations
@@ -25,14 +25,24 @@ def _value(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
+def _put(p: torch.Tensor, value: torch.Tensor, group: dict[str, Any], seed: int, stream: int, offset: int) -> None:
+    """p <- value (float32), stochastically rounded into a half tensor when the group says so."""
+    if group["rounding"] == "stochastic" and p.dtype != torch.float32:
+        bits = rng.rounding_bits(seed, stream, offset, p.numel(), p.device)
+        value = rng.round_stochastic(value.reshape(-1), bits, p.dtype).view_as(p)
+    p.copy_(value)
+
+
 class ZOLoop(torch.optim.Optimizer):
     """The ZO step as a loop: perturb, evaluate, restore and update tensor by tensor."""
 
     def __init__(self, params, update: Update, defaults: dict[str, Any], *, seed: int = 0, queries: int = 1,
-                 mu: float = 1e-3, dist: str = "rademacher", estimator: str = "central") -> None:
-        super().__init__(params, {**defaults, "mu": mu})
+                 mu: float = 1e-3, dist: str = "rademacher", estimator: str = "central",
+                 rounding: str = "stochastic") -> None:
+        super().__init__(params, {**defaults, "mu": mu, "rounding": rounding})
         self.update_rule, self.seed, self.queries, self.dist, self.estimator = update, seed, queries, dist, estimator
         self.drawn = 0  # directions drawn so far: the next step's first stream
+        self.rounded = 0  # steps whose updates were rounded: the next one's stream is 2^63 + rounded
         self.last_projected_grads: list[float] = []
 
     @torch.no_grad()
@@ -77,13 +87,15 @@ class ZOLoop(torch.optim.Optimizer):
             else:
                 diffs.append(plus - base)
         factor = offset if self.dist == "sphere" else 1.0
-        for i, (group, p, _) in enumerate(entries):
+        for i, (group, p, off) in enumerate(entries):
             g_hat = sum(factor * d / group["mu"] * zj[i] for d, zj in zip(diffs, z)) / q
             theta = p.float() - (active * group["mu"]) * z[-1][i]  # the last restore, folded into the update
             state = self.state[p]
             state["t"] = state.get("t", 0) + 1
-            p.copy_(self.update_rule(group, state, theta, g_hat, state["t"]))
+            _put(p, self.update_rule(group, state, theta, g_hat, state["t"]), group, self.seed,
+                 rng.ROUNDING_STREAM_BASE + self.rounded, off)
         self.drawn += q
+        self.rounded += 1
         self.last_projected_grads = [d / entries[0][0]["mu"] for d in diffs]
         return base if base is not None else sum(losses) / len(losses)
 
@@ -91,9 +103,10 @@ class ZOLoop(torch.optim.Optimizer):
 class FOLoop(torch.optim.Optimizer):
     """The first-order step as a loop over the tensors that have a gradient."""
 
-    def __init__(self, params, update: Update, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
-        self.update_rule = update
+    def __init__(self, params, update: Update, defaults: dict[str, Any], *, seed: int = 0,
+                 rounding: str = "stochastic") -> None:
+        super().__init__(params, {**defaults, "rounding": rounding})
+        self.update_rule, self.seed, self.rounded = update, seed, 0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,12 +116,17 @@ class FOLoop(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
                 loss.backward()
+        offset, updated = 0, False  # the rounding words' indices: every parameter laid end to end
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     state = self.state[p]
                     state["t"] = state.get("t", 0) + 1
-                    p.copy_(self.update_rule(group, state, p.float(), p.grad.float(), state["t"]))
+                    _put(p, self.update_rule(group, state, p.float(), p.grad.float(), state["t"]), group, self.seed,
+                         rng.ROUNDING_STREAM_BASE + self.rounded, offset)
+                    updated = True
+                offset += p.numel()
+        self.rounded += updated
         return loss
 
 
@@ -197,34 +215,35 @@ def AdaZO(params, lr=1e-4, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **
     return ZOLoop(params, adazo_update, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, **zo)
 
 
-def SignSGD(params, lr=1e-4, *, weight_decay=0.0):
-    return FOLoop(params, sign_update, {"lr": lr, "weight_decay": weight_decay})
+def SignSGD(params, lr=1e-4, *, weight_decay=0.0, **fused):
+    return FOLoop(params, sign_update, {"lr": lr, "weight_decay": weight_decay}, **fused)
 
 
-def SignAdam(params, lr=1e-4, *, beta=0.9, weight_decay=0.0):
-    return FOLoop(params, signum_update, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
+def SignAdam(params, lr=1e-4, *, beta=0.9, weight_decay=0.0, **fused):
+    return FOLoop(params, signum_update, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, **fused)
 
 
-def CompressedAdam(params, lr=1e-4, *, bits=4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+def CompressedAdam(params, lr=1e-4, *, bits=4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **fused):
     return FOLoop(params, compressed_adam_update,
-                  {"lr": lr, "bits": bits, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+                  {"lr": lr, "bits": bits, "betas": betas, "eps": eps, "weight_decay": weight_decay}, **fused)
 
 
-def AdamW(params, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-    return FOLoop(params, adamw_update, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+def AdamW(params, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **fused):
+    return FOLoop(params, adamw_update, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+                  **fused)
 
 
-def SGD(params, lr=1e-3, *, momentum=0.0, weight_decay=0.0):
-    return FOLoop(params, sgd_update, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+def SGD(params, lr=1e-3, *, momentum=0.0, weight_decay=0.0, **fused):
+    return FOLoop(params, sgd_update, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **fused)
 
 
 class SophiaG(FOLoop):
     """The update every step; after every update_period-th step, h = b2 h + (1 - b2) B g_s^2."""
 
     def __init__(self, params, lr=1e-4, *, betas=(0.965, 0.99), rho=0.04, eps=1e-15, weight_decay=0.1,
-                 update_period=10, hessian_batch_size=1):
+                 update_period=10, hessian_batch_size=1, **fused):
         super().__init__(params, sophia_update,
-                         {"lr": lr, "betas": betas, "rho": rho, "eps": eps, "weight_decay": weight_decay})
+                         {"lr": lr, "betas": betas, "rho": rho, "eps": eps, "weight_decay": weight_decay}, **fused)
         self.update_period, self.hessian_batch_size, self.taken = update_period, hessian_batch_size, 0
 
     @torch.no_grad()

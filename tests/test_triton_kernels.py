@@ -225,27 +225,35 @@ def test_empty_tensor_and_bad_arguments():
     assert torch.equal(theta.cpu(), torch.zeros(4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
-def test_update_spans_several_tiles(dist):
+def test_update_spans_several_tiles(dist, dtype):
     """The update kernel on tensors of several tiles (tests/test_update_ops.py's fit in one or two):
-    zo_update_ with 8 terms, then compressed Adam's passes, whose per-tile maxima meet in one scale."""
+    zo_update_ with 8 terms, then compressed Adam's passes, whose per-tile maxima meet in one scale;
+    half-precision parameters stochastically rounded."""
     generator = torch.Generator().manual_seed(11)
     shapes = [(5000,), (3, 1100)]
-    params = [torch.randn(s, generator=generator) for s in shapes]
-    grads = [torch.randn(s, generator=generator) for s in shapes]
+    params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
     h = Hyper.make(0.05, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-6, step=4, bits=3)
     coefs, offsets = [0.3, -0.2, 0.1, 0.5, -0.7, 0.05, 0.9, -0.33], [2**32 - 70, 2**32 - 70 + 5000]
     want = [[t.clone() for t in params], [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]]
     got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]
-    reference.zo_update_(*want, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, *h)
-    update_module.zo_update_(*got, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, *h)
+    reference.zo_update_(*want, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, "stochastic", 3, *h)
+    update_module.zo_update_(*got, offsets, coefs, FUSED_STREAMS, -1, dist, 1e-3, Rule.ADAM.value, "stochastic", 3,
+                             *h)
     for g, w in zip(sum(got, []), sum(want, [])):
-        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0 if dist == "rademacher" else 1e-5)
+        if dist == "rademacher":
+            assert torch.equal(g.cpu(), w)
+        else:  # z within 1e-6: a value may land one unit of its dtype the other way
+            torch.testing.assert_close(g.cpu().float(), w.float(), rtol=torch.finfo(g.dtype).eps, atol=1e-5)
     want_scales, got_scales = torch.full((2,), 9.0), torch.full((2,), 9.0, device=DEVICE)
     got = [[t.to(DEVICE, copy=True) for t in ts] for ts in want]  # the reference's state (Gaussian z differ)
     for rule in (Rule.ADAM_MOMENTS, Rule.QUANTIZED):
-        reference.grad_update_(want[0], grads, want[1], want[2], want_scales, rule.value, *h)
-        update_module.grad_update_(got[0], [t.to(DEVICE) for t in grads], got[1], got[2], got_scales, rule.value, *h)
+        reference.grad_update_(want[0], grads, want[1], want[2], want_scales, offsets, -1, rule.value, "stochastic", 4,
+                               *h)
+        update_module.grad_update_(got[0], [t.to(DEVICE) for t in grads], got[1], got[2], got_scales, offsets, -1,
+                                   rule.value, "stochastic", 4, *h)
         assert torch.equal(got_scales.cpu(), want_scales), rule
         assert all(torch.equal(g.cpu(), w) for g, w in zip(sum(got, []), sum(want, []))), rule
 
@@ -329,7 +337,7 @@ for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16",
     info = update.Rule[rule].info  # what the launcher passes for the rule, from the registry
     constexprs = {"RULE": getattr(update, rule).value, "NUM_TERMS": num_terms, "HAS_M": info.reads_m or info.writes_m,
                   "HAS_V": info.reads_v or info.writes_v, "WRITES_M": info.writes_m, "WRITES_V": info.writes_v,
-                  **layout(update, dist)}
+                  "STOCHASTIC": False, **layout(update, dist)}
     ptx, build_info = build(update._update_kernel, dtype, constexprs, num_terms)
     build_info.update(
         approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)),
@@ -338,6 +346,14 @@ for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16",
         atomics=len(re.findall(r"\b(atom|red)\.global", ptx)),
     )
     results[f"update-{dtype}-{rule}-{dist}-{num_terms}"] = build_info
+# Stochastic rounding of a bfloat16 and a float16 parameter: it compiles, with IEEE math only.
+for dtype in ("bf16", "fp16"):
+    info = update.Rule["ADAZO"].info
+    constexprs = {"RULE": update.ADAZO.value, "NUM_TERMS": 1, "HAS_M": True, "HAS_V": True, "WRITES_M": True,
+                  "WRITES_V": True, "STOCHASTIC": True, **layout(update, "rademacher")}
+    ptx, build_info = build(update._update_kernel, dtype, constexprs, 1)
+    build_info.update(approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)))
+    results[f"update-{dtype}-ADAZO-stochastic"] = build_info
 print(json.dumps(results))
 """
 
@@ -386,3 +402,14 @@ def test_update_compiles_for_sm90_with_ieee_math(sm90_build, variant):
         assert build["approx_sqrt"] == 0 and build["fma_f32"] == 0, build
         # The restore's z_last shares the last term's Philox (LLVM folds the repeat).
         assert build["mul_hi"] <= 20 * build["num_terms"], build
+
+
+@pytest.mark.parametrize("variant", ["update-bf16-ADAZO-stochastic", "update-fp16-ADAZO-stochastic"])
+def test_stochastic_rounding_compiles_for_sm90(sm90_build, variant):
+    """The rounding words' Philox and the rounding itself compile, with IEEE divisions only."""
+    build = sm90_build[variant]
+    assert build["has_ptx"] and build["sm_90"] and build["cubin_bytes"] > 0, build
+    assert build["approx_div"] == 0, build
+    # One Philox for the direction and one per element for its rounding word (8 of a block share it).
+    assert build["mul_hi"] > 20, build
+

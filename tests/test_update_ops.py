@@ -52,21 +52,25 @@ def assert_same(got, want, exact: bool, dtype: torch.dtype, max_flips: int = 0, 
         assert int((err > tol).sum()) <= max_flips, f"seed {seed}: max error {err.max()}"
 
 
+ROUNDING_STREAM = -(2**62) - 5  # any int64 stream; the optimizers' are 2^63 + n
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ZO_RULES, ids=lambda r: r.name)
 @pytest.mark.parametrize("dist", rng.DISTRIBUTIONS)
-def test_zo_update_equals_reference(backend, dtype, rule, dist):
+@pytest.mark.parametrize("rounding", rng.ROUNDINGS)
+def test_zo_update_equals_reference(backend, dtype, rule, dist, rounding):
     seed = fresh_seed()
     params, _, m, v = make(dtype, rule, seed)
     offsets = flat_offsets(params, start=2**32 - 333)
     coefs, streams = [0.7, -0.4, 0.2], [3, 2**40 + 1, 9]
     h = hyper(rule)
     want = clones(params, m, v)
-    reference.zo_update_(*want, offsets, coefs, streams, 17, dist, 1e-3, rule.value, *h)
+    reference.zo_update_(*want, offsets, coefs, streams, 17, dist, 1e-3, rule.value, rounding, ROUNDING_STREAM, *h)
     got = clones(params, m, v)
     zo_update_(got[0], coefs, 17, streams, offsets, rule=rule, hyper=h, m=got[1], v=got[2], restore=1e-3,
-               dist=dist)
+               dist=dist, rounding=rounding, rounding_stream=ROUNDING_STREAM)
     exact = dist == "rademacher"
     flips = 0 if exact else 3 * (rule in (Rule.SIGN, Rule.SIGN_ADAM))
     for g, w in zip(got, want):
@@ -76,22 +80,27 @@ def test_zo_update_equals_reference(backend, dtype, rule, dist):
 @pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", list(RULES), ids=lambda r: r.name)
-def test_grad_update_equals_reference(backend, dtype, rule):
+@pytest.mark.parametrize("rounding", rng.ROUNDINGS)
+def test_grad_update_equals_reference(backend, dtype, rule, rounding):
     seed = fresh_seed()
     params, grads, m, v = make(dtype, rule, seed)
+    offsets = flat_offsets(params, start=77)
     h = hyper(rule)
     scales = None
+    sr = (offsets, 23, rounding, ROUNDING_STREAM)
     if rule is Rule.QUANTIZED:  # the scales a moments pass would leave
         scales = torch.empty(len(params), device=DEVICE)
-        reference.grad_update_(clones(params)[0], grads, clones(m)[0], clones(v)[0], scales, Rule.ADAM_MOMENTS.value,
-                               *h)
+        reference.grad_update_(clones(params)[0], grads, clones(m)[0], clones(v)[0], scales, offsets, 23,
+                               Rule.ADAM_MOMENTS.value, rounding, ROUNDING_STREAM, *h)
         scales[2] = 0.0  # the empty tensor
     elif rule is Rule.ADAM_MOMENTS:
         scales = torch.full((len(params),), 123.0, device=DEVICE)  # overwritten, not max-ed with
     want = clones(params, m, v) + [[scales.clone()] if scales is not None else []]
-    reference.grad_update_(want[0], grads, want[1], want[2], want[3][0] if want[3] else None, rule.value, *h)
+    reference.grad_update_(want[0], grads, want[1], want[2], want[3][0] if want[3] else None, sr[0], sr[1],
+                           rule.value, rounding, ROUNDING_STREAM, *h)
     got = clones(params, m, v) + [[scales.clone()] if scales is not None else []]
-    grad_update_(got[0], grads, rule=rule, hyper=h, m=got[1], v=got[2], scales=got[3][0] if got[3] else None)
+    grad_update_(got[0], grads, rule=rule, hyper=h, m=got[1], v=got[2], scales=got[3][0] if got[3] else None,
+                 offsets=offsets, seed=23, rounding=rounding, rounding_stream=ROUNDING_STREAM)
     for g, w in zip(got, want):
         assert_same(g, w, True, dtype, seed=seed)
     if rule is Rule.QUANTIZED:
@@ -123,7 +132,8 @@ def test_reference_rules_match_hand_formulas():
         p, m, v = theta.clone(), m0.clone(), v0.clone()
         h = Hyper.make(lr, weight_decay=wd, decoupled=rule is not Rule.SGD, beta1=b1, beta2=b2, eps=eps, step=t,
                        rho=rho)
-        reference.grad_update_([p], [g], [m] if rule.uses_m else [], [v] if rule.uses_v else [], None, rule.value, *h)
+        reference.grad_update_([p], [g], [m] if rule.uses_m else [], [v] if rule.uses_v else [], None, [0], 0,
+                               rule.value, "nearest", 0, *h)
         torch.testing.assert_close(p.double(), want_theta, rtol=1e-5, atol=1e-6, msg=rule.name)
         if want_m is not None:
             torch.testing.assert_close(m.double(), want_m, rtol=1e-5, atol=1e-6, msg=rule.name)
@@ -136,10 +146,10 @@ def test_quantized_step_takes_the_promised_levels(bits):
     m, v = torch.zeros(1000), torch.zeros(1000)
     h = Hyper.make(1.0, beta1=0.9, beta2=0.99, eps=1e-8, step=1, bits=bits)
     scales = torch.zeros(1)
-    reference.grad_update_([theta.clone()], [g], [m], [v], scales, Rule.ADAM_MOMENTS.value, *h)
+    reference.grad_update_([theta.clone()], [g], [m], [v], scales, [0], 0, Rule.ADAM_MOMENTS.value, "nearest", 0, *h)
     u = g.sign()  # step 1 of Adam: m / bc1 / sqrt(v / bc2) = g / |g|
     assert scales.item() == pytest.approx(1.0, abs=1e-6)
-    reference.grad_update_([theta], [g], [m], [v], scales, Rule.QUANTIZED.value, *h)
+    reference.grad_update_([theta], [g], [m], [v], scales, [0], 0, Rule.QUANTIZED.value, "nearest", 0, *h)
     levels = 2 ** (bits - 1) - 1
     if levels == 0:
         assert torch.equal(theta, -u)
@@ -152,8 +162,8 @@ def test_quantized_step_takes_the_promised_levels(bits):
 def test_all_zero_tensor_quantizes_to_zero():
     theta = torch.ones(10)
     h = Hyper.make(0.1, beta1=0.9, beta2=0.99, bits=4)
-    reference.grad_update_([theta], [torch.zeros(10)], [torch.zeros(10)], [torch.zeros(10)], torch.zeros(1),
-                           Rule.QUANTIZED.value, *h)
+    reference.grad_update_([theta], [torch.zeros(10)], [torch.zeros(10)], [torch.zeros(10)], torch.zeros(1), [0], 0,
+                           Rule.QUANTIZED.value, "nearest", 0, *h)
     assert torch.equal(theta, torch.ones(10))
 
 
@@ -191,9 +201,11 @@ def test_update_ops_opcheck():
     m, v = [torch.zeros(300)], [torch.ones(300)]
     h = Hyper.make(0.1, beta1=0.9, beta2=0.99)
     torch.library.opcheck(torch.ops.zounlearn.zo_update_.default,
-                          (p, m, v, [0], [0.5], [1], 3, "rademacher", 1e-3, "adazo", *h))
+                          (p, m, v, [0], [0.5], [1], 3, "rademacher", 1e-3, "adazo", "stochastic", 5, *h))
     torch.library.opcheck(torch.ops.zounlearn.grad_update_.default,
-                          (p, g, m, v, torch.zeros(1), "adam_moments", *h))
+                          (p, g, m, v, torch.zeros(1), [0], 3, "adam_moments", "nearest", 5, *h))
+    torch.library.opcheck(torch.ops.zounlearn.perturb_into.default,
+                          (p, [torch.empty(300)], [7], [0.5], [1], 3, "gaussian", 0.5))
 
 
 def test_schema_names_every_scalar():

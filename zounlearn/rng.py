@@ -1,4 +1,6 @@
-"""ZO-RNG v1 in pure PyTorch: the oracle every backend is tested against (docs/rng.md).
+"""ZO-RNG v2 in pure PyTorch: the oracle every backend is tested against (docs/rng.md).
+
+v2 keeps v1's directions bit for bit and adds the rounding words of stochastic rounding.
 
 Unsigned 32-bit words live in int64 tensors; products are split into 16-bit
 halves so that nothing overflows a signed 64-bit lane. Runs on any device.
@@ -20,7 +22,10 @@ MIN_UNIFORM = 1.0e-7
 TWO_PI = 6.283185307179586
 RADEMACHER_PER_BLOCK = 128
 GAUSSIAN_PER_BLOCK = 4
+ROUNDING_PER_BLOCK = 8  # 16 random bits per element
+ROUNDING_STREAM_BASE = 1 << 63  # rounding streams are 2^63 + n; the optimizers draw directions below
 DISTRIBUTIONS = ("rademacher", "gaussian")
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def _mul_lo_hi(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,3 +108,40 @@ def sample(
         values = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
     start = offset - first * per_block
     return values[start : start + numel]
+
+
+def rounding_bits(seed: int, stream: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-bit rounding words of global elements offset .. offset + numel - 1 (int64 tensor)."""
+    _check(seed, stream, offset, numel, "rademacher")
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    first, last = offset // ROUNDING_PER_BLOCK, (offset + numel - 1) // ROUNDING_PER_BLOCK
+    words = torch.stack(philox(seed, torch.arange(first, last + 1, dtype=torch.int64, device=device), stream), 1)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)  # element e: word (e>>1)&3, half e&1
+    start = offset - first * ROUNDING_PER_BLOCK
+    return halves[start : start + numel]
+
+
+_HALF_MAX = {torch.bfloat16: torch.finfo(torch.bfloat16).max, torch.float16: torch.finfo(torch.float16).max}
+
+
+def _step_up(t: torch.Tensor) -> torch.Tensor:
+    """The next value of t's dtype away from zero (t >= 0), by its bit pattern."""
+    return (t.view(torch.int16) + 1).view(t.dtype)
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 x to dtype (bfloat16 or float16), rounded away from zero with probability f / 2^16,
+    f = (|x| - t) / (u - t) * 2^16 for t = |x| rounded toward zero and u the next value up: the
+    neighbour above wins iff bits < f. NaN stays NaN; beyond the largest finite value, nearest."""
+    a = x.abs()
+    t = a.to(dtype)  # nearest, then one step toward zero where that went up
+    t = torch.where(t.float() > a, (t.view(torch.int16) - 1).view(dtype), t)
+    lo, hi = t.float(), _step_up(t).float()
+    f = (a - lo) / (hi - lo) * 65536.0
+    f = torch.where(hi.isinf(), torch.zeros_like(f), f)  # t is the largest finite value and a == t
+    magnitude = torch.where(bits.float() < f, _step_up(t), t)
+    magnitude = torch.where(a > _HALF_MAX[dtype], a.to(dtype), magnitude)
+    y = torch.where(x < 0, -magnitude, magnitude)
+    y = torch.where(torch.signbit(x) & (magnitude == 0), -magnitude, y)  # -0.0 keeps its sign
+    return torch.where(x.isnan(), torch.full_like(y, float("nan")), y)

@@ -16,9 +16,30 @@ void perturb_(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<doubl
   const GroupRanges ranges = checked_groups(params, offsets, op);
   parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
     const at::Tensor& t = params[i];
-    with_dtype(t, [&](auto* data) { perturb_groups(data, t.numel(), static_cast<uint64_t>(offsets[i]), terms, d, g0, g1); });
+    with_dtype(t, [&](auto* data) {
+      perturb_groups(data, data, t.numel(), static_cast<uint64_t>(offsets[i]), terms, d, g0, g1);
+    });
   });
   bump_versions(params);
+}
+
+void perturb_into(at::TensorList params, at::TensorList out, at::IntArrayRef offsets, at::ArrayRef<double> coefs,
+                  at::IntArrayRef streams, int64_t seed, c10::string_view dist, double alpha) {
+  constexpr const char* op = "perturb_into";
+  const Terms terms = checked_terms(params.size(), offsets, coefs, streams, seed, alpha, op);
+  const Dist d = checked_dist(dist, op);
+  TORCH_CHECK(out.size() == params.size(), op, ": one output per tensor");
+  const GroupRanges ranges = checked_groups(params, offsets, op);
+  for (size_t i = 0; i < params.size(); ++i) check_like(out[i], params[i], params[i].scalar_type(), op, "out", i);
+  parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
+    const at::Tensor& t = params[i];
+    with_dtype(t, [&](auto* data) {
+      using T = std::remove_pointer_t<decltype(data)>;
+      perturb_groups<T>(data, static_cast<T*>(out[i].data_ptr()), t.numel(), static_cast<uint64_t>(offsets[i]),
+                        terms, d, g0, g1);
+    });
+  });
+  bump_versions(out);
 }
 
 int parallel_threads() {

@@ -1,11 +1,13 @@
 // The CPU kernel of the fused op, free of torch headers so it can be built and
-// benchmarked on its own: theta <- alpha * theta + sum_k c_k * z_k, in place.
-// Work is split into groups of 128 global elements (one Rademacher Philox block,
-// or 32 Gaussian blocks); each group is loaded once, updated in a float32 buffer
-// for every term and stored with one rounding. No parameter-sized temporaries.
+// benchmarked on its own: out <- alpha * theta + sum_k c_k * z_k, in place (out = theta) or
+// into another tensor of the same shape. Work is split into groups of 128 global elements
+// (one Rademacher Philox block, or 32 Gaussian blocks); each group is loaded once, updated in
+// a float32 buffer for every term and stored with one rounding. No parameter-sized temporaries.
 #pragma once
 
 #include <stdint.h>
+
+#include <string.h>
 
 #include <algorithm>
 
@@ -35,6 +37,14 @@ inline void store(float x, bf16& out) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan = ((u >> 16) | 0x40u) & 0xFFFFu;
   out.bits = static_cast<uint16_t>(x != x ? nan : rounded);
+}
+
+// Stochastic rounding with the element's rounding word r (zo_rng.h); float32 needs none.
+inline void store_stochastic(float x, uint32_t, float& out) { out = x; }
+inline void store_stochastic(float x, uint32_t r, bf16& out) { out.bits = bf16_stochastic(x, r); }
+inline void store_stochastic(float x, uint32_t r, f16& out) {
+  const uint16_t bits = f16_stochastic(x, r);
+  memcpy(&out, &bits, sizeof bits);
 }
 
 constexpr int64_t kGroup = kRademacherPerBlock;
@@ -124,6 +134,15 @@ inline void gaussian_group(uint64_t seed, uint64_t group, uint64_t stream, float
   }
 }
 
+// The rounding words of the 128 elements of group g (element j has global index 128 g + j):
+// 16 Philox blocks of 8 words each, lane-parallel as gaussian_group's.
+inline void rounding_group(const Rounding& rd, int64_t g, uint32_t* bits) {
+  constexpr int kBlocks = kGroup / kRoundingPerBlock;
+  alignas(32) uint32_t c[4][kBlocks];
+  philox_lanes<kBlocks>(rd.seed, static_cast<uint64_t>(g) * kBlocks, rd.stream, c[0], c[1], c[2], c[3]);
+  for (int j = 0; j < kGroup; ++j) bits[j] = (c[(j >> 1) & 3][j >> 3] >> (16 * (j & 1))) & 0xFFFFu;
+}
+
 // Groups are numbered by global index: group g holds elements [128 g, 128 g + 128).
 inline int64_t first_group(uint64_t base) { return static_cast<int64_t>(base / kGroup); }
 inline int64_t end_group(uint64_t base, int64_t numel) {
@@ -133,49 +152,50 @@ inline int64_t end_group(uint64_t base, int64_t numel) {
 // One full group of 128 elements, K terms, one load and one store per element. The
 // fixed trip counts (K is a template argument) let the compiler vectorise over b.
 template <int K, typename T>
-inline void rademacher_full_group(T* p, const Words* r, const Terms& t) {
+inline void rademacher_full_group(const T* in, T* out, const Words* r, const Terms& t) {
   for (int q = 0; q < 4; ++q) {
-    T* pq = p + 32 * q;
     for (uint32_t b = 0; b < 32; ++b) {
-      float x = scale(t.alpha, load(pq[b]));
+      float x = scale(t.alpha, load(in[32 * q + b]));
       for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
-      store(x, pq[b]);
+      store(x, out[32 * q + b]);
     }
   }
 }
 
 template <int K, typename T>
-inline void gaussian_full_group(T* p, const float (*z)[kGroup], const Terms& t) {
+inline void gaussian_full_group(const T* in, T* out, const float (*z)[kGroup], const Terms& t) {
   for (int j = 0; j < kGroup; ++j) {
-    float x = scale(t.alpha, load(p[j]));
+    float x = scale(t.alpha, load(in[j]));
     for (int k = 0; k < K; ++k) x = add_term(x, t.coef[k], z[k][j]);
-    store(x, p[j]);
+    store(x, out[j]);
   }
 }
 
 // The first and last group of a tensor may hold fewer elements: lanes lane0 .. lane0 + len - 1.
 template <int K, typename T>
-inline void partial_group(T* p, int64_t lane0, int64_t len, const Words* r, const float (*z)[kGroup],
-                          const Terms& t, Dist dist) {
+inline void partial_group(const T* in, T* out, int64_t lane0, int64_t len, const Words* r,
+                          const float (*z)[kGroup], const Terms& t, Dist dist) {
   for (int64_t j = 0; j < len; ++j) {
-    float x = scale(t.alpha, load(p[j]));
+    float x = scale(t.alpha, load(in[j]));
     for (int k = 0; k < K; ++k) {
       x = dist == Dist::kRademacher ? x + signed_coef(t.coef[k], rademacher_bit(r[k], lane0 + j))
                                     : add_term(x, t.coef[k], z[k][lane0 + j]);
     }
-    store(x, p[j]);
+    store(x, out[j]);
   }
 }
 
 template <int K, typename T>
-void perturb_groups_k(T* data, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0, int64_t g1) {
+void perturb_groups_k(const T* src, T* dst, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0,
+                      int64_t g1) {
   Words r[K];
   float z[K][kGroup];
   for (int64_t g = g0; g < g1; ++g) {
     const uint64_t group_start = static_cast<uint64_t>(g) * kGroup;
     const uint64_t e0 = std::max(group_start, base);
     const uint64_t e1 = std::min(group_start + kGroup, base + numel);
-    T* p = data + (e0 - base);
+    const T* in = src + (e0 - base);
+    T* out = dst + (e0 - base);
     for (int k = 0; k < K; ++k) {
       if (dist == Dist::kRademacher) {
         r[k] = philox(t.seed, g, t.stream[k]);
@@ -185,28 +205,31 @@ void perturb_groups_k(T* data, int64_t numel, uint64_t base, const Terms& t, Dis
     }
     if (e1 - e0 == kGroup) {
       if (dist == Dist::kRademacher) {
-        rademacher_full_group<K>(p, r, t);
+        rademacher_full_group<K>(in, out, r, t);
       } else {
-        gaussian_full_group<K>(p, z, t);
+        gaussian_full_group<K>(in, out, z, t);
       }
     } else {
-      partial_group<K>(p, static_cast<int64_t>(e0 - group_start), static_cast<int64_t>(e1 - e0), r, z, t, dist);
+      partial_group<K>(in, out, static_cast<int64_t>(e0 - group_start), static_cast<int64_t>(e1 - e0), r, z, t,
+                       dist);
     }
   }
 }
 
-// Updates the elements of one tensor (data, numel, global offset base) that fall in groups [g0, g1).
+// The elements of one tensor (numel, global offset base) that fall in groups [g0, g1): read
+// from src, written to dst (the same pointer in place, or a tensor of the same shape).
 template <typename T>
-void perturb_groups(T* data, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0, int64_t g1) {
+void perturb_groups(const T* src, T* dst, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0,
+                    int64_t g1) {
   switch (t.count) {
-    case 1: return perturb_groups_k<1>(data, numel, base, t, dist, g0, g1);
-    case 2: return perturb_groups_k<2>(data, numel, base, t, dist, g0, g1);
-    case 3: return perturb_groups_k<3>(data, numel, base, t, dist, g0, g1);
-    case 4: return perturb_groups_k<4>(data, numel, base, t, dist, g0, g1);
-    case 5: return perturb_groups_k<5>(data, numel, base, t, dist, g0, g1);
-    case 6: return perturb_groups_k<6>(data, numel, base, t, dist, g0, g1);
-    case 7: return perturb_groups_k<7>(data, numel, base, t, dist, g0, g1);
-    case 8: return perturb_groups_k<8>(data, numel, base, t, dist, g0, g1);
+    case 1: return perturb_groups_k<1>(src, dst, numel, base, t, dist, g0, g1);
+    case 2: return perturb_groups_k<2>(src, dst, numel, base, t, dist, g0, g1);
+    case 3: return perturb_groups_k<3>(src, dst, numel, base, t, dist, g0, g1);
+    case 4: return perturb_groups_k<4>(src, dst, numel, base, t, dist, g0, g1);
+    case 5: return perturb_groups_k<5>(src, dst, numel, base, t, dist, g0, g1);
+    case 6: return perturb_groups_k<6>(src, dst, numel, base, t, dist, g0, g1);
+    case 7: return perturb_groups_k<7>(src, dst, numel, base, t, dist, g0, g1);
+    case 8: return perturb_groups_k<8>(src, dst, numel, base, t, dist, g0, g1);
     default: return;  // callers check 1 <= count <= kMaxTerms
   }
 }

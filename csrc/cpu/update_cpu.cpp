@@ -22,11 +22,13 @@ std::vector<State> checked_states(at::TensorList params, at::TensorList m, at::T
 
 void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::IntArrayRef offsets,
                 at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,
-                double restore, c10::string_view rule ZO_HYPER_PARAMS) {
+                double restore, c10::string_view rule, c10::string_view rounding,
+                int64_t rounding_stream ZO_HYPER_PARAMS) {
   constexpr const char* op = "zo_update_";
   const Terms terms = checked_terms(params.size(), offsets, coefs, streams, seed, 1.0, op);
   const Dist d = checked_dist(dist, op);
   const Rule r = checked_rule(rule, true, op);
+  const Rounding rd = checked_rounding(rounding, seed, rounding_stream, op);
   const Hyper h = ZO_HYPER_FROM_ARGS;
   const GroupRanges ranges = checked_groups(params, offsets, op);
   const std::vector<State> states = checked_states(params, m, v, r, op);
@@ -37,7 +39,8 @@ void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::I
       parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
         const at::Tensor& t = params[i];
         with_dtype(t, [&](auto* data) {
-          zo_update_groups<R>(data, states[i], t.numel(), static_cast<uint64_t>(offsets[i]), terms, c, h, d, g0, g1);
+          zo_update_groups<R>(data, states[i], t.numel(), static_cast<uint64_t>(offsets[i]), terms, c, h, d, rd, g0,
+                              g1);
         });
       });
     }
@@ -46,9 +49,11 @@ void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::I
 }
 
 void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
-                  const std::optional<at::Tensor>& scales, c10::string_view rule ZO_HYPER_PARAMS) {
+                  const std::optional<at::Tensor>& scales, at::IntArrayRef offsets, int64_t seed,
+                  c10::string_view rule, c10::string_view rounding, int64_t rounding_stream ZO_HYPER_PARAMS) {
   constexpr const char* op = "grad_update_";
   const Rule r = checked_rule(rule, false, op);
+  const Rounding rd = checked_rounding(rounding, seed, rounding_stream, op);
   const Hyper h = ZO_HYPER_FROM_ARGS;
   TORCH_CHECK(grads.size() == params.size(), op, ": one gradient per parameter");
   float* scale = nullptr;
@@ -58,11 +63,10 @@ void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m,
                 op, ": scales must be a float32 CPU tensor with one value per parameter");
     scale = static_cast<float*>(scales->data_ptr());
   }
-  GroupRanges ranges;
+  TORCH_CHECK(offsets.size() == params.size(), op, ": one offset per tensor");
+  const GroupRanges ranges = checked_groups(params, offsets, op);
   for (size_t i = 0; i < params.size(); ++i) {
-    check_param_at(params[i], 0, op, i);
-    check_like(grads[i], params[i], params[i].scalar_type(), op, "grads", i);
-    ranges.add(i, 0, (params[i].numel() + kGroup - 1) / kGroup);
+    if (rule_reads_grad(r)) check_like(grads[i], params[i], params[i].scalar_type(), op, "grads", i);
   }
   const std::vector<State> states = checked_states(params, m, v, r, op);
   // kAdamMoments: each task's max |u| joins its tensor's by compare-and-swap on the float bits
@@ -76,8 +80,9 @@ void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m,
       const float s = rule_reads_scales(R) ? scale[i] : 0.0f;
       with_dtype(t, [&](auto* data) {
         using T = std::remove_pointer_t<decltype(data)>;
-        const float local = grad_update_range<R>(data, static_cast<const T*>(grads[i].data_ptr()), states[i], s, h,
-                                                 g0 * kGroup, std::min(g1 * kGroup, t.numel()));
+        const T* grad = rule_reads_grad(R) ? static_cast<const T*>(grads[i].data_ptr()) : nullptr;
+        const float local = grad_update_groups<R>(data, grad, states[i], t.numel(), static_cast<uint64_t>(offsets[i]),
+                                                  s, h, rd, g0, g1);
         uint32_t seen = max_bits[i].load();
         const uint32_t bits = float_bits(local);
         while (bits > seen && !max_bits[i].compare_exchange_weak(seen, bits)) {

@@ -20,6 +20,7 @@ template <typename T, Rule R>
 struct GradUpdate {
   static constexpr int kPtrs = 5;  // param, grad, m, v, &scales[i]
   Hyper h;
+  Rounding rd;
 
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
     T* const p = t.at<T>(0);
@@ -41,17 +42,18 @@ struct GradUpdate {
     for (int r = 0; r < kRuns; ++r) {
       const int j0 = run_start(r);
       if (j0 >= t.n) continue;
+      float a[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) {
         const float theta0 = R == Rule::kAdamMoments ? 0.0f : to_float(x[r].v[j]);
+        const float g = rule_reads_grad(R) ? to_float(gr[r].v[j]) : 0.0f;
         float abs_u = 0.0f;
-        const float theta = apply_rule<R>(h, theta0, to_float(gr[r].v[j]), m[r].v[j], v[r].v[j], scale, &abs_u);
+        a[j] = apply_rule<R>(h, theta0, g, m[r].v[j], v[r].v[j], scale, &abs_u);
         if constexpr (R == Rule::kAdamMoments) {
           if (j0 + j < t.n) max_bits = max(max_bits, float_bits(abs_u));  // elements past the end are garbage
-        } else {
-          x[r].v[j] = from_float<T>(theta);
         }
       }
+      if constexpr (R != Rule::kAdamMoments) round_run(x[r], a, rd, t.G + j0);
     }
 
     if constexpr (R == Rule::kAdamMoments) {
@@ -72,7 +74,7 @@ static_assert(BatchOf<GradUpdate<float, Rule::kAdam>>::kCap == 63, "tensors per 
 }  // namespace
 
 cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float* scales, Rule rule,
-                               const Hyper& hyper, int sm_count, cudaStream_t stream) {
+                               const Hyper& hyper, const Rounding& rd, int sm_count, cudaStream_t stream) {
   const bool uses_scales = rule_writes_scales(rule) || rule_reads_scales(rule);
   if (n_tensors < 0 || !rule_valid(rule) ||
       (uses_scales && n_tensors > 0 && scales == nullptr)) {
@@ -81,7 +83,7 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
   // Validate everything before touching anything.
   for (int i = 0; i < n_tensors; ++i) {
     const UpdateTensor& u = tensors[i];
-    if (u.numel < 0 || !valid_elem_type(u.dtype) ||
+    if (u.numel < 0 || u.offset < 0 || u.numel > INT64_MAX - u.offset || !valid_elem_type(u.dtype) ||
         (u.numel > 0 && (u.param == nullptr || (rule_reads_grad(rule) && u.grad == nullptr) ||
                          (rule_uses_m(rule) && u.m == nullptr) ||
                          (rule_uses_v(rule) && u.v == nullptr)))) {
@@ -98,8 +100,8 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
       using T = typename decltype(type)::type;
       return with_rule(rule, [&](auto r) {
         return launch_tensors(
-            GradUpdate<T, decltype(r)::value>{hyper}, n_tensors,
-            [&](int i, void** p, int64_t&) -> int64_t {
+            GradUpdate<T, decltype(r)::value>{hyper, rd}, n_tensors,
+            [&](int i, void** p, int64_t& base) -> int64_t {
               const UpdateTensor& u = tensors[i];
               if (u.dtype != dtype) return 0;
               p[0] = u.param;
@@ -107,6 +109,7 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
               p[2] = u.m;
               p[3] = u.v;
               p[4] = uses_scales ? scales + i : nullptr;
+              base = u.offset;
               return u.numel;
             },
             sm_count, stream);

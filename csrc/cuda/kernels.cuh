@@ -18,11 +18,13 @@ namespace zo {
 
 enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// The fused perturbation theta <- alpha * theta + sum_k c_k * z_k, in place (docs/rng.md), on
-// n_tensors tensors that all hold `dtype`: tensor i has numels[i] elements at ptrs[i], and its
-// element j has global index offsets[i] + j. One kernel launch per 120 tensors on `stream`.
-cudaError_t perturb_launch(ElemType dtype, void* const* ptrs, const int64_t* numels, const int64_t* offsets,
-                           int n_tensors, const Terms& terms, Dist dist, int sm_count, cudaStream_t stream);
+// The fused perturbation out <- alpha * theta + sum_k c_k * z_k (docs/rng.md), on n_tensors
+// tensors that all hold `dtype`: tensor i has numels[i] elements at ptrs[i], written to outs[i]
+// (ptrs[i] itself in place), and its element j has global index offsets[i] + j. One kernel
+// launch per 99 tensors on `stream`.
+cudaError_t perturb_launch(ElemType dtype, const void* const* ptrs, void* const* outs, const int64_t* numels,
+                           const int64_t* offsets, int n_tensors, const Terms& terms, Dist dist, int sm_count,
+                           cudaStream_t stream);
 
 // One tensor of an optimizer update (update_rules.h): a parameter and its float32 state.
 struct UpdateTensor {
@@ -31,21 +33,22 @@ struct UpdateTensor {
   float* m;          // numel floats when the rule uses m (rule_uses_m), else unused
   float* v;          // numel floats when the rule uses v (rule_uses_v), else unused
   int64_t numel;
-  int64_t offset;    // zo_update_: global index of element 0; grad_update_: unused
+  int64_t offset;    // global index of element 0 (the directions' and the rounding words')
   ElemType dtype;    // the tensors of one call may mix dtypes
 };
 
 // zo_update_: per element, theta = param + restore * z_last, g = sum_k c_k z_k (k in order,
-// from 0), then apply_rule<rule>; theta is stored with one rounding. terms.alpha is ignored.
-// rule: kSgd, kSign, kAdam, kAdaZo, kSignAdam or kSophia. Launches per dtype and 81 tensors.
+// from 0), then apply_rule<rule>; theta is stored with one rounding (rd's). terms.alpha is
+// ignored. rule: a zeroth-order one (rule_zeroth_order). Launches per dtype and 81 tensors.
 cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const Terms& terms, Dist dist,
-                             float restore, Rule rule, const Hyper& hyper, int sm_count, cudaStream_t stream);
+                             float restore, Rule rule, const Hyper& hyper, const Rounding& rd, int sm_count,
+                             cudaStream_t stream);
 
 // grad_update_: per element, apply_rule<rule>(param, grad, m, v). scales holds one float per
 // tensor (n_tensors, tensor i's at scales[i]) for kAdamMoments, which overwrites it with
 // max |u| over the tensor (0 for an empty one) and leaves params unchanged, and for
 // kQuantized, which reads it; other rules ignore it. Launches per dtype and 63 tensors.
 cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float* scales, Rule rule,
-                               const Hyper& hyper, int sm_count, cudaStream_t stream);
+                               const Hyper& hyper, const Rounding& rd, int sm_count, cudaStream_t stream);
 
 }  // namespace zo

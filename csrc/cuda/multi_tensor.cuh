@@ -128,6 +128,41 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
+// Stochastic rounding with the element's rounding word r (zo_rng.h); float32 needs none.
+template <typename T>
+__device__ __forceinline__ T from_float_stochastic(float x, uint32_t r);
+template <>
+__device__ __forceinline__ float from_float_stochastic<float>(float x, uint32_t) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float_stochastic<__nv_bfloat16>(float x, uint32_t r) {
+  return __ushort_as_bfloat16(bf16_stochastic(x, r));
+}
+template <>
+__device__ __forceinline__ __half from_float_stochastic<__half>(float x, uint32_t r) {
+  return __ushort_as_half(f16_stochastic(x, r));
+}
+
+// Stores run values a[j] (global indices e .. e + kRun - 1) into x with rd's rounding: one
+// Philox block of rounding words, or two where the run straddles a block boundary.
+template <typename T>
+__device__ __forceinline__ void round_run(Run<T>& x, const float (&a)[kRun], const Rounding& rd, uint64_t e) {
+  if (std::is_same_v<T, float> || !rd.stochastic) {
+#pragma unroll
+    for (int j = 0; j < kRun; ++j) x.v[j] = from_float<T>(a[j]);
+    return;
+  }
+  const uint64_t block = e / kRoundingPerBlock;
+  const Words first = philox(rd.seed, block, rd.stream);
+  const Words second = e % kRoundingPerBlock ? philox(rd.seed, block + 1, rd.stream) : first;
+#pragma unroll
+  for (int j = 0; j < kRun; ++j) {
+    const uint64_t ej = e + j;
+    x.v[j] = from_float_stochastic<T>(a[j], rounding_bits(ej / kRoundingPerBlock == block ? first : second, ej));
+  }
+}
+
 // Tile-local index of element 0 of run r of this thread.
 __device__ __forceinline__ int run_start(int r) { return (r * kThreads + static_cast<int>(threadIdx.x)) * kRun; }
 

@@ -1,5 +1,5 @@
 // Multi-tensor fused perturbation kernel (docs/rng.md), no torch:
-// theta <- alpha * theta + sum_k c_k * z_k, in place.
+// out <- alpha * theta + sum_k c_k * z_k, in place (out = theta) or into another tensor.
 //
 // Per tile (multi_tensor.cuh): loads are issued first; the tile's random numbers are then
 // generated once into shared memory (rng_tile.cuh), and each thread applies all terms in
@@ -19,20 +19,18 @@ using namespace mt;
 
 template <typename T, Dist D>
 struct Perturb {
-  static constexpr int kPtrs = 1;  // the parameter
+  static constexpr int kPtrs = 2;  // the parameter, the output (the same pointer in place)
   Terms terms;
 
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
-    T* const q = t.at<T>(0);
-    const bool vec = t.vec(0);
     Run<T> x[kRuns];
-    load_tile(x, q, t.n, vec);
+    load_tile(x, t.at<const T>(0), t.n, t.vec(0));
     if constexpr (D == Dist::kRademacher) {
       rademacher(x, t);
     } else {
       gaussian(x, t);
     }
-    store_tile(q, x, t.n, vec);
+    store_tile(t.at<T>(1), x, t.n, t.vec(1));
   }
 
   __device__ __forceinline__ void rademacher(Run<T> (&x)[kRuns], const Tile<kPtrs>& t) const {
@@ -82,17 +80,18 @@ struct Perturb {
   }
 };
 
-static_assert(BatchOf<Perturb<float, Dist::kGaussian>>::kCap == 120, "tensors per launch, as kernels.cuh says");
+static_assert(BatchOf<Perturb<float, Dist::kGaussian>>::kCap == 99, "tensors per launch, as kernels.cuh says");
 
 }  // namespace
 
-cudaError_t perturb_launch(ElemType dtype, void* const* ptrs, const int64_t* numels, const int64_t* offsets,
-                           int n_tensors, const Terms& terms, Dist dist, int sm_count, cudaStream_t stream) {
+cudaError_t perturb_launch(ElemType dtype, const void* const* ptrs, void* const* outs, const int64_t* numels,
+                           const int64_t* offsets, int n_tensors, const Terms& terms, Dist dist, int sm_count,
+                           cudaStream_t stream) {
   if (n_tensors < 0 || !valid_terms(terms, dist) || !valid_elem_type(dtype)) return cudaErrorInvalidValue;
   // Validate everything before launching anything: global indices must stay below 2^63.
   for (int i = 0; i < n_tensors; ++i) {
     if (numels[i] < 0 || offsets[i] < 0 || numels[i] > INT64_MAX - offsets[i] ||
-        (numels[i] > 0 && ptrs[i] == nullptr)) {
+        (numels[i] > 0 && (ptrs[i] == nullptr || outs[i] == nullptr))) {
       return cudaErrorInvalidValue;
     }
   }
@@ -102,7 +101,8 @@ cudaError_t perturb_launch(ElemType dtype, void* const* ptrs, const int64_t* num
       return launch_tensors(
           Perturb<T, decltype(d)::value>{terms}, n_tensors,
           [&](int i, void** p, int64_t& base) {
-            p[0] = ptrs[i];
+            p[0] = const_cast<void*>(ptrs[i]);  // only read
+            p[1] = outs[i];
             base = offsets[i];
             return numels[i];
           },

@@ -26,11 +26,13 @@ void add_states(std::vector<UpdateTensor>& tensors, at::TensorList params, at::T
 
 void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::IntArrayRef offsets,
                 at::ArrayRef<double> coefs, at::IntArrayRef streams, int64_t seed, c10::string_view dist,
-                double restore, c10::string_view rule ZO_HYPER_PARAMS) {
+                double restore, c10::string_view rule, c10::string_view rounding,
+                int64_t rounding_stream ZO_HYPER_PARAMS) {
   constexpr const char* op = "zo_update_";
   const Terms terms = checked_terms(params.size(), offsets, coefs, streams, seed, 1.0, op);
   const Dist d = checked_dist(dist, op);
   const Rule r = checked_rule(rule, true, op);
+  const Rounding rd = checked_rounding(rounding, seed, rounding_stream, op);
   const Hyper h = ZO_HYPER_FROM_ARGS;
   if (params.empty()) return;
   std::vector<UpdateTensor> tensors;
@@ -42,23 +44,31 @@ void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::I
   add_states(tensors, params, m, v, r, op);
   const auto c = static_cast<float>(restore);
   launch_on(params[0].device().index(), op, [&](int sm_count, cudaStream_t stream) {
-    return zo_update_launch(tensors.data(), static_cast<int>(tensors.size()), terms, d, c, r, h, sm_count, stream);
+    return zo_update_launch(tensors.data(), static_cast<int>(tensors.size()), terms, d, c, r, h, rd, sm_count,
+                            stream);
   });
   bump_written(params, m, v, r);
 }
 
 void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m, at::TensorList v,
-                  const std::optional<at::Tensor>& scales, c10::string_view rule ZO_HYPER_PARAMS) {
+                  const std::optional<at::Tensor>& scales, at::IntArrayRef offsets, int64_t seed,
+                  c10::string_view rule, c10::string_view rounding, int64_t rounding_stream ZO_HYPER_PARAMS) {
   constexpr const char* op = "grad_update_";
   const Rule r = checked_rule(rule, false, op);
+  const Rounding rd = checked_rounding(rounding, seed, rounding_stream, op);
+  TORCH_CHECK(offsets.size() == params.size(), op, ": one offset per tensor");
   const Hyper h = ZO_HYPER_FROM_ARGS;
   TORCH_CHECK(grads.size() == params.size(), op, ": one gradient per parameter");
   if (params.empty()) return;
   std::vector<UpdateTensor> tensors;
   for (size_t i = 0; i < params.size(); ++i) {
-    const ElemType dtype = checked_elem_type(params, 0, op, i);
-    check_like(grads[i], params[i], params[i].scalar_type(), op, "grads", i);
-    tensors.push_back(UpdateTensor{params[i].data_ptr(), grads[i].data_ptr(), nullptr, nullptr, params[i].numel(), 0,
+    const ElemType dtype = checked_elem_type(params, offsets[i], op, i);
+    const void* grad = nullptr;
+    if (rule_reads_grad(r)) {
+      check_like(grads[i], params[i], params[i].scalar_type(), op, "grads", i);
+      grad = grads[i].data_ptr();
+    }
+    tensors.push_back(UpdateTensor{params[i].data_ptr(), grad, nullptr, nullptr, params[i].numel(), offsets[i],
                                    dtype});
   }
   add_states(tensors, params, m, v, r, op);
@@ -70,7 +80,7 @@ void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m,
     scale = static_cast<float*>(scales->data_ptr());
   }
   launch_on(params[0].device().index(), op, [&](int sm_count, cudaStream_t stream) {
-    return grad_update_launch(tensors.data(), static_cast<int>(tensors.size()), scale, r, h, sm_count, stream);
+    return grad_update_launch(tensors.data(), static_cast<int>(tensors.size()), scale, r, h, rd, sm_count, stream);
   });
   bump_written(params, m, v, r);
   if (rule_writes_scales(r)) scales->unsafeGetTensorImpl()->bump_version();

@@ -23,6 +23,7 @@ struct ZoUpdate {
   static constexpr int kPtrs = 3;  // param, m, v
   Terms terms;
   Hyper h;
+  Rounding rd;
   float restore;
 
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
@@ -49,7 +50,7 @@ struct ZoUpdate {
         const uint32_t last = w.bits(terms.count - 1, e);
 #pragma unroll
         for (int j = 0; j < kRun; ++j) theta[j] = to_float(x[r].v[j]) + signed_coef(restore, (last >> j) & 1u);
-        apply(x[r], m[r], v[r], theta, g);
+        apply(x[r], m[r], v[r], theta, g, e);
       }
     } else {
       const GaussianNormals z = gaussian_normals(t);
@@ -81,7 +82,7 @@ struct ZoUpdate {
 #pragma unroll
       for (int r = 0; r < kRuns; ++r) {
         if (run_start(r) >= t.n) continue;
-        apply(x[r], m[r], v[r], theta[r], g[r]);
+        apply(x[r], m[r], v[r], theta[r], g[r], t.G + run_start(r));
       }
     }
 
@@ -90,11 +91,14 @@ struct ZoUpdate {
     if (rule_writes_v(R)) store_tile(pv, v, t.n, t.vec(2));
   }
 
-  // One run: the rule on every element (those past the tensor's end compute garbage, never stored).
+  // One run from global index e: the rule on every element (those past the tensor's end compute
+  // garbage, never stored), rounded once.
   __device__ __forceinline__ void apply(Run<T>& x, Run<float>& m, Run<float>& v, const float (&theta)[kRun],
-                                        const float (&g)[kRun]) const {
+                                        const float (&g)[kRun], uint64_t e) const {
+    float a[kRun];
 #pragma unroll
-    for (int j = 0; j < kRun; ++j) x.v[j] = from_float<T>(apply_rule<R>(h, theta[j], g[j], m.v[j], v.v[j], 0.0f, nullptr));
+    for (int j = 0; j < kRun; ++j) a[j] = apply_rule<R>(h, theta[j], g[j], m.v[j], v.v[j], 0.0f, nullptr);
+    round_run(x, a, rd, e);
   }
 };
 
@@ -103,7 +107,8 @@ static_assert(BatchOf<ZoUpdate<float, Dist::kGaussian, Rule::kAdam>>::kCap == 81
 }  // namespace
 
 cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const Terms& terms, Dist dist,
-                             float restore, Rule rule, const Hyper& hyper, int sm_count, cudaStream_t stream) {
+                             float restore, Rule rule, const Hyper& hyper, const Rounding& rd, int sm_count,
+                             cudaStream_t stream) {
   if (n_tensors < 0 || !valid_terms(terms, dist) || !rule_valid(rule) || !rule_zeroth_order(rule)) {
     return cudaErrorInvalidValue;
   }
@@ -120,13 +125,14 @@ cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const T
     const cudaError_t err = with_elem_type(dtype, [&](auto type) {
       using T = typename decltype(type)::type;
       return with_dist(dist, [&](auto d) {
+        constexpr Dist D = decltype(d)::value;  // here: inside the next lambda d is a captured reference
         return with_rule(rule, [&](auto r) -> cudaError_t {
           constexpr Rule R = decltype(r)::value;
           if constexpr (!rule_zeroth_order(R)) {
-            return cudaErrorInvalidValue;  // not instantiated: compressed Adam and Sophia need gradients
+            return cudaErrorInvalidValue;  // not instantiated: the rules that need a gradient
           } else {
             return launch_tensors(
-                ZoUpdate<T, decltype(d)::value, R>{terms, hyper, restore}, n_tensors,
+                ZoUpdate<T, D, R>{terms, hyper, rd, restore}, n_tensors,
                 [&](int i, void** p, int64_t& base) -> int64_t {
                   const UpdateTensor& u = tensors[i];
                   if (u.dtype != dtype) return 0;

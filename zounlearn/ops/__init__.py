@@ -6,9 +6,9 @@ backends.py; the functions here validate their arguments and call them.
 
 from . import backends
 from .backends import use
-from .perturb import flat_offsets, perturb_, sample
+from .perturb import flat_offsets, perturb_, perturb_into, sample
 from .rules import Hyper, Rule
 from .update import grad_update_, zo_update_
 
-__all__ = ["Hyper", "Rule", "backends", "flat_offsets", "grad_update_", "perturb_", "sample", "use",
+__all__ = ["Hyper", "Rule", "backends", "flat_offsets", "grad_update_", "perturb_", "perturb_into", "sample", "use",
            "zo_update_"]

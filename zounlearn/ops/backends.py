@@ -83,7 +83,7 @@ class _Registration:
             self._handle: Any = _import_extension(name).register_kernels()
             return
         self._handle = torch.library.Library(library.NAMESPACE, "IMPL")
-        for op in library.IN_PLACE_OPS:
+        for op in library.KERNEL_OPS:
             self._handle.impl(op, _unavailable(reason) if reason else _python_kernel(name, op), key)
 
     def remove(self) -> None:

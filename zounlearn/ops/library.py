@@ -3,9 +3,12 @@
     torch.ops.zounlearn.perturb_      theta <- alpha theta + sum_k c_k z(seed, stream_k, e)
     torch.ops.zounlearn.zo_update_    theta <- rule(theta + restore z_last, g = sum_k c_k z_k, m, v)
     torch.ops.zounlearn.grad_update_  theta <- rule(theta, g = grad, m, v)
+    torch.ops.zounlearn.perturb_into  out <- alpha theta + sum_k c_k z(seed, stream_k, e)   (theta unchanged)
     torch.ops.zounlearn.sample        z(seed, stream, offset + i) as a new tensor
 
-Each schema names its scalars, as bitsandbytes' do. Kernels are registered per dispatch key
+Each schema names its scalars, as bitsandbytes' do. The updates round what they store into a
+half-precision tensor to nearest or stochastically (`rounding`, with the words of
+`rounding_stream`: docs/rng.md). Kernels are registered per dispatch key
 (CPU, CUDA) by zounlearn/ops/backends.py: the C++ ones with no Python in between; the fakes,
 which torch.compile traces with, are the validation layer (validation.py). The in-place ops bump
 the version counter of what they write, so autograd refuses a tensor that one of them changed
@@ -27,14 +30,17 @@ _HYPER_ARGS = ", ".join(f"float {name}" for name in Hyper._fields)
 SCHEMAS = {
     "perturb_": "(Tensor(a!)[] params, int[] offsets, float[] coefs, int[] streams, int seed, str dist, "
                 "float alpha) -> ()",
+    "perturb_into": "(Tensor[] params, Tensor(a!)[] out, int[] offsets, float[] coefs, int[] streams, int seed, "
+                    "str dist, float alpha) -> ()",
     "zo_update_": "(Tensor(a!)[] params, Tensor(b!)[] m, Tensor(c!)[] v, int[] offsets, float[] coefs, "
-                  f"int[] streams, int seed, str dist, float restore, str rule, {_HYPER_ARGS}) -> ()",
+                  f"int[] streams, int seed, str dist, float restore, str rule, str rounding, int rounding_stream, "
+                  f"{_HYPER_ARGS}) -> ()",
     "grad_update_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!)? scales, "
-                    f"str rule, {_HYPER_ARGS}) -> ()",
+                    f"int[] offsets, int seed, str rule, str rounding, int rounding_stream, {_HYPER_ARGS}) -> ()",
     "sample": "(SymInt[] size, int seed, int stream, int offset, str dist, ScalarType dtype, Device device) "
               "-> Tensor",
 }
-IN_PLACE_OPS = ("perturb_", "zo_update_", "grad_update_")
+KERNEL_OPS = ("perturb_", "perturb_into", "zo_update_", "grad_update_")  # the ops each backend implements
 
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
@@ -52,6 +58,7 @@ def _sample(size, seed, stream, offset, dist, dtype, device):
 _library.impl("sample", _sample, "CompositeImplicitAutograd")
 
 torch.library.register_fake("zounlearn::perturb_", validation.check_perturb, lib=_library)
+torch.library.register_fake("zounlearn::perturb_into", validation.check_perturb_into, lib=_library)
 torch.library.register_fake("zounlearn::zo_update_", validation.check_zo_update, lib=_library)
 torch.library.register_fake("zounlearn::grad_update_", validation.check_grad_update, lib=_library)
 

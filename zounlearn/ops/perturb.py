@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .library import ops
-from .validation import as_int64, check_perturb, check_terms
+from .validation import as_int64, check_perturb, check_perturb_into, check_terms
 
 
 def flat_offsets(params: Sequence[torch.Tensor], start: int = 0) -> list[int]:
@@ -61,6 +61,34 @@ def perturb_(
     if params:  # nothing to dispatch on otherwise
         with torch.no_grad():
             ops.perturb_(*args)
+
+
+def perturb_into(
+    params: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor],
+    coefs: float | Sequence[float],
+    seed: int,
+    *,
+    streams: int | Sequence[int] | None = None,
+    offsets: Sequence[int] | None = None,
+    alpha: float = 1.0,
+    dist: str = "rademacher",
+) -> None:
+    """out <- alpha * theta + sum_k coefs[k] * z(seed, streams[k], e), theta unchanged: perturb_'s
+    pass written to other tensors of the same shapes and dtypes (the exact zeroth-order mode
+    perturbs copies this way, so that theta itself is never rounded)."""
+    params, out = list(params), list(out)
+    coefs = [float(c) for c in ([coefs] if isinstance(coefs, (int, float)) else coefs)]
+    if streams is None:
+        streams = list(range(len(coefs)))
+    streams = [as_int64(s, f"streams[{k}]") for k, s in enumerate([streams] if isinstance(streams, int) else streams)]
+    offsets = flat_offsets(params) if offsets is None else list(offsets)
+    args = (params, out, offsets, coefs, streams, as_int64(seed, "seed"), dist, float(alpha))
+    if not torch.compiler.is_compiling():
+        check_perturb_into(*args)
+    if params:
+        with torch.no_grad():
+            ops.perturb_into(*args)
 
 
 def sample(

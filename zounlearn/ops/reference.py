@@ -22,19 +22,37 @@ def _chunks(t: torch.Tensor | None, start: int) -> torch.Tensor | None:
     return None if t is None else t.view(-1)[start : start + CHUNK]
 
 
-def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], coefs: Sequence[float], streams: Sequence[int],
-             seed: int, dist: str, alpha: float) -> None:
+def _perturb(params: Sequence[torch.Tensor], out: Sequence[torch.Tensor], offsets: Sequence[int],
+             coefs: Sequence[float], streams: Sequence[int], seed: int, dist: str, alpha: float) -> None:
     alpha = float32(alpha)
     coefs = [float32(c) for c in coefs]
-    for t, base in zip(params, offsets):
+    for t, o, base in zip(params, out, offsets):
         for start in range(0, t.numel(), CHUNK):
             part = _chunks(t, start)
             acc = part.float() * alpha  # always a new float32 tensor
             for c, stream in zip(coefs, streams):
                 # acc + (c * z): two roundings, never a fused multiply-add
                 acc += rng.sample(seed, stream, base + start, part.numel(), dist, part.device).mul_(c)
-            part.copy_(acc)
-    torch.autograd.graph.increment_version(params)
+            _chunks(o, start).copy_(acc)
+    torch.autograd.graph.increment_version(out)
+
+
+def perturb_(params: Sequence[torch.Tensor], offsets: Sequence[int], coefs: Sequence[float], streams: Sequence[int],
+             seed: int, dist: str, alpha: float) -> None:
+    _perturb(params, params, offsets, coefs, streams, seed, dist, alpha)
+
+
+def perturb_into(params: Sequence[torch.Tensor], out: Sequence[torch.Tensor], offsets: Sequence[int],
+                 coefs: Sequence[float], streams: Sequence[int], seed: int, dist: str, alpha: float) -> None:
+    _perturb(params, out, offsets, coefs, streams, seed, dist, alpha)
+
+
+def _store(part: torch.Tensor, value: torch.Tensor, rounding: str, seed: int, stream: int, offset: int) -> None:
+    """part <- value (float32), rounded to part's dtype to nearest or stochastically (docs/rng.md)."""
+    if rounding == "stochastic" and part.dtype != torch.float32:
+        bits = rng.rounding_bits(seed, stream, offset, part.numel(), part.device)
+        value = rng.round_stochastic(value, bits, part.dtype)
+    part.copy_(value)
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +87,8 @@ def apply_rule(rule: Rule, h: Hyper, theta: torch.Tensor, g: torch.Tensor, m: to
         return theta - m * h.lr, None
     if rule is Rule.SIGN:
         return theta * h.decay - _sign(g) * h.lr, None
+    if rule is Rule.DESCENT:
+        return theta * h.decay - g * h.lr, None
     if rule is Rule.QUANTIZED:
         u = _adam_direction(h, m, v)
         if h.levels == 0:
@@ -100,7 +120,7 @@ def _hyper(hyper: Sequence[float]) -> Hyper:
 
 def zo_update_(params: Sequence[torch.Tensor], m: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
                offsets: Sequence[int], coefs: Sequence[float], streams: Sequence[int], seed: int, dist: str,
-               restore: float, rule: str, *hyper: float) -> None:
+               restore: float, rule: str, rounding: str, rounding_stream: int, *hyper: float) -> None:
     rule, h = Rule(rule), _hyper(hyper)
     coefs = [float32(c) for c in coefs]
     restore = float32(restore)
@@ -114,12 +134,13 @@ def zo_update_(params: Sequence[torch.Tensor], m: Sequence[torch.Tensor], v: Seq
                 g = g + z * c
             new, _ = apply_rule(rule, h, theta, g, _chunks(m[i], start) if m else None,
                                 _chunks(v[i], start) if v else None, 0.0)
-            part.copy_(new)
+            _store(part, new, rounding, seed, rounding_stream, base + start)
     torch.autograd.graph.increment_version([*params, *m, *v])
 
 
 def grad_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
-                 v: Sequence[torch.Tensor], scales: torch.Tensor | None, rule: str, *hyper: float) -> None:
+                 v: Sequence[torch.Tensor], scales: torch.Tensor | None, offsets: Sequence[int], seed: int, rule: str,
+                 rounding: str, rounding_stream: int, *hyper: float) -> None:
     rule, h = Rule(rule), _hyper(hyper)
     writes_scales = rule.info.scales == "write"
     if writes_scales:
@@ -130,8 +151,10 @@ def grad_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
             part = _chunks(t, start)
             new, abs_u = apply_rule(rule, h, part.float(), _chunks(grad, start).float(),
                                     _chunks(m[i], start) if m else None, _chunks(v[i], start) if v else None, scale)
-            if abs_u is not None and abs_u.numel():
-                scales[i] = torch.maximum(scales[i], abs_u.max())
-            part.copy_(new)
+            if abs_u is not None:
+                if abs_u.numel():
+                    scales[i] = torch.maximum(scales[i], abs_u.max())
+                continue  # the moments pass leaves theta as it is
+            _store(part, new, rounding, seed, rounding_stream, offsets[i] + start)
     written = [*params, *(m if rule.info.writes_m else ()), *(v if rule.info.writes_v else ())]
     torch.autograd.graph.increment_version(written + ([scales] if writes_scales else []))

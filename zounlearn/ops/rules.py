@@ -43,6 +43,7 @@ class Rule(str, enum.Enum):
     ADAM_MOMENTS = "adam_moments"  # compressed Adam, pass 1: moments and max |u| per tensor
     QUANTIZED = "quantized"  # compressed Adam, pass 2: theta -= lr Q(u; levels) with that max
     SOPHIA = "sophia"  # SophiaG: clipped m / (rho h + eps), h kept in v (read only)
+    DESCENT = "descent"  # theta = decay theta - lr g: ZO-SGD without momentum (coupled decay folded in decay)
 
     @property
     def info(self) -> RuleInfo:
@@ -74,6 +75,7 @@ RULES: dict[Rule, RuleInfo] = {
     Rule.QUANTIZED: RuleInfo(reads_m=True, reads_v=True, writes_m=False, writes_v=False, zeroth_order=False,
                              scales="read", reads_grad=False),
     Rule.SOPHIA: RuleInfo(reads_m=True, reads_v=True, writes_m=True, writes_v=False, zeroth_order=False),
+    Rule.DESCENT: RuleInfo(reads_m=False, reads_v=False, writes_m=False, writes_v=False, zeroth_order=True),
 }
 ZO_RULES = tuple(r for r, info in RULES.items() if info.zeroth_order)
 

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..rng import ROUNDING_STREAM_BASE
 from .library import ops
+from .perturb import flat_offsets
 from .rules import Hyper, Rule
 from .validation import as_int64, check_grad_update, check_zo_update
 
@@ -34,16 +36,20 @@ def zo_update_(
     v: Sequence[torch.Tensor] = (),
     restore: float = 0.0,
     dist: str = "rademacher",
+    rounding: str = "nearest",
+    rounding_stream: int = ROUNDING_STREAM_BASE,
 ) -> None:
     """One pass: regenerate z_k = z(seed, streams[k], e), g = sum_k coefs[k] z_k, restore
     theta += restore * z_last, then apply `rule` with float32 state m (and v) per tensor.
 
     params, offsets and streams as for perturb_ (offsets are required here: the optimizer owns
     the layout). m and v: float32 tensors shaped like params, given when the rule uses them.
+    rounding: how theta is stored into a half-precision tensor: "nearest" (even) or
+    "stochastic" with the rounding words of (seed, rounding_stream) (docs/rng.md).
     """
     args = (list(params), list(m), list(v), list(offsets), [float(c) for c in coefs],
             [as_int64(s, f"streams[{k}]") for k, s in enumerate(streams)], as_int64(seed, "seed"), dist,
-            float(restore), Rule(rule).value, *hyper)
+            float(restore), Rule(rule).value, rounding, as_int64(rounding_stream, "rounding_stream"), *hyper)
     if not torch.compiler.is_compiling():  # a trace runs the same checks as the op's fake
         check_zo_update(*args)
     if args[0]:
@@ -60,10 +66,18 @@ def grad_update_(
     m: Sequence[torch.Tensor] = (),
     v: Sequence[torch.Tensor] = (),
     scales: torch.Tensor | None = None,
+    offsets: Sequence[int] | None = None,
+    seed: int = 0,
+    rounding: str = "nearest",
+    rounding_stream: int = ROUNDING_STREAM_BASE,
 ) -> None:
     """One pass of `rule` with each tensor's gradient. scales (float32, one per tensor): written
-    with max |u| by Rule.ADAM_MOMENTS, read by Rule.QUANTIZED."""
-    args = (list(params), list(grads), list(m), list(v), scales, Rule(rule).value, *hyper)
+    with max |u| by Rule.ADAM_MOMENTS, read by Rule.QUANTIZED. offsets (the tensors laid end to
+    end by default), seed, rounding and rounding_stream: the stochastic rounding's, as zo_update_'s."""
+    params = list(params)
+    offsets = flat_offsets(params) if offsets is None else list(offsets)
+    args = (params, list(grads), list(m), list(v), scales, offsets, as_int64(seed, "seed"), Rule(rule).value,
+            rounding, as_int64(rounding_stream, "rounding_stream"), *hyper)
     if not torch.compiler.is_compiling():
         check_grad_update(*args)
     if args[0]:

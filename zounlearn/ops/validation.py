@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor  # tensors torch.compile traces with
 
 from ..errors import UsageError
-from ..rng import DISTRIBUTIONS
+from ..rng import DISTRIBUTIONS, ROUNDINGS
 from .rules import RULES, Hyper, Rule
 
 MAX_TERMS = 8
@@ -146,6 +146,11 @@ def check_state(
                              "params' device")
 
 
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise UsageError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
 def check_hyper(hyper: Sequence[float]) -> None:
     """The update rules' scalars, in Hyper's order."""
     for name, value in zip(Hyper._fields, hyper):
@@ -160,15 +165,27 @@ def check_perturb(params, offsets, coefs, streams, seed, dist, alpha) -> None:
     check_params(params, offsets)
 
 
-def check_zo_update(params, m, v, offsets, coefs, streams, seed, dist, restore, rule, *hyper) -> None:
+def check_perturb_into(params, out, offsets, coefs, streams, seed, dist, alpha) -> None:
+    check_perturb(params, offsets, coefs, streams, seed, dist, alpha)
+    _check_like("out", out, params, None)
+    check_params(out, kind="out")
+    if any(o is p for o, p in zip(out, params)):
+        raise UsageError("perturb_into writes out and reads params: pass other tensors as out "
+                         "(perturb_ works in place)")
+
+
+def check_zo_update(params, m, v, offsets, coefs, streams, seed, dist, restore, rule, rounding, rounding_stream,
+                    *hyper) -> None:
     check_terms(coefs, streams, dist)
     check_finite("restore", restore)
+    check_rounding(rounding)
     check_hyper(hyper)
     check_params(params, offsets)
     check_state(params, m, v, check_rule(rule, zeroth_order=True))
 
 
-def check_grad_update(params, grads, m, v, scales, rule, *hyper) -> None:
+def check_grad_update(params, grads, m, v, scales, offsets, seed, rule, rounding, rounding_stream, *hyper) -> None:
+    check_rounding(rounding)
     check_hyper(hyper)
-    check_params(params)
+    check_params(params, offsets)
     check_state(params, m, v, check_rule(rule, zeroth_order=False), scales, grads)

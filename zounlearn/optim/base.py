@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from ..checks import check_choice
 from ..errors import UsageError
+from ..ops import flat_offsets
 from ..ops.rules import Hyper, Rule
-from ..ops.validation import check_params, check_state
+from ..ops.validation import as_int64, check_params, check_state
+from ..rng import ROUNDING_STREAM_BASE, ROUNDINGS
 
 Closure = Callable[[], "torch.Tensor | float"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -84,17 +87,42 @@ class FusedOptimizer(torch.optim.Optimizer):
     float32 moments, named by `state_keys`, kept float32 when a state dict is loaded next to half
     parameters (torch would cast them). Optimizer-wide counters (`_counters`) travel in the state
     dict's "zounlearn" entry.
+
+    rounding (a param-group key): how updates are stored into bfloat16 and float16 parameters,
+    "stochastic" (the default: rounded up with probability equal to the fraction of the unit in
+    the last place, so that an update far below half a unit still moves the parameter on average)
+    or "nearest" (even). float32 parameters are stored exactly either way. The random bits come
+    from ZO-RNG's rounding streams under `seed`, one stream per step (docs/rng.md), so a run is
+    deterministic and resumes bit-identically.
     """
 
     takes_loss_closure = True  # step(closure) wants a closure that only returns the loss
     # Names of the rules' m and v in self.state[p].
     state_keys: tuple[str, str] = ("exp_avg", "exp_avg_sq")
 
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, seed: int = 0,
+                 rounding: str = "stochastic") -> None:
+        check_choice("rounding", rounding, ROUNDINGS)
+        self.seed = as_int64(seed, "seed")
+        self.roundings = 0  # the rounding streams used so far: the next step's is 2^63 + roundings
+        super().__init__(params, {**defaults, "rounding": rounding})
+
     def _counters(self) -> dict[str, Any]:
-        return {"optimizer": type(self).__name__}
+        return {"optimizer": type(self).__name__, "seed": self.seed, "roundings": self.roundings}
 
     def _set_counters(self, counters: dict[str, Any]) -> None:
-        pass
+        self.seed, self.roundings = counters["seed"], counters["roundings"]
+
+    def _rounding(self, group: dict[str, Any]) -> tuple[str, int]:
+        """(rounding, stream) of this step's updates of group's parameters."""
+        check_choice("rounding", group["rounding"], ROUNDINGS)
+        return group["rounding"], as_int64(ROUNDING_STREAM_BASE + self.roundings, "rounding stream")
+
+    def _layout(self) -> dict[torch.Tensor, int]:
+        """Each parameter's global offset, the parameters of all groups laid end to end: the element
+        indices of the rounding words."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return dict(zip(params, flat_offsets(params)))
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

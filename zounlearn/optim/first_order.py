@@ -38,6 +38,7 @@ class FirstOrderOptimizer(FusedOptimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             self._checked(self.rule, params, grads, self._scales(params))
+            self._rounding(group)
             out.append((group, params, grads))
         return out
 
@@ -56,16 +57,20 @@ class FirstOrderOptimizer(FusedOptimizer):
             loss, finite = backward(closure, self, type(self).__name__)
             if not finite:
                 return loss, False
-        for group, params, grads in self._with_grads():
+        groups = self._with_grads()
+        layout = self._layout()
+        for group, params, grads in groups:
             for step, indices in self._count_steps(params).items():
-                self._apply(group, [params[i] for i in indices], [grads[i] for i in indices],
-                            self._hyper(group, step))
+                ps = [params[i] for i in indices]
+                self._apply(group, ps, [grads[i] for i in indices], [layout[p] for p in ps], self._hyper(group, step))
+        self.roundings += bool(groups)
         return loss, True
 
     def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-               hyper: Hyper) -> None:
+               offsets: list[int], hyper: Hyper) -> None:
         m, v = self._moments(self.rule, params)
-        ops.grad_update_(params, grads, m, v, None, self.rule.value, *hyper)
+        ops.grad_update_(params, grads, m, v, None, offsets, self.seed, self.rule.value, *self._rounding(group),
+                         *hyper)
 
 
 __all__ = ["FirstOrderOptimizer"]

@@ -39,8 +39,9 @@ class HybridFOZO(torch.optim.Optimizer):
 
     fo_optimizer / zo_optimizer: factories that take the param groups, e.g.
     lambda groups: torch.optim.AdamW(groups, lr=1e-5). Defaults: Adam(lr=lr) and AdaZO(lr=zo_lr,
-    seed=seed). The inner optimizers' learning rates are set from the hybrid's groups at every
-    step, whatever the factories gave them.
+    seed=seed, model=model) (model: for the exact zeroth-order mode of half-precision parameters).
+    The inner optimizers' learning rates are set from the hybrid's groups at every step, whatever
+    the factories gave them.
     """
 
     takes_loss_closure = True
@@ -57,6 +58,7 @@ class HybridFOZO(torch.optim.Optimizer):
         zo_block: int | None = None,
         total_steps: int | None = None,
         seed: int = 0,
+        model: torch.nn.Module | None = None,
     ) -> None:
         zo_block = block if zo_block is None else zo_block
         check_range("lr", lr, 0.0)
@@ -69,7 +71,7 @@ class HybridFOZO(torch.optim.Optimizer):
         # Each inner optimizer its own group dicts: torch.optim keeps and fills the ones it is given.
         groups = lambda: [{"params": list(g["params"])} for g in self.param_groups]  # noqa: E731
         self.fo = fo_optimizer(groups()) if fo_optimizer else torch.optim.Adam(groups(), lr=lr)
-        self.zo = zo_optimizer(groups()) if zo_optimizer else AdaZO(groups(), lr=zo_lr, seed=seed)
+        self.zo = zo_optimizer(groups()) if zo_optimizer else AdaZO(groups(), lr=zo_lr, seed=seed, model=model)
         if not isinstance(self.zo, ZeroOrderOptimizer):
             raise TypeError(f"zo_optimizer must build a zounlearn zeroth-order optimizer, got {type(self.zo).__name__}")
         for inner in (self.fo, self.zo):

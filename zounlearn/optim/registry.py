@@ -20,6 +20,7 @@ import torch
 
 from ..checks import check_betas, check_range
 from ..errors import UsageError
+from .base import FusedOptimizer
 from .hybrid import HybridFOZO
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG
@@ -31,7 +32,15 @@ class OptimizerSpec:
     cls: type[torch.optim.Optimizer]
     grade: str
     lr: float
-    seeded: bool = False  # takes a `seed` (its directions' generator)
+
+    @property
+    def ours(self) -> bool:
+        """One of zounlearn's: it takes `seed` (its directions' and rounding's generator)."""
+        return self.cls is HybridFOZO or issubclass(self.cls, FusedOptimizer)
+
+    @property
+    def zeroth_order(self) -> bool:
+        return issubclass(self.cls, ZeroOrderOptimizer)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -41,15 +50,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "signadam": OptimizerSpec(SignAdam, "compressed first-order", 1e-5),
     "compressed_adam": OptimizerSpec(CompressedAdam, "compressed first-order", 1e-5),
     "sophia": OptimizerSpec(SophiaG, "second-order", 1e-5),
-    "zo_sgd": OptimizerSpec(ZOSGD, "zeroth-order", 1e-6, seeded=True),
-    "zo_signsgd": OptimizerSpec(ZOSignSGD, "zeroth-order", 1e-6, seeded=True),
-    "zo_adam": OptimizerSpec(ZOAdam, "zeroth-order", 1e-5, seeded=True),
-    "adazo": OptimizerSpec(AdaZO, "zeroth-order", 1e-5, seeded=True),
-    "hybrid": OptimizerSpec(HybridFOZO, "hybrid", 1e-5, seeded=True),
+    "zo_sgd": OptimizerSpec(ZOSGD, "zeroth-order", 1e-6),
+    "zo_signsgd": OptimizerSpec(ZOSignSGD, "zeroth-order", 1e-6),
+    "zo_adam": OptimizerSpec(ZOAdam, "zeroth-order", 1e-5),
+    "adazo": OptimizerSpec(AdaZO, "zeroth-order", 1e-5),
+    "hybrid": OptimizerSpec(HybridFOZO, "hybrid", 1e-5),
 }
 
 # Options of the hybrid's zeroth-order phase (AdaZO), passed as zo_<option> (e.g. zo_mu, zo_queries).
-_HYBRID_ZO_OPTIONS = ("mu", "queries", "dist", "estimator", "betas", "eps", "weight_decay")
+_HYBRID_ZO_OPTIONS = ("mu", "queries", "dist", "estimator", "perturbation", "rounding", "betas", "eps",
+                      "weight_decay")
 _HYBRID_OPTIONS = ("fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer")
 # torch's own optimizers check their options with bare comparisons (a string gives a TypeError
 # deep inside); these run first, with our messages.
@@ -69,17 +79,23 @@ def optimizer_options(name: str) -> list[str]:
     if spec.cls is HybridFOZO:
         return [*_HYBRID_OPTIONS, *(f"zo_{o}" for o in _HYBRID_ZO_OPTIONS)]
     accepted = [n for n in _keywords(spec.cls) if n not in ("params", "lr", "seed")]
-    return accepted + (_keywords_zo() if spec.seeded else [])
+    if spec.zeroth_order:
+        accepted += [n for n in _keywords(ZeroOrderOptimizer) if n not in ("params", "defaults", "model")]
+    if spec.ours:
+        accepted += [n for n in _keywords(FusedOptimizer) if n not in ("params", "defaults", "seed")]
+    return accepted
 
 
 def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | None = None, seed: int = 0,
-                   total_steps: int | None = None, **options: Any) -> torch.optim.Optimizer:
+                   total_steps: int | None = None, model: torch.nn.Module | None = None,
+                   **options: Any) -> torch.optim.Optimizer:
     """The optimizer called `name` over params. lr None: the default in OPTIMIZERS.
 
     For "hybrid", lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names the
     first-order phase's optimizer ("adamw" by default, any non-ZO name here), the ZO phase is
     AdaZO with the zo_* options; total_steps lays the schedule out so the run ends on a ZO block.
-    Bad names and options raise UsageError before anything is built.
+    model: the module that holds params, for the zeroth-order exact mode (which "auto" picks for
+    half-precision parameters). Bad names and options raise UsageError before anything is built.
     """
     spec = _spec(name)
     _check_options(name, spec, options)
@@ -87,9 +103,11 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        return _hybrid(params, lr, seed, total_steps, dict(options))
-    if spec.seeded:
+        return _hybrid(params, lr, seed, total_steps, model, dict(options))
+    if spec.ours:
         options["seed"] = seed
+    if spec.zeroth_order:
+        options["model"] = model
     if not spec.cls.__module__.startswith("torch."):
         return spec.cls(params, lr=lr, **options)
     try:
@@ -117,8 +135,8 @@ def _check_options(name: str, spec: OptimizerSpec, options: dict[str, Any]) -> N
                 raise UsageError(f"{key} must be true or false, got {value!r}")
 
 
-def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int | None, options: dict[str, Any]
-            ) -> HybridFOZO:
+def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int | None, model: torch.nn.Module | None,
+            options: dict[str, Any]) -> HybridFOZO:
     fo_name = options.pop("fo_optimizer", "adamw")
     if not isinstance(fo_name, str) or fo_name.lower() not in OPTIMIZERS or \
             OPTIMIZERS[fo_name.lower()].grade in ("zeroth-order", "hybrid"):
@@ -130,9 +148,11 @@ def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int |
     check_range("zo_lr", zo_lr, 0.0)
     blocks = {key: options.pop(key) for key in ("block", "zo_block") if key in options}
     zo = {key[3:]: value for key, value in options.items()}  # what is left: zo_<option>
-    return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr, fo_optimizer=lambda groups: make_optimizer(fo_name, groups),
-                      zo_optimizer=lambda groups: AdaZO(groups, lr=zo_lr, seed=seed, **zo), total_steps=total_steps,
-                      seed=seed, **blocks)
+    # The first-order phase's rounding under its own key: the two phases' rounding words independent.
+    return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr,
+                      fo_optimizer=lambda groups: make_optimizer(fo_name, groups, seed=seed + 1),
+                      zo_optimizer=lambda groups: AdaZO(groups, lr=zo_lr, seed=seed, model=model, **zo),
+                      total_steps=total_steps, seed=seed, **blocks)
 
 
 def _spec(name: str) -> OptimizerSpec:
@@ -145,8 +165,3 @@ def _spec(name: str) -> OptimizerSpec:
 def _keywords(cls: Callable[..., Any]) -> list[str]:
     return [n for n, p in inspect.signature(cls).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _keywords_zo() -> list[str]:
-    """The options every zeroth-order optimizer takes from ZeroOrderOptimizer."""
-    return [n for n in _keywords(ZeroOrderOptimizer) if n not in ("params", "defaults", "seed")]

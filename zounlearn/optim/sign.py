@@ -18,10 +18,10 @@ class SignSGD(FirstOrderOptimizer):
 
     rule = Rule.SIGN
 
-    def __init__(self, params: ParamsT, lr: float = 1e-4, *, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: ParamsT, lr: float = 1e-4, *, weight_decay: float = 0.0, **fused: Any) -> None:
         check_range("lr", lr, 0.0)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, **fused)
 
     def _hyper(self, group, step):
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"])
@@ -32,11 +32,12 @@ class SignAdam(FirstOrderOptimizer):
 
     rule = Rule.SIGN_ADAM
 
-    def __init__(self, params: ParamsT, lr: float = 1e-4, *, beta: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: ParamsT, lr: float = 1e-4, *, beta: float = 0.9, weight_decay: float = 0.0,
+                 **fused: Any) -> None:
         check_range("lr", lr, 0.0)
         check_range("beta", beta, 0.0, 1.0)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, **fused)
 
     def _hyper(self, group, step):
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=group["beta"])
@@ -53,13 +54,14 @@ class CompressedAdam(FirstOrderOptimizer):
     rule = Rule.ADAM_MOMENTS
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, bits: int = 4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, **fused: Any) -> None:
         check_range("lr", lr, 0.0)
         check_int("bits", bits, 1, 16)
         betas = check_betas(betas)
         check_range("eps", eps, 0.0, open_low=True)
         check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "bits": bits, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "bits": bits, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+                         **fused)
 
     def _hyper(self, group, step):
         return hyper_adam(group, step, bits=group["bits"])
@@ -67,8 +69,9 @@ class CompressedAdam(FirstOrderOptimizer):
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.zeros(len(params), device=params[0].device)
 
-    def _apply(self, group: dict[str, Any], params, grads, hyper) -> None:
+    def _apply(self, group: dict[str, Any], params, grads, offsets, hyper) -> None:
         m, v = self._moments(self.rule, params)
         scales = self._scales(params)
-        ops.grad_update_(params, grads, m, v, scales, Rule.ADAM_MOMENTS.value, *hyper)
-        ops.grad_update_(params, grads, m, v, scales, Rule.QUANTIZED.value, *hyper)
+        rounding = self._rounding(group)
+        ops.grad_update_(params, grads, m, v, scales, offsets, self.seed, Rule.ADAM_MOMENTS.value, *rounding, *hyper)
+        ops.grad_update_(params, grads, m, v, scales, offsets, self.seed, Rule.QUANTIZED.value, *rounding, *hyper)

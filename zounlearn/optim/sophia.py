@@ -46,7 +46,7 @@ class SophiaG(FirstOrderOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, eps: float = 1e-15, weight_decay: float = 0.1, update_period: int = 10,
-                 hessian_batch_size: int = 1) -> None:
+                 hessian_batch_size: int = 1, **fused: Any) -> None:
         check_range("lr", lr, 0.0)
         betas = check_betas(betas)
         check_range("rho", rho, 0.0, open_low=True)
@@ -57,7 +57,7 @@ class SophiaG(FirstOrderOptimizer):
         defaults = {"lr": lr, "betas": betas, "rho": rho, "eps": eps, "weight_decay": weight_decay}
         self.update_period, self.hessian_batch_size = update_period, hessian_batch_size
         self.steps = 0  # steps taken, for the refresh period
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **fused)
 
     def _hyper(self, group, step):
         return hyper_adam(group, step, rho=group["rho"])
@@ -66,6 +66,7 @@ class SophiaG(FirstOrderOptimizer):
         return {**super()._counters(), "steps": self.steps}
 
     def _set_counters(self, counters: dict[str, Any]) -> None:
+        super()._set_counters(counters)
         self.steps = counters["steps"]
 
     @torch.no_grad()

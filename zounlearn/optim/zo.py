@@ -10,8 +10,12 @@ One step with q queries (central difference, the default), each group g perturbe
 2q + 1 passes over the parameters (3 for q = 1; MeZO's own loop makes 4 and materialises z).
 E[(d_j / mu_g) z_j] restricted to group g is its gradient, whatever the other groups' mu. The
 forward estimator evaluates L(theta) once, then d_j = L(theta + mu z_j) - L(theta): q + 1 passes
-and q + 1 losses. z_j is z(seed, stream, e) of ZO-RNG v1 (docs/rng.md) with one stream per
+and q + 1 losses. z_j is z(seed, stream, e) of ZO-RNG (docs/rng.md) with one stream per
 direction drawn, counted in the state dict, so a resumed run draws the same z.
+
+perturbation="exact" (with model=) never writes theta during the queries: the closure reads
+theta + mu z through the model's modules (exact.py), and the one update pass is the step's only
+rounding, so a step at lr = 0 leaves every parameter bit-identical in any dtype.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from typing import Any, ClassVar
 import torch
 
 from ..checks import check_betas, check_choice, check_int, check_range
+from ..errors import UsageError
 from ..ops import flat_offsets
 from ..ops.library import ops
 from ..ops.rules import Hyper, Rule
-from ..ops.validation import MAX_TERMS, as_int64, check_params
+from ..ops.validation import MAX_TERMS, check_params
+from . import exact
 from .base import Closure, FusedOptimizer, ParamsT, hyper_adam, loss_value
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 ESTIMATORS = ("central", "forward")
+PERTURBATIONS = ("auto", "exact", "in_place")
 NORM_CHUNK = 1 << 20  # the sphere's norm is sampled in chunks of this many elements (4 MiB of scratch)
 
 
@@ -42,6 +49,7 @@ class _Plan:
     groups: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]  # (group, params, offsets), non-empty
     segments: list[tuple[float, list[torch.Tensor], list[int]]]  # (mu, params, offsets): one pass each
     numel: int
+    slots: list[exact.Slot] | None  # where the model reads each parameter, in the exact mode
 
 
 class ZeroOrderOptimizer(FusedOptimizer):
@@ -56,6 +64,12 @@ class ZeroOrderOptimizer(FusedOptimizer):
     one step perturbs every group along the same directions. Parameters with requires_grad=False
     are never touched. After a step: last_loss and last_projected_grads (d_j / mu of the first
     group that has trainable parameters: the projected gradients when all groups share one mu).
+
+    perturbation: "in_place" (theta += mu z, -= 2 mu z, the restore fused with the update: each
+    pass rounds, which in half precision moves the weights by rounding alone), "exact" (the
+    closure reads theta + mu z through `model`'s modules and theta is written once per step, by the
+    update: exact.py), or "auto" (exact when a model is given and a trainable parameter is bfloat16
+    or float16, else in place). seed and rounding: FusedOptimizer's.
     """
 
     def __init__(
@@ -63,26 +77,35 @@ class ZeroOrderOptimizer(FusedOptimizer):
         params: ParamsT,
         defaults: dict[str, Any],
         *,
-        seed: int = 0,
         queries: int = 1,
         mu: float = 1e-3,
         dist: str = "rademacher",
         estimator: str = "central",
+        perturbation: str = "auto",
+        model: torch.nn.Module | None = None,
+        **fused: Any,
     ) -> None:
         check_int("queries", queries, 1, MAX_TERMS)
         check_range("mu", mu, 0.0, open_low=True)
         check_choice("dist", dist, DIRECTIONS)
         check_choice("estimator", estimator, ESTIMATORS)
-        self.seed = as_int64(seed, "seed")
+        check_choice("perturbation", perturbation, PERTURBATIONS)
+        if perturbation == "exact" and model is None:
+            raise UsageError("perturbation='exact' needs the model whose modules read the parameters: "
+                             f"{type(self).__name__}(params, ..., model=model)")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.queries, self.dist, self.estimator = queries, dist, estimator
+        self.perturbation, self.model = perturbation, model
         self.draws = 0
         self.last_loss: float | None = None
         self.last_projected_grads: list[float] = []
-        super().__init__(params, {**defaults, "mu": float(mu)})
+        super().__init__(params, {**defaults, "mu": float(mu)}, **fused)
+        if model is not None:  # every parameter must be one the model reads: checked before any step
+            exact.module_slots(model, [p for g in self.param_groups for p in g["params"] if p.requires_grad])
 
     # What a subclass defines.
-    def _rule(self, group: dict[str, Any]) -> Rule | None:
-        """The group's update rule; None: theta -= lr (g_hat + wd theta) by perturb_ alone."""
+    def _rule(self, group: dict[str, Any]) -> Rule:
         raise NotImplementedError
 
     def _hyper(self, group: dict[str, Any], step: int) -> Hyper:
@@ -90,16 +113,26 @@ class ZeroOrderOptimizer(FusedOptimizer):
 
     # State dict.
     def _counters(self) -> dict[str, Any]:
-        return {**super()._counters(), "draws": self.draws, "seed": self.seed}
+        return {**super()._counters(), "draws": self.draws}
 
     def _set_counters(self, counters: dict[str, Any]) -> None:
-        self.draws, self.seed = counters["draws"], counters["seed"]
+        super()._set_counters(counters)
+        self.draws = counters["draws"]
+
+    @property
+    def exact(self) -> bool:
+        """Whether steps perturb copies (the exact mode) rather than the parameters in place."""
+        if self.perturbation != "auto":
+            return self.perturbation == "exact"
+        return self.model is not None and any(
+            p.dtype != torch.float32 for g in self.param_groups for p in g["params"] if p.requires_grad)
 
     def _plan(self) -> _Plan:
         """The step's parameters and layout, every tensor and state checked before any write."""
         groups, segments, numel = [], {}, 0
         for group in self.param_groups:
             check_range("mu", group["mu"], 0.0, open_low=True)
+            self._rounding(group)
             trainable = [p for p in group["params"] if p.requires_grad]
             if not trainable:
                 continue
@@ -111,8 +144,10 @@ class ZeroOrderOptimizer(FusedOptimizer):
             params += trainable
             offs += offsets
         # Once across the groups: one device, no memory shared; the offsets are ours.
-        check_params([p for _, ps, _ in groups for p in ps])
-        return _Plan(groups, [(mu, ps, offs) for mu, (ps, offs) in segments.items()], numel)
+        params = [p for _, ps, _ in groups for p in ps]
+        check_params(params)
+        slots = exact.module_slots(self.model, params) if self.exact else None
+        return _Plan(groups, [(mu, ps, offs) for mu, (ps, offs) in segments.items()], numel, slots)
 
     @property
     def _kernel_dist(self) -> str:
@@ -123,6 +158,24 @@ class ZeroOrderOptimizer(FusedOptimizer):
         for mu, params, offsets in plan.segments:
             ops.perturb_(params, offsets, [c * mu for c, _ in terms], [s for _, s in terms], self.seed,
                          self._kernel_dist, 1.0)
+
+    def _loss_at(self, plan: _Plan, closure: Closure, terms: list[tuple[float, int]]) -> float:
+        """The closure's loss at theta + sum_k (c_k mu_g) z_k: in place, theta is moved there by
+        _shift beforehand; in the exact mode the model reads it through the perturbed slots."""
+        if plan.slots is None or not terms:  # in place, or at theta itself
+            return loss_value(closure())
+        names = {id(p): f"{type(self).__name__} group {g}, tensor {i} (shape {tuple(p.shape)})"
+                 for g, (_, ps, _) in enumerate(plan.groups) for i, p in enumerate(ps)}
+        offsets = {id(p): off for _, ps, offs in plan.groups for p, off in zip(ps, offs)}
+        mus = {id(p): group["mu"] for group, ps, _ in plan.groups for p in ps}
+        with exact.perturbed(plan.slots, names, offsets, mus, terms, self.seed, self._kernel_dist):
+            loss = loss_value(closure())
+        if not math.isfinite(loss) and math.isfinite(loss_value(closure())):
+            raise UsageError(f"{type(self).__name__}: the loss is finite at theta but not at the perturbed point, "
+                             "where every Parameter object holds NaN in the exact mode: the closure reads a "
+                             "parameter directly instead of through the model's modules; compute the loss with the "
+                             "model, or use perturbation='in_place'")
+        return loss
 
     def _norms(self, plan: _Plan, streams: list[int]) -> list[float]:
         """||z(stream)|| over all trainable elements for each stream, sampled chunk by chunk into one
@@ -159,26 +212,29 @@ class ZeroOrderOptimizer(FusedOptimizer):
         scales = [1.0 / n for n in self._norms(plan, streams)] if self.dist == "sphere" else [1.0] * q
         diffs: list[float] = []  # d_j
         losses: list[float] = []
-        active, active_stream = 0.0, 0  # theta_g is now theta_g0 + active * mu_g * z(active_stream)
+        in_place = plan.slots is None
+        active, active_stream = 0.0, 0  # in place, theta_g is now theta_g0 + active * mu_g * z(active_stream)
         try:
             base = None
             if self.estimator == "forward":
-                base = loss_value(closure())
+                base = self._loss_at(plan, closure, [])
                 losses.append(base)
                 if not math.isfinite(base):
                     return self._skip(base)
             for j, stream in enumerate(streams):
-                terms = [(scales[j], stream)] if j == 0 else [(-active, active_stream), (scales[j], stream)]
-                self._shift(plan, terms)  # restores query j-1 and perturbs along z_j in one pass
-                active, active_stream = scales[j], stream
-                plus = loss_value(closure())
+                if in_place:  # restores query j-1 and perturbs along z_j in one pass
+                    self._shift(plan, [(scales[j], stream)] if j == 0 else
+                                [(-active, active_stream), (scales[j], stream)])
+                    active, active_stream = scales[j], stream
+                plus = self._loss_at(plan, closure, [(scales[j], stream)])
                 losses.append(plus)
                 if not math.isfinite(plus):
                     return self._undo_and_skip(plan, active, stream, plus)
                 if base is None:
-                    self._shift(plan, [(-2.0 * scales[j], stream)])
-                    active = -scales[j]
-                    minus = loss_value(closure())
+                    if in_place:
+                        self._shift(plan, [(-2.0 * scales[j], stream)])
+                        active = -scales[j]
+                    minus = self._loss_at(plan, closure, [(-scales[j], stream)])
                     losses.append(minus)
                     if not math.isfinite(minus):
                         return self._undo_and_skip(plan, active, stream, minus)
@@ -195,6 +251,7 @@ class ZeroOrderOptimizer(FusedOptimizer):
             coefs = [factor * d / mu * s / q for d, s in zip(diffs, scales)]
             self._update(group, params, offsets, coefs, streams, -active * mu)
         self.draws += q
+        self.roundings += 1
         self.last_loss = base if base is not None else sum(losses) / len(losses)
         self.last_projected_grads = [d / plan.groups[0][0]["mu"] for d in diffs]
         return self.last_loss
@@ -204,20 +261,13 @@ class ZeroOrderOptimizer(FusedOptimizer):
         rule = self._rule(group)
         for step, indices in self._count_steps(params).items():
             ps, offs = [params[i] for i in indices], [offsets[i] for i in indices]
-            if rule is None:
-                # theta <- (1 - lr wd)(theta + r z_last) - lr sum_j c_j z_j: one perturb_ pass.
-                lr, wd = group["lr"], group["weight_decay"]
-                alpha = 1.0 - lr * wd
-                terms = [-lr * c for c in coefs]
-                terms[-1] += alpha * restore
-                ops.perturb_(ps, offs, terms, streams, self.seed, self._kernel_dist, alpha)
-                continue
             m, v = self._moments(rule, ps)
             ops.zo_update_(ps, m, v, offs, coefs, streams, self.seed, self._kernel_dist, restore, rule.value,
-                           *self._hyper(group, step))
+                           *self._rounding(group), *self._hyper(group, step))
 
     def _undo_and_skip(self, plan: _Plan, active: float, stream: int, loss: float) -> float:
-        self._shift(plan, [(-active, stream)])
+        if active:
+            self._shift(plan, [(-active, stream)])
         return self._skip(loss)
 
     def _skip(self, loss: float) -> float:
@@ -248,9 +298,11 @@ class ZOSGD(ZeroOrderOptimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **zo)
 
     def _rule(self, group):
-        return Rule.SGD if group["momentum"] else None
+        return Rule.SGD if group["momentum"] else Rule.DESCENT
 
     def _hyper(self, group, step):
+        if not group["momentum"]:  # theta - lr (g + wd theta) = (1 - lr wd) theta - lr g
+            return Hyper.make(group["lr"], weight_decay=group["weight_decay"])
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"], decoupled=False, beta1=group["momentum"])
 
 
