@@ -29,7 +29,8 @@ int main(int argc, char** argv) {
   const double coef = 1.0;
   const int64_t s = static_cast<int64_t>(stream);
   const zo::Terms t = zo::make_terms(0.0, &coef, &s, 1, static_cast<int64_t>(seed));
-  zo::cpu::perturb_groups(z.data(), z.data(), n, base, t, dist, zo::cpu::first_group(base), zo::cpu::end_group(base, n));
+  const int64_t g0 = zo::cpu::first_group(base), g1 = zo::cpu::end_group(base, n);
+  zo::cpu::perturb_groups(z.data(), z.data(), n, base, t, dist, g0, g1);
   for (float v : z) printf("%a\n", v);
 }
 """
