@@ -48,7 +48,35 @@ def _memory_table(write, benches) -> None:
         write(f"| {kind} | {peak / 2**20:.0f} | {ratio} | {excess} |")
 
 
-TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table}
+def _measured_table(write, benches, columns: list[str]) -> None:
+    """Rows of values a benchmark measured (not timed): one per case and kind, as extra_info holds them."""
+    write("| case | kind | " + " | ".join(columns) + " |")
+    write("|---|---|" + "---:|" * len(columns))
+    for bench in benches:
+        info = bench.extra_info
+        write(f"| {info['case']} | {info['kind']} | " + " | ".join(f"{info[c]:.3g}" for c in columns) + " |")
+
+
+def _drift_table(write, benches) -> None:
+    _measured_table(write, benches, [f"{m}@{n}" for m in ("rms", "changed") for n in (1, 100, 1000)])
+
+
+def _learning_table(write, benches) -> None:
+    _measured_table(write, benches, [f"loss@{n}" for n in (0, 300, 1000, 3000)])
+
+
+def _exact_cost_table(write, benches) -> None:
+    times = {b.extra_info["kind"]: b.stats.median for b in benches}
+    write("| case | perturbation | median ms | x in place |")
+    write("|---|---|---:|---:|")
+    for bench in benches:
+        kind = bench.extra_info["kind"]
+        ratio = f"{times[kind] / times['in_place']:.3f}" if "in_place" in times else "-"
+        write(f"| {bench.extra_info['case']} | {kind} | {times[kind] * 1e3:.1f} | {ratio} |")
+
+
+TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
+          "learning": _learning_table, "exact-cost": _exact_cost_table}
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -36,6 +36,8 @@ def _high_water_mark() -> int:
 def main(kind: str) -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_positions=LENGTH))
+    if kind.endswith(" bf16") or " bf16 " in kind:
+        model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     tokens = torch.randint(0, model.config.vocab_size, (BATCH, LENGTH))
     loss = lambda: model(tokens, labels=tokens).loss  # noqa: E731
@@ -44,9 +46,13 @@ def main(kind: str) -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
-    if kind == "inference":
+    if kind in ("inference", "inference bf16"):
         with torch.no_grad():
             loss()
+    elif kind.startswith("ZOSGD bf16"):  # the exact mode's copies are one tensor at a time: two steps
+        opt = optim.ZOSGD(params, lr=1e-6, model=model, perturbation="exact" if kind.endswith("exact") else "in_place")
+        for _ in range(2):
+            opt.step(loss)
     elif kind == "ZOSGD":
         optim.ZOSGD(params, lr=1e-6).step(loss)
     elif kind == "AdaZO":

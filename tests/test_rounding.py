@@ -161,3 +161,18 @@ def test_unknown_rounding_fails_before_any_write():
     with pytest.raises(UsageError, match="rounding must be one of"):
         opt.step()
     assert torch.equal(p, torch.ones(5, dtype=torch.bfloat16)) and not opt.state[p]
+
+
+def test_float16_overflow_is_an_error_that_names_the_tensor():
+    """An update that takes a float16 value past 65504 raises instead of leaving a silent inf."""
+    p = [torch.nn.Parameter(torch.ones(3, dtype=torch.float16)), torch.nn.Parameter(torch.full((4,), 6.5e4).half())]
+    opt = optim.SignSGD(p, lr=1e3)
+    for t in p:
+        t.grad = -torch.ones_like(t)
+    with pytest.raises(UsageError, match=r"float16 overflow after the update: parameter 1 \(shape \(4,\)\)"):
+        opt.step()
+    bf = torch.nn.Parameter(torch.full((4,), 6.5e4).to(torch.bfloat16))  # bfloat16 has float32's range
+    opt = optim.SignSGD([bf], lr=1e3)
+    bf.grad = -torch.ones_like(bf)
+    opt.step()
+    assert torch.isfinite(bf).all()

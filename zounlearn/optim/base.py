@@ -197,6 +197,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             m, v = self._moments(rule, params)
             check_state(params, m, v, rule, scales, grads)
 
+    def _check_float16(self, params: list[torch.Tensor], after: str) -> None:
+        """float16 tops out at 65504: a value the pass made infinite is an error that names its tensor,
+        never a silent inf (one read of the float16 parameters; other dtypes are not looked at)."""
+        halves = [(i, p) for i, p in enumerate(params) if p.dtype == torch.float16]
+        if not halves or not bool(torch.stack([p.isinf().any() for _, p in halves]).any()):
+            return
+        i, p = next((i, p) for i, p in halves if bool(p.isinf().any()))
+        raise UsageError(f"{type(self).__name__}: float16 overflow after {after}: parameter {i} (shape "
+                         f"{tuple(p.shape)}) now holds inf (|value| > 65504); use bfloat16, a smaller lr, or for a "
+                         "zeroth-order optimizer the exact mode (model=..., which never writes a perturbation)")
+
     def _count_steps(self, params: list[torch.Tensor]) -> dict[int, list[int]]:
         """Add one to each parameter's step; {step: indices of the params at that step} in order."""
         by_step: dict[int, list[int]] = {}

@@ -64,6 +64,7 @@ class FirstOrderOptimizer(FusedOptimizer):
                 ps = [params[i] for i in indices]
                 self._apply(group, ps, [grads[i] for i in indices], [layout[p] for p in ps], self._hyper(group, step))
         self.roundings += bool(groups)
+        self._check_float16([p for _, params, _ in groups for p in params], "the update")
         return loss, True
 
     def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],

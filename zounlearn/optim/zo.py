@@ -158,6 +158,7 @@ class ZeroOrderOptimizer(FusedOptimizer):
         for mu, params, offsets in plan.segments:
             ops.perturb_(params, offsets, [c * mu for c, _ in terms], [s for _, s in terms], self.seed,
                          self._kernel_dist, 1.0)
+            self._check_float16(params, "an in-place perturbation")
 
     def _loss_at(self, plan: _Plan, closure: Closure, terms: list[tuple[float, int]]) -> float:
         """The closure's loss at theta + sum_k (c_k mu_g) z_k: in place, theta is moved there by
@@ -252,6 +253,7 @@ class ZeroOrderOptimizer(FusedOptimizer):
             self._update(group, params, offsets, coefs, streams, -active * mu)
         self.draws += q
         self.roundings += 1
+        self._check_float16([p for _, ps, _ in plan.groups for p in ps], "the update")
         self.last_loss = base if base is not None else sum(losses) / len(losses)
         self.last_projected_grads = [d / plan.groups[0][0]["mu"] for d in diffs]
         return self.last_loss
