@@ -391,10 +391,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if len(set(schemes)) != len(schemes):
         raise UsageError(f"--schemes names a scheme twice: {','.join(schemes)}")
     model, tokenizer, data, meta = load_model_and_data(options)
-    # The attack truncates as the baseline must (it warns about it itself).
-    eval_kwargs["max_length"] = fit_to_context(model, tokenizer, data, eval_kwargs["max_length"], warn=False)
+    # The baseline truncates as the attack will (which warns about it itself).
+    limit = fit_to_context(model, tokenizer, data, eval_kwargs["max_length"], warn=False)
     print(f"quantize: evaluating {options['model']} unquantized and with {', '.join(schemes)} ...", flush=True)
-    baseline = evaluate(model, tokenizer, data, **eval_kwargs)
+    baseline = evaluate(model, tokenizer, data, **{**eval_kwargs, "max_length": limit})
     result = quantization_attack(model, tokenizer, data, schemes=schemes, eval_kwargs=eval_kwargs)
     columns = _summary_columns(baseline)
     rows = [["none (baseline)"] + [_cell(baseline[key], key) for _, key in columns]]

@@ -16,6 +16,7 @@ from .inputs import (
     add_config_flag,
     add_data_flags,
     add_model_flags,
+    check_data_flags,
     check_writable,
     key_values,
     load_model_and_data,
@@ -188,17 +189,18 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..atomic import write_json
-    from ..unlearning import evaluate
-    from ..unlearning.batches import fit_to_context
-    from ..unlearning.report import default_keys, format_metric, jsonable
-
     options = merged(args, EVAL_DEFAULTS)
     check_int("--eval-batch-size", options["eval_batch_size"], 1)
     if options["max_length"] is not None:
         check_int("--max-length", options["max_length"], 2)
     if options["output"] is not None:
         check_writable(options["output"], "--output")
+    check_data_flags(options)
+    from ..atomic import write_json
+    from ..unlearning import evaluate
+    from ..unlearning.batches import fit_to_context
+    from ..unlearning.report import default_keys, format_metric, jsonable
+
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
     limit = fit_to_context(model, tokenizer, data, options["max_length"])
     metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit)
@@ -222,5 +224,5 @@ def check_optimizer_options(name: str, lr: float | None, options: dict[str, Any]
         return
     try:
         make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr=lr, **options)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--optimizer-option: {' '.join(str(e).split())}") from None
+    except (TypeError, ValueError, IndexError) as e:  # torch's own optimizers index a short betas
+        raise UsageError(f"--optimizer-option: {' '.join(str(e).split()) or type(e).__name__}") from None

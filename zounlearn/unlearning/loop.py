@@ -236,6 +236,8 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
                 before, after = run.finish(save_model, optimizer_factory is not None)
             except Interrupted as stop:
                 raise run.stopped(stop) from None
+            except Diverged as diverged:
+                raise Diverged(f"{diverged}; {run.kept()}; lower the learning rate and start a new run") from None
     return RunResult(before, after, total, run.seconds, directory)
 
 
@@ -481,6 +483,10 @@ class _Run:
             write_report(self.directory, config=jsonable(self.record), before=before, after=after,
                          history=state.records, summary=summary)
         return before, after
+
+    def kept(self) -> str:
+        steps = checkpoint_steps(self.directory) if self.directory is not None else []
+        return f"its newest checkpoint, step {steps[-1]}, is kept" if steps else "no checkpoint was written"
 
     def stopped(self, stop: Interrupted) -> Interrupted:
         """After a signal: a checkpoint of the last completed step when there is none, and what to tell the user."""
