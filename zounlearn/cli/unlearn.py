@@ -149,9 +149,6 @@ def run_demo(args: argparse.Namespace) -> int:
     optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
     if name == "hybrid":
         optimizer_options = {**DEMO_HYBRID, **optimizer_options}
-    if options.get("rebuild"):
-        from ..unlearning import embedded_model
-        embedded_model(rebuild=True, threads=options.get("threads") or 1)
     return _unlearn(options, objective_options, optimizer_options)
 
 
@@ -177,6 +174,9 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
         raise UsageError(f"the run directory {output} exists and is not empty; choose another --output, or add "
                          f"--resume to continue it")
     check_writable(output, "--output", directory=True)
+    if options.get("rebuild"):  # the demo's --rebuild, once every option is checked
+        from ..unlearning import embedded_model
+        embedded_model(rebuild=True, threads=options.get("threads") or 1)
     model, tokenizer, data, meta = load_model_and_data(options, progress=options["progress"])
     result = unlearn(model, tokenizer, data, config, output, resume=options["resume"], progress=options["progress"],
                      save_model=options["save_model"], meta=meta)
