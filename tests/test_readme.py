@@ -89,3 +89,12 @@ def test_readme_demo_table_is_what_the_demo_prints(embedded_cache, tmp_path):
     assert printed["mia/min_k_auc"][1] < printed["mia/min_k_auc"][0]
     if _machine() == machine:
         assert {key: printed[key] for key in shown} == shown, "update the README's demo table from this run"
+
+
+def test_study_help_states_the_time_docs_study_measured():
+    """`zounlearn study --help` quotes the full study's time from docs/study/study.md, rounded to minutes."""
+    parser = next(a for a in build_parser()._subparsers._group_actions).choices["study"]
+    claimed = re.search(r"(\d+) min for the full study", " ".join(parser.description.split())).group(1)
+    study_md = (README.parent / "docs" / "study" / "study.md").read_text()
+    measured = float(re.search(r"Command: `zounlearn study[^`]*` \((\d+(?:\.\d+)?) min on", study_md).group(1))
+    assert int(claimed) == round(measured), f"study --help says {claimed} min, docs/study/study.md {measured} min"

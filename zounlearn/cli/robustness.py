@@ -56,14 +56,13 @@ DEFAULT_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COMMON_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
     "holdout": None, "fields": None, "text_unit": None, "eval_batch_size": 32, "max_length": None, "output": None,
-    "seed": 0,
 }
 FINETUNE_DEFAULTS: dict[str, Any] = {
-    **COMMON_DEFAULTS, "k": DEFAULT_K, "steps": DEFAULT_STEPS, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
-    "weight_decay": DEFAULT_WEIGHT_DECAY, "plot": None,
+    **COMMON_DEFAULTS, "seed": 0, "k": DEFAULT_K, "steps": DEFAULT_STEPS, "lr": DEFAULT_LR,
+    "batch_size": DEFAULT_BATCH_SIZE, "weight_decay": DEFAULT_WEIGHT_DECAY, "plot": None,
 }
 QUANTIZE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "schemes": DEFAULT_SCHEMES}
-NOISE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "stds": DEFAULT_RELATIVE_STDS, "draws": DEFAULT_DRAWS}
+NOISE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "seed": 0, "stds": DEFAULT_RELATIVE_STDS, "draws": DEFAULT_DRAWS}
 DIAGNOSE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "original": None, "ts": DEFAULT_TS, "plot": None}
 
 # Table columns: (header, split, metric); an accuracy column falls back to choice accuracy
@@ -209,7 +208,8 @@ def _common(options: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"no model given; pass --model DIR_OR_HUB_NAME (the unlearned model), or --model {EMBEDDED}")
     options["eval_batch_size"] = _number(options, "eval_batch_size", low=1, integer=True)
     options["max_length"] = _number(options, "max_length", low=2, integer=True, optional=True)
-    options["seed"] = _number(options, "seed", low=0, integer=True)
+    if "seed" in options:  # quantize and diagnose have nothing random, and no --seed
+        options["seed"] = _number(options, "seed", low=0, integer=True)
     for key in ("output", "plot"):
         if options.get(key) is not None:
             check_writable(options[key], f"--{key}")
