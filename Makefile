@@ -18,7 +18,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
 		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" safetensors pyyaml matplotlib \
-		"pytest>=8" "pytest-benchmark>=4" "ruff>=0.6"
+		"pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6"
 	touch $@
 
 # --no-build-isolation: the extension must link against the torch installed above.

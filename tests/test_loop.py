@@ -187,7 +187,7 @@ def test_resume_refuses_another_configuration_model_or_a_finished_run(small, tmp
     other = _fresh(small)
     with torch.no_grad():
         other.lm_head.weight[0, 0] += 1.0
-    with pytest.raises(ValueError, match="model_fingerprint"):
+    with pytest.raises(ValueError, match="the starting model changed"):
         unlearn(other, small[1], small[2], config, tmp_path / "done", resume=True, progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         unlearn(_fresh(small), small[1], small[2], config, tmp_path / "never", resume=True, progress=False)

@@ -64,15 +64,16 @@ def test_labels_mark_answer_and_eos_only():
     assert batch.indices.tolist() == [0, 1, 2]
 
 
-def test_truncation_keeps_the_answer():
+def test_truncation_keeps_the_prompt_and_cuts_the_answer():
     tok = tokenizer()
     example = DATA.forget.qa[0]
     full = tokenize_examples(tok, [example])[0]
-    n_answer = full.n_answer
-    cut = tokenize_examples(tok, [example], max_length=n_answer + 2)[0]
-    assert cut.ids == full.ids[-(n_answer + 2):] and cut.n_prompt == 2  # the prompt's end stays
-    short = tokenize_examples(tok, [example], max_length=2)[0]
-    assert short.ids == full.ids[full.n_prompt:full.n_prompt + 2] and short.n_prompt == 0
+    assert full.n_answer >= 2 and not full.truncated
+    cut = tokenize_examples(tok, [example], max_length=full.n_prompt + 1)[0]
+    assert cut.ids == full.ids[:full.n_prompt + 1] and cut.n_prompt == full.n_prompt and cut.truncated
+    assert tokenize_examples(tok, [example], max_length=len(full.ids))[0] == full
+    with pytest.raises(ValueError, match="prompt alone is .* tokens.*limit of 3 tokens"):
+        tokenize_examples(tok, [example], max_length=3)  # the prompt is longer: no room for the answer
     with pytest.raises(ValueError, match="max_length"):
         tokenize_examples(tok, [example], max_length=1)
 

@@ -6,7 +6,9 @@ import pathlib
 import re
 import shlex
 
+import pytest
 import torch
+from commands import environment, run
 
 from zounlearn.cli import build_parser
 from zounlearn.ops import flat_offsets, sample
@@ -54,3 +56,47 @@ def test_readme_commands_parse():
     assert len(commands) >= 4
     for words in commands:
         build_parser().parse_args(words[1:])
+
+
+def _table(text: str) -> dict[str, tuple[float, float, float]]:
+    """metric -> (before, after, change) from a `metric before after change` table."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 4 and "/" in words[0]:
+            rows[words[0]] = tuple(map(float, words[1:]))
+    return rows
+
+
+def _machine() -> str:
+    """This machine as the README names its own: the CPU, torch's kernels for it, torch's version."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = names[0] if names else "unknown CPU"
+    return f"{cpu} (torch's {torch.backends.cpu.get_cpu_capability()} kernels) with torch {torch.__version__}"
+
+
+@pytest.mark.slow
+def test_readme_demo_table_is_what_the_demo_prints(embedded_cache, tmp_path):
+    """The demo as `make demo` runs it: the README's bounds on any machine, its table row for row on its own."""
+    text = README.read_text()
+    shown = _table(re.search(r"```\n(metric +before +after +change\n.*?)```", text, re.S).group(1))
+    machine = re.search(r"These numbers are from an? (.+?), about", " ".join(text.split())).group(1)
+    out = run(["demo", "--no-progress", "--output", str(tmp_path / "demo")], tmp_path, environment(embedded_cache))
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = _table(out.stdout)
+    assert printed["forget/qa_accuracy"][0] >= 0.9 and printed["retain/qa_accuracy"][0] >= 0.9
+    assert printed["forget/qa_accuracy"][1] <= 0.2 and printed["retain/qa_accuracy"][1] >= 0.6
+    assert printed["mia/min_k_auc"][1] < printed["mia/min_k_auc"][0]
+    if _machine() == machine:
+        assert {key: printed[key] for key in shown} == shown, "update the README's demo table from this run"
+
+
+def test_study_help_states_the_time_docs_study_measured():
+    """`zounlearn study --help` quotes the full study's time from docs/study/study.md, rounded to minutes."""
+    parser = next(a for a in build_parser()._subparsers._group_actions).choices["study"]
+    claimed = re.search(r"(\d+) min for the full study", " ".join(parser.description.split())).group(1)
+    study_md = (README.parent / "docs" / "study" / "study.md").read_text()
+    measured = float(re.search(r"Command: `zounlearn study[^`]*` \((\d+(?:\.\d+)?) min on", study_md).group(1))
+    assert int(claimed) == round(measured), f"study --help says {claimed} min, docs/study/study.md {measured} min"

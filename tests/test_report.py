@@ -112,6 +112,13 @@ def test_markdown_report():
         assert line in text.splitlines(), line
     assert "How to read this" in text and "0.5" in text
     assert "holdout/perplexity" not in text
+    assert "No evaluation before" not in text
+
+
+def test_markdown_report_says_when_nothing_before_was_recorded():
+    text = markdown_report(CONFIG, {}, AFTER, SUMMARY)
+    assert "No evaluation before unlearning was recorded" in text
+    assert _row(text, "forget/qa_accuracy") == ["forget/qa_accuracy", "n/a", "0.100", "n/a"]  # not "no change"
 
 
 # --- plots

@@ -37,10 +37,16 @@ def check_betas(betas: Any, name: str = "betas") -> tuple[float, float]:
     return (float(betas[0]), float(betas[1]))
 
 
+def check_bool(name: str, value: Any) -> None:
+    """True or False, nothing that merely looks like one ("no", 0, "false")."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false, got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """One of the named choices."""
     if not isinstance(value, str) or value not in choices:
         raise UsageError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-__all__ = ["check_betas", "check_choice", "check_int", "check_range"]
+__all__ = ["check_betas", "check_bool", "check_choice", "check_int", "check_range"]

@@ -8,16 +8,25 @@
   study     every optimizer grade on the embedded model, attacked and diagnosed
 
 Bad input (missing files, unknown names, a model that is not one, a dtype the device cannot
-run) ends with one line on stderr that says what is wrong and how to fix it, exit status 2,
-and no run directory that looks finished (a finished one has report.json).
+run, an option of the wrong type, an output that cannot be written) ends with one line on
+stderr that says what is wrong and how to fix it, exit status 2, before any model is loaded
+or any output is created: zounlearn's own errors (zounlearn.errors.ZounlearnError) and
+OSErrors (a path that cannot be read or written) are told that way. Any other exception is
+a bug and keeps its traceback (exit status 1). A run stopped by SIGINT or SIGTERM exits
+with 128 + the signal's number (130, 143) after saying where it can be resumed from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from typing import NoReturn
+import warnings
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
+from ..errors import ZounlearnError
 from . import robustness, study, unlearn
 from .info import run_info
 
@@ -49,15 +58,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # the command as typed, for records such as study.md
+    command = f"zounlearn {args.command}"
     try:
-        return args.handler(args)
+        with _one_line_warnings(command):
+            return args.handler(args)
     except KeyboardInterrupt as e:
-        print(f"\nzounlearn {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # bad input: DataError, ModelError and UsageError are ValueErrors
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"zounlearn {args.command}: error: {message}", file=sys.stderr)
+        print(f"\n{command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except ZounlearnError as e:
+        print(f"{command}: error: {_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written: name it
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{command}: error: {where}{_line(e.strerror or str(e))}", file=sys.stderr)
+        return 2
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings on one line each, as the errors are (Python's format adds the source line)."""
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"{command}: warning: {_line(str(message))}", file=sys.stderr if file is None else file)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

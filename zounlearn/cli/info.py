@@ -10,6 +10,7 @@ import time
 import torch
 
 from .. import __version__
+from ..checks import check_int
 from ..ops import backends, perturb_
 
 
@@ -57,5 +58,8 @@ def roundtrip(numel: int, seed: int, repeats: int) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    check_int("--numel", args.numel, 1)
+    check_int("--repeats", args.repeats, 1)
+    check_int("--seed", args.seed, 0)
     status = info()
     return roundtrip(args.numel, args.seed, args.repeats) if args.timing else status

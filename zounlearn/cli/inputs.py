@@ -1,10 +1,15 @@
-"""What the subcommands share: model and data flags, the config file, KEY=VALUE options.
+"""What the subcommands share: model and data flags, the config file, KEY=VALUE options, and
+the checks every command makes before it loads a model or writes anything.
 
 Options default to "not given" (argparse.SUPPRESS), so that a command can tell a flag from
 a config-file value from a built-in default: flags win over the config file, which wins
-over the defaults. A data source is a file, a directory or a hub name, optionally followed
-by #CONFIG and @SPLIT (`locuslab/TOFU#forget10@train`); a flag may be repeated to join
-several sources into one split (texts to train on and 4-choice questions to ask, say).
+over the defaults; a KEY=VALUE option mapping from the file and the flag's KEY=VALUE pairs
+are merged, key by key. Values from a config file are checked for their type (a boolean is
+true or false, a path is text) before anything runs; numbers are checked where they are
+used (LoopConfig, the attacks' options), by the library's own checks. A data source is a
+file, a directory or a hub name, optionally followed by #CONFIG and @SPLIT
+(`locuslab/TOFU#forget10@train`); a flag may be repeated to join several sources into one
+split (texts to train on and 4-choice questions to ask, say).
 """
 
 from __future__ import annotations
@@ -13,18 +18,25 @@ import argparse
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checks import check_bool, check_int
+from ..errors import UsageError
+
 GIVEN = argparse.SUPPRESS
 EMBEDDED = "embedded"
-
-
-class UsageError(ValueError):
-    """Bad command-line input; main() prints it on one line and exits with status 2."""
+ROLES = ("forget", "retain", "holdout")
+# The types of the options that are not numbers, for values from a config file.
+BOOLEAN = ("resume", "save_model", "progress", "train_mode", "rebuild")
+TEXT = ("model", "original", "output", "plot", "dtype", "device", "text_unit", "objective", "optimizer", "backend")
+KEY_VALUE = {"objective_option": "--objective-option", "optimizer_option": "--optimizer-option"}
+# What only a --forget source gives meaning to: without one, the embedded model's own data is used.
+DATA_FLAGS = ("retain", "holdout", "fields", "text_unit")
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model_help: str = "the model") -> None:
@@ -63,10 +75,28 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def merged(args: argparse.Namespace, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Built-in defaults, overridden by the config file, overridden by the flags given."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    """Built-in defaults, overridden by the config file, overridden by the flags given; type-checked."""
+    given = {k: v for k, v in vars(args).items() if k in defaults}
     from_file = read_config(args.config, defaults) if hasattr(args, "config") else {}
-    return {**defaults, **from_file, **given}
+    options = {**defaults, **from_file, **given}
+    for key, flag in KEY_VALUE.items():
+        if key in from_file and key in given:  # the file's mapping and the flags' pairs, the flags winning
+            options[key] = {**key_values(from_file[key], flag), **key_values(given[key], flag)}
+    check_types(options)
+    return options
+
+
+def check_types(options: Mapping[str, Any]) -> None:
+    """The non-numeric options have the types they must (a config file can hold anything)."""
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key in BOOLEAN:
+            check_bool(flag, value)
+        elif key in TEXT and value is not None and not isinstance(value, str):
+            raise UsageError(f"{flag} must be text (a name or a path), got {value!r}")
+        elif key in ROLES and value is not None and \
+                (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            raise UsageError(f"{flag} must be a data source (a path or a hub name) or a list of them, got {value!r}")
 
 
 def read_config(path: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,7 +122,7 @@ def read_config(path: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"config file {path}: unknown option {', '.join(unknown)}; options: "
                          f"{', '.join(sorted(defaults))}")
-    for role in ("forget", "retain", "holdout"):
+    for role in ROLES:
         if isinstance(values.get(role), str):
             values[role] = [values[role]]
     return values
@@ -104,7 +134,11 @@ def key_values(items: list[str] | dict[str, Any] | None, flag: str) -> dict[str,
     if items is None:
         return {}
     if isinstance(items, dict):
-        return dict(items)
+        if not all(isinstance(key, str) and key for key in items):
+            raise UsageError(f"{flag}: a config file's mapping needs option names as keys, got {items!r}")
+        return {key.replace("-", "_"): value for key, value in items.items()}
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise UsageError(f"{flag} takes KEY=VALUE pairs (in a config file: a mapping), got {items!r}")
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -118,8 +152,14 @@ def key_values(items: list[str] | dict[str, Any] | None, flag: str) -> dict[str,
 
 
 def parse_fields(text: str | dict | None) -> dict[str, str] | None:
-    if text is None or isinstance(text, dict):
+    if text is None:
+        return None
+    if isinstance(text, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in text.items()):
+            raise UsageError(f"--fields: a config file's mapping must map names to names, got {text!r}")
         return text
+    if not isinstance(text, str):
+        raise UsageError(f"--fields takes OURS=THEIRS pairs separated by commas, got {text!r}")
     fields = {}
     for pair in text.split(","):
         ours, sep, theirs = pair.partition("=")
@@ -146,13 +186,47 @@ def set_threads(threads: int | None, embedded: bool) -> None:
     if threads is None:
         threads = 1 if embedded else None
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UsageError(f"--threads must be a positive integer, got {threads!r}")
+        check_int("--threads", threads, 1)
         torch.set_num_threads(threads)
 
 
+def check_writable(path: str | os.PathLike, flag: str, *, directory: bool = False) -> None:
+    """A file (or, with directory, a directory) can be written at path: checked before any work, by creating
+    and deleting a temporary file where it would go (permissions alone do not say so for root)."""
+    target = Path(path)
+    want = "directory" if directory else "file name"
+    if target.exists() and target.is_dir() != directory:
+        raise UsageError(f"{flag} {path} is a {'file' if directory else 'directory'}; give a {want}")
+    place = target if directory and target.exists() else target.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"{flag} {path} cannot be created: {place} is a file, not a directory; give another {want}")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written ({e.strerror or e} in {place}); give another {want}") \
+            from None
+
+
+def check_data_flags(options: Mapping[str, Any]) -> None:
+    """Data flags that would be ignored are errors: without --forget, only the embedded model has data."""
+    if options.get("forget"):
+        return
+    if options["model"] != EMBEDDED:
+        raise UsageError("no data given; pass --forget SOURCE (and --retain SOURCE) for a model that is not the "
+                         "embedded one")
+    for key in DATA_FLAGS:
+        if options.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} is used only with --forget: without --forget the embedded model's own forget, "
+                             f"retain and holdout sets are used; add --forget SOURCE, or drop {flag}")
+
+
 def load_model_and_data(options: Mapping[str, Any], *, progress: bool = True) -> tuple[Any, Any, Any, dict]:
-    """(model, tokenizer, data, meta) from the model and data options; meta describes them for the record."""
+    """(model, tokenizer, data, meta) from the model and data options; meta describes them for the record.
+    The data is read before the model is loaded, so that bad data fails first."""
     from transformers.utils import logging as transformers_logging
 
     from ..unlearning import UnlearningData
@@ -163,18 +237,18 @@ def load_model_and_data(options: Mapping[str, Any], *, progress: bool = True) ->
     name = options["model"]
     if name is None:
         raise UsageError("no model given; pass --model DIR_OR_HUB_NAME, or --model embedded")
+    check_data_flags(options)
     set_threads(options.get("threads"), name == EMBEDDED)
     device = options.get("device") or default_device()
-    model, tokenizer, data = load_named_model(name, options, progress=progress)
+    data = None
     if options.get("forget"):
-        fields, unit = parse_fields(options.get("fields")), options.get("text_unit", "line")
+        fields, unit = parse_fields(options.get("fields")), options.get("text_unit") or "line"
         splits = {role: Split.from_examples(role, _examples(options.get(role) or (), fields, unit))
-                  for role in ("forget", "retain", "holdout")}
+                  for role in ROLES}
         data = UnlearningData(splits["forget"], splits["retain"],
                               splits["holdout"] if options.get("holdout") else None)
-    elif data is None:
-        raise UsageError("no data given; pass --forget SOURCE (and --retain SOURCE) for a model that is not the "
-                         "embedded one")
+    model, tokenizer, embedded_data = load_named_model(name, options, progress=progress)
+    data = data or embedded_data
     meta = {"model": name, "dtype": str(options.get("dtype", "float32")), "device": device,
             "forget": options.get("forget") or "synthetic people (embedded)",
             "retain": options.get("retain") or ("synthetic people (embedded)" if not options.get("forget") else []),

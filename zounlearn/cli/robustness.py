@@ -25,15 +25,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .inputs import (
     EMBEDDED,
     GIVEN,
-    UsageError,
     add_config_flag,
     add_data_flags,
     add_model_flags,
     as_float,
     as_int,
+    check_writable,
     comma_list,
     load_model_and_data,
     load_named_model,
@@ -54,15 +55,14 @@ DEFAULT_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Options every command takes (dest: default).
 COMMON_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
-    "holdout": None, "fields": None, "text_unit": "line", "eval_batch_size": 32, "max_length": None, "output": None,
-    "seed": 0,
+    "holdout": None, "fields": None, "text_unit": None, "eval_batch_size": 32, "max_length": None, "output": None,
 }
 FINETUNE_DEFAULTS: dict[str, Any] = {
-    **COMMON_DEFAULTS, "k": DEFAULT_K, "steps": DEFAULT_STEPS, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
-    "weight_decay": DEFAULT_WEIGHT_DECAY, "plot": None,
+    **COMMON_DEFAULTS, "seed": 0, "k": DEFAULT_K, "steps": DEFAULT_STEPS, "lr": DEFAULT_LR,
+    "batch_size": DEFAULT_BATCH_SIZE, "weight_decay": DEFAULT_WEIGHT_DECAY, "plot": None,
 }
 QUANTIZE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "schemes": DEFAULT_SCHEMES}
-NOISE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "stds": DEFAULT_RELATIVE_STDS, "draws": DEFAULT_DRAWS}
+NOISE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "seed": 0, "stds": DEFAULT_RELATIVE_STDS, "draws": DEFAULT_DRAWS}
 DIAGNOSE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "original": None, "ts": DEFAULT_TS, "plot": None}
 
 # Table columns: (header, split, metric); an accuracy column falls back to choice accuracy
@@ -207,11 +207,12 @@ def _common(options: dict[str, Any]) -> dict[str, Any]:
     if options["model"] is None:
         raise UsageError(f"no model given; pass --model DIR_OR_HUB_NAME (the unlearned model), or --model {EMBEDDED}")
     options["eval_batch_size"] = _number(options, "eval_batch_size", low=1, integer=True)
-    options["max_length"] = _number(options, "max_length", low=1, integer=True, optional=True)
-    options["seed"] = _number(options, "seed", low=0, integer=True)
+    options["max_length"] = _number(options, "max_length", low=2, integer=True, optional=True)
+    if "seed" in options:  # quantize and diagnose have nothing random, and no --seed
+        options["seed"] = _number(options, "seed", low=0, integer=True)
     for key in ("output", "plot"):
-        if options.get(key) is not None and Path(options[key]).is_dir():
-            raise UsageError(f"--{key} {options[key]} is a directory; give a file name")
+        if options.get(key) is not None:
+            check_writable(options[key], f"--{key}")
     return {"batch_size": options["eval_batch_size"], "max_length": options["max_length"]}
 
 
@@ -380,6 +381,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..robustness import quantization_attack
     from ..robustness.quantize import check_scheme
     from ..unlearning import evaluate
+    from ..unlearning.batches import fit_to_context
 
     for scheme in schemes:
         try:
@@ -389,8 +391,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if len(set(schemes)) != len(schemes):
         raise UsageError(f"--schemes names a scheme twice: {','.join(schemes)}")
     model, tokenizer, data, meta = load_model_and_data(options)
+    # The baseline truncates as the attack will (which warns about it itself).
+    limit = fit_to_context(model, tokenizer, data, eval_kwargs["max_length"], warn=False)
     print(f"quantize: evaluating {options['model']} unquantized and with {', '.join(schemes)} ...", flush=True)
-    baseline = evaluate(model, tokenizer, data, **eval_kwargs)
+    baseline = evaluate(model, tokenizer, data, **{**eval_kwargs, "max_length": limit})
     result = quantization_attack(model, tokenizer, data, schemes=schemes, eval_kwargs=eval_kwargs)
     columns = _summary_columns(baseline)
     rows = [["none (baseline)"] + [_cell(baseline[key], key) for _, key in columns]]
@@ -453,8 +457,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
         raise UsageError(f"--ts must hold distinct values including 0 (the original) and 1 (the unlearned model), "
                          f"got {_joined(ts)}")
     from ..robustness import mode_connectivity, weight_distance
+    from ..unlearning.batches import fit_to_context
 
     model, tokenizer, data, meta = load_model_and_data(options)
+    eval_kwargs["max_length"] = fit_to_context(model, tokenizer, data, eval_kwargs["max_length"])
     original = load_named_model(options["original"], options)[0]  # the unlearned model's dtype and device
     meta = {"original": options["original"], **meta}
     distance = weight_distance(original, model)

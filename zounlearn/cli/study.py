@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Unlearns the embedded model with each optimizer grade (first order, compressed first order, "
                     "zeroth order, hybrid, second order) and objective at a learning rate chosen by a fixed rule, "
                     "then runs relearning, retain-only fine-tuning, quantization and noise attacks and the "
-                    "weight-space diagnostics on every result. Writes study.json, study.md and plots. About 30 "
-                    "minutes on a 2-core CPU; --quick about 5.")
+                    "weight-space diagnostics on every result. Writes study.json, study.md and plots; study.md's "
+                    "first line records how long it took: 17 min for the full study on one thread of a 2-core "
+                    "CPU (docs/study/study.md), about 3 with --quick.")
     study.add_argument("--quick", action="store_true", help="NPO only, four optimizers, short grids, one seed")
     study.add_argument("--output", "-o", metavar="DIR",
                        help="where to write (default: runs/study-<date-time>); must not exist or be empty")

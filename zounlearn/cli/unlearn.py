@@ -7,14 +7,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..checks import check_int
+from ..errors import UsageError
+from ..ops import backends
 from ..optim.registry import OPTIMIZERS
 from .inputs import (
     EMBEDDED,
     GIVEN,
-    UsageError,
     add_config_flag,
     add_data_flags,
     add_model_flags,
+    check_data_flags,
+    check_writable,
     key_values,
     load_model_and_data,
     merged,
@@ -24,12 +30,16 @@ from .inputs import (
 LOOP_DEFAULTS: dict[str, Any] = {
     "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
     "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
-    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None,
+    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None, "backend": "auto",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
-    "holdout": None, "fields": None, "text_unit": "line", "output": None, "resume": False, "save_model": True,
+    "holdout": None, "fields": None, "text_unit": None, "output": None, "resume": False, "save_model": True,
     "progress": True,
+}
+EVAL_DEFAULTS: dict[str, Any] = {
+    **{k: RUN_DEFAULTS[k] for k in ("model", "dtype", "device", "threads", "forget", "retain", "holdout", "fields",
+                                    "text_unit", "output")}, "eval_batch_size": 32, "max_length": None,
 }
 
 # The demo's recipe on the embedded model (10 forget people, 90 retain people): 120 steps of 8
@@ -80,6 +90,9 @@ def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     group.add_argument("--seed", default=GIVEN, type=int, help="batch order, ZO directions, dropout (default: 0)")
     group.add_argument("--train-mode", default=GIVEN, action="store_true",
                        help="run the model in train mode (dropout on); default: eval mode")
+    group.add_argument("--backend", default=GIVEN, choices=("auto", *backends.BACKENDS),
+                       help="which kernels run the fused ops (default: auto, the fastest for the device; "
+                            "`zounlearn info` lists them); one that cannot run here is an error before any work")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,9 +155,6 @@ def run_demo(args: argparse.Namespace) -> int:
     optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
     if name == "hybrid":
         optimizer_options = {**DEMO_HYBRID, **optimizer_options}
-    if options.get("rebuild"):
-        from ..unlearning import embedded_model
-        embedded_model(rebuild=True, threads=options.get("threads") or 1)
     return _unlearn(options, objective_options, optimizer_options)
 
 
@@ -158,19 +168,28 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
     from ..unlearning.loop import LoopConfig, unlearn
     from ..unlearning.report import metrics_table
 
-    config = LoopConfig(**{k: options[k] for k in LOOP_DEFAULTS if k not in ("objective_option", "optimizer_option")},
+    config = LoopConfig(**{k: options[k] for k in LOOP_DEFAULTS
+                           if k not in ("objective_option", "optimizer_option", "backend")},
                         objective_options=objective_options, optimizer_options=optimizer_options)
+    check_optimizer_options(config.optimizer, config.lr, optimizer_options)
+    device = str(options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends.require(options["backend"], device.split(":")[0])  # a bad device itself is refused by the model's load
     output = options["output"]
     if output is None:
         if options["resume"]:
             raise UsageError("--resume needs --output DIR, the run directory to continue")
         output = Path("runs") / f"{config.objective}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not options["resume"] and Path(output).exists() and any(Path(output).iterdir()):
+    if not options["resume"] and Path(output).is_dir() and any(Path(output).iterdir()):
         raise UsageError(f"the run directory {output} exists and is not empty; choose another --output, or add "
                          f"--resume to continue it")
+    check_writable(output, "--output", directory=True)
+    if options.get("rebuild"):  # the demo's --rebuild, once every option is checked
+        from ..unlearning import embedded_model
+        embedded_model(rebuild=True, threads=options.get("threads") or 1)
     model, tokenizer, data, meta = load_model_and_data(options, progress=options["progress"])
-    result = unlearn(model, tokenizer, data, config, output, resume=options["resume"], progress=options["progress"],
-                     save_model=options["save_model"], meta=meta)
+    with backends.use(options["backend"]):
+        result = unlearn(model, tokenizer, data, config, output, resume=options["resume"],
+                         progress=options["progress"], save_model=options["save_model"], meta=meta)
     print(f"\n{config.objective} with {config.optimizer} (lr {config.lr if config.lr is not None else 'default'}), "
           f"{result.steps} steps, {result.seconds:.1f} s of training\n")
     print(metrics_table(result.before, result.after))
@@ -180,16 +199,36 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    options = merged(args, EVAL_DEFAULTS)
+    check_int("--eval-batch-size", options["eval_batch_size"], 1)
+    if options["max_length"] is not None:
+        check_int("--max-length", options["max_length"], 2)
+    if options["output"] is not None:
+        check_writable(options["output"], "--output")
+    check_data_flags(options)
     from ..atomic import write_json
     from ..unlearning import evaluate
+    from ..unlearning.batches import fit_to_context
     from ..unlearning.report import default_keys, format_metric, jsonable
 
-    options = merged(args, {**RUN_DEFAULTS, "eval_batch_size": 32, "max_length": None})
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
-    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=options["max_length"])
+    limit = fit_to_context(model, tokenizer, data, options["max_length"])
+    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit)
     for key in default_keys(metrics, metrics):
         print(f"{key:<28} {format_metric(metrics[key], key):>10}")
     if options["output"]:
         write_json(options["output"], jsonable({"meta": meta, "metrics": metrics}))
         print(f"\nmetrics written to {options['output']}")
     return 0
+
+
+def check_optimizer_options(name: str, lr: float | None, options: dict[str, Any]) -> None:
+    """The optimizer's options, type-checked before any work: one line and exit 2 for a bad value."""
+    from ..optim import registry
+
+    if name == "custom":
+        return
+    try:
+        registry.check_optimizer_options(name, options, lr)
+    except UsageError as e:
+        raise UsageError(f"--optimizer-option: {' '.join(str(e).split())}") from None

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import UsageError
 from ..unlearning.evaluation import evaluate
 
 # The keyword arguments of `evaluate` besides the model, the tokenizer and the data.
@@ -18,6 +19,6 @@ def check_eval_kwargs(eval_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     eval_kwargs = dict(eval_kwargs or {})
     unknown = sorted(set(eval_kwargs) - set(EVAL_KWARGS))
     if unknown:
-        raise ValueError(f"unknown evaluation argument {unknown[0]!r}; evaluate takes {', '.join(EVAL_KWARGS)}")
+        raise UsageError(f"unknown evaluation argument {unknown[0]!r}; evaluate takes {', '.join(EVAL_KWARGS)}")
     return eval_kwargs
 

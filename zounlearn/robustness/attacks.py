@@ -58,7 +58,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_int, check_range
-from ..unlearning.batches import Batches, rng_devices
+from ..errors import UsageError
+from ..unlearning.batches import Batches, fit_to_context, rng_devices
 from ..unlearning.data import Example, Split, UnlearningData
 from ..unlearning.evaluation import evaluate
 from ..unlearning.objectives import cross_entropy
@@ -96,7 +97,7 @@ def relearning_split(data: UnlearningData, k: int = DEFAULT_K, seed: int = 0) ->
     pool: Literal["qa", "train"] = "qa" if data.forget.qa else "train"
     examples = getattr(data.forget, pool)
     if len(examples) < 2:
-        raise ValueError(f"relearning needs at least 2 forget {pool} examples (some to relearn, some held out); "
+        raise UsageError(f"relearning needs at least 2 forget {pool} examples (some to relearn, some held out); "
                          f"the forget split has {len(examples)}")
     check_int("k", k, 1, len(examples) - 1)
     check_int("seed", seed, 0)
@@ -145,7 +146,7 @@ def retain_finetune_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenize
     pool: Literal["qa", "train"] = "qa" if data.retain.qa else "train"
     examples = getattr(data.retain, pool)
     if not examples:
-        raise ValueError("the retain split is empty; retain-only fine-tuning needs retain texts or questions")
+        raise UsageError("the retain split is empty; retain-only fine-tuning needs retain texts or questions")
     check_int("k", k, 1, len(examples))
     check_int("seed", seed, 0)
     used = choose(len(examples), k, seed)
@@ -165,7 +166,7 @@ def _check_steps(steps: Sequence[int]) -> list[int]:
     steps = list(steps)
     if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in steps) \
             or any(a >= b for a, b in itertools.pairwise(steps)):
-        raise ValueError(f"steps must be a non-empty, strictly increasing list of step counts >= 0 "
+        raise UsageError(f"steps must be a non-empty, strictly increasing list of step counts >= 0 "
                          f"(e.g. (0, 5, 10, 20, 50)), got {steps}")
     return steps
 
@@ -180,6 +181,10 @@ def _fine_tune_curve(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     check_range("weight_decay", weight_decay, 0.0)
     check_int("batch_size", batch_size, 1)
     eval_kwargs = {"max_length": max_length, **check_eval_kwargs(eval_kwargs)}
+    # Examples longer than the model's context are truncated to it (one warning), for fine-tuning and evaluation.
+    max_length = fit_to_context(model, tokenizer, [*examples, *evaluations.values()], max_length)
+    eval_kwargs["max_length"] = fit_to_context(model, tokenizer, list(evaluations.values()), eval_kwargs["max_length"],
+                                               warn=False)
     batches = Batches(examples, tokenizer, batch_size, seed=seed, max_length=max_length)  # tokenizes: checks first
     curves: dict[str, list[dict[str, float]]] = {name: [] for name in evaluations}
 
@@ -218,10 +223,10 @@ def quantization_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     """{scheme: evaluate's metrics on the quantized-then-dequantized copy} (`quantize.quantize_model`)."""
     schemes = list(schemes)
     if not schemes:
-        raise ValueError(f"schemes is empty; name at least one of {', '.join(QUANTIZATION_SCHEMES)}")
+        raise UsageError(f"schemes is empty; name at least one of {', '.join(QUANTIZATION_SCHEMES)}")
     for scheme in schemes:
         check_scheme(scheme)
-    eval_kwargs = check_eval_kwargs(eval_kwargs)
+    eval_kwargs = _fitted(model, tokenizer, data, check_eval_kwargs(eval_kwargs))
     return {scheme: evaluate(quantize_model(model, scheme), tokenizer, data, **eval_kwargs) for scheme in schemes}
 
 
@@ -235,12 +240,12 @@ def noise_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dat
     """
     relative_stds = list(relative_stds)
     if not relative_stds:
-        raise ValueError("relative_stds is empty; give at least one relative standard deviation, e.g. (0.1,)")
+        raise UsageError("relative_stds is empty; give at least one relative standard deviation, e.g. (0.1,)")
     for std in relative_stds:
         check_range("relative_stds entry", std, 0.0)
     check_int("draws", draws, 1)
     check_int("seed", seed, 0)
-    eval_kwargs = check_eval_kwargs(eval_kwargs)
+    eval_kwargs = _fitted(model, tokenizer, data, check_eval_kwargs(eval_kwargs))
     clean = [t.weight for t in target_weights(model)]
     noisy = copy.deepcopy(model)  # one copy, its target weights reset from the model before each draw
     noisy_weights = [t.weight for t in target_weights(noisy)]
@@ -256,6 +261,12 @@ def noise_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dat
             runs.append(evaluate(noisy, tokenizer, data, **eval_kwargs))
         results[float(std)] = _mean_and_std(runs)
     return results
+
+
+def _fitted(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData,
+            eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """eval_kwargs with max_length fitted to the model's context (`fit_to_context`: one warning if it truncates)."""
+    return {**eval_kwargs, "max_length": fit_to_context(model, tokenizer, data, eval_kwargs.get("max_length"))}
 
 
 def _mean_and_std(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:

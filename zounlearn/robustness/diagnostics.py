@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UsageError
 from ..unlearning.data import UnlearningData
 from ..unlearning.evaluation import evaluate
 from ..unlearning.objectives import transformer_blocks
@@ -40,11 +41,11 @@ def _matched_parameters(original: torch.nn.Module, unlearned: torch.nn.Module
     ours = dict(original.named_parameters())
     if ours.keys() != theirs.keys():
         missing = sorted(ours.keys() ^ theirs.keys())
-        raise ValueError(f"the two models have different parameters (e.g. {missing[0]!r} is in only one); "
+        raise UsageError(f"the two models have different parameters (e.g. {missing[0]!r} is in only one); "
                          f"compare an unlearned model with the model it was unlearned from")
     for name, p in ours.items():
         if p.shape != theirs[name].shape:
-            raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)} in the original model and "
+            raise UsageError(f"parameter {name!r} has shape {tuple(p.shape)} in the original model and "
                              f"{tuple(theirs[name].shape)} in the unlearned one; compare models of one architecture")
     return [(name, p, theirs[name]) for name, p in ours.items()]
 
@@ -80,7 +81,7 @@ def interpolate(original: torch.nn.Module, unlearned: torch.nn.Module, t: float)
     Buffers are the original model's.
     """
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise ValueError(f"t must be a finite number (0: the original model, 1: the unlearned one), got {t!r}")
+        raise UsageError(f"t must be a finite number (0: the original model, 1: the unlearned one), got {t!r}")
     pairs = _matched_parameters(original, unlearned)
     mixed = copy.deepcopy(original)
     parameters = dict(mixed.named_parameters())
@@ -94,9 +95,9 @@ def barrier_height(ts: Sequence[float], values: Sequence[float], *, higher_is_be
     """The barrier of a curve (module docstring): a loss's rise above, or an accuracy's dip below, the line."""
     ts, values = [float(t) for t in ts], [float(v) for v in values]
     if len(ts) != len(values):
-        raise ValueError(f"{len(ts)} values of t but {len(values)} metric values; give one value per t")
+        raise UsageError(f"{len(ts)} values of t but {len(values)} metric values; give one value per t")
     if 0.0 not in ts or 1.0 not in ts:
-        raise ValueError(f"the barrier needs the endpoints t = 0 and t = 1 on the grid, got {ts}")
+        raise UsageError(f"the barrier needs the endpoints t = 0 and t = 1 on the grid, got {ts}")
     start, end = values[ts.index(0.0)], values[ts.index(1.0)]
     sign = -1.0 if higher_is_better else 1.0
     return max(sign * (v - ((1 - t) * start + t * end)) for t, v in zip(ts, values))
@@ -114,9 +115,9 @@ def mode_connectivity(original: torch.nn.Module, unlearned: torch.nn.Module, tok
     check_eval_kwargs(eval_kwargs)
     ts = list(ts)
     if not ts or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in ts):
-        raise ValueError(f"ts must be finite numbers including 0 and 1, got {ts}")
+        raise UsageError(f"ts must be finite numbers including 0 and 1, got {ts}")
     if len(set(ts)) != len(ts) or 0 not in ts or 1 not in ts:
-        raise ValueError(f"ts must hold distinct values including the endpoints 0 and 1, got {ts}")
+        raise UsageError(f"ts must hold distinct values including the endpoints 0 and 1, got {ts}")
     _matched_parameters(original, unlearned)
     metrics = []
     for t in ts:

@@ -13,9 +13,13 @@ counts as an answer token. Answer tokens (EOS included) carry the loss; prompt a
 tokens get the label -100. The first token of a sequence is never predicted, so a plain
 text without BOS has one scored token fewer than it has tokens.
 
-Truncation to `max_length`: prompt tokens are dropped from the start (the end of the prompt
-stays next to the answer); if the answer and its EOS alone are longer than max_length, the
-first max_length answer tokens are kept, without prompt or EOS.
+Truncation to `max_length`: the prompt is kept whole and the answer is cut after its first
+max_length - (prompt tokens) tokens (its EOS then goes too), so a question is asked as
+written and the answer tokens that remain are scored after the whole prompt. A prompt that
+leaves no room for one answer token is refused (DataError, naming the example's source).
+`fit_to_context` chooses the limit for a model: max_length, which must not exceed the
+model's context (`context_length`), or else the context itself, so that no example runs
+past the position embeddings; it warns once with the number of examples it truncates.
 
 Batches are right-padded with the pad token (the EOS when the tokenizer has none; the
 attention mask hides it either way) and carry each example's index in the tuple it came
@@ -26,14 +30,17 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from .data import Example
+from ..checks import check_int
+from ..errors import UsageError
+from .data import DataError, Example, Split, UnlearningData
 
 IGNORE = -100  # the label of a token without loss, as Hugging Face losses expect
 
@@ -45,12 +52,17 @@ def join(prompt: str, answer: str) -> str:
     return f"{prompt} {answer}"
 
 
+class TruncationWarning(UserWarning):
+    """Examples longer than the token limit were truncated (`fit_to_context`)."""
+
+
 @dataclass(frozen=True)
 class Tokens:
-    """One example's token ids (prompt then answer, EOS last) and how many are prompt."""
+    """One example's token ids (prompt then answer, EOS last unless truncated) and how many are prompt."""
 
     ids: tuple[int, ...]
     n_prompt: int
+    truncated: bool = False
 
     @property
     def n_answer(self) -> int:
@@ -62,28 +74,81 @@ def tokenize_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Exa
     """Each example's tokens under the rules of the module docstring."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) so that answers end")
-    if max_length is not None and max_length < 2:
+        raise UsageError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) so that answers end")
+    if max_length is not None:
         # One token predicts nothing: at least two are needed for an answer token to be scored.
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        check_int("max_length", max_length, 2)
     prompts = tokenizer([e.prompt for e in examples])["input_ids"]
     texts = tokenizer([join(e.prompt, e.answer) for e in examples])["input_ids"]
     tokens = []
-    for prompt, ids in zip(prompts, texts):
+    for index, (example, prompt, ids) in enumerate(zip(examples, prompts, texts)):
         n_prompt = 0
         while n_prompt < min(len(prompt), len(ids)) and prompt[n_prompt] == ids[n_prompt]:
             n_prompt += 1
         # The EOS ends the answer, unless the tokenizer already put one there.
         if not ids or ids[-1] != eos or len(ids) == n_prompt:
             ids = [*ids, eos]
-        if max_length is not None and len(ids) > max_length:
-            if len(ids) - n_prompt >= max_length:
-                ids, n_prompt = ids[n_prompt:n_prompt + max_length], 0
-            else:
-                drop = len(ids) - max_length
-                ids, n_prompt = ids[drop:], n_prompt - drop
-        tokens.append(Tokens(tuple(ids), n_prompt))
+        truncated = max_length is not None and len(ids) > max_length
+        if truncated:
+            if n_prompt >= max_length:
+                where = example.source or f"example {index + 1} of {len(examples)}"
+                raise DataError(f"{where}: its prompt alone is {n_prompt} tokens, which leaves no room for an answer "
+                                f"within the limit of {max_length} tokens; shorten the prompt or raise the limit "
+                                f"(max_length, up to the model's context)")
+            ids = ids[:max_length]
+        tokens.append(Tokens(tuple(ids), n_prompt, truncated))
     return tokens
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model was built for (GPT-2's n_positions, Llama's max_position_embeddings), or None."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+Data = UnlearningData | Split | Example
+
+
+def fit_to_context(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Data | Iterable[Data],
+                   max_length: int | None, *, warn: bool = True) -> int | None:
+    """The token limit to tokenize `data` with for `model` (the module docstring's rule): max_length, or the
+    model's context when max_length is None. A max_length above the context is a UsageError, a prompt that
+    leaves no room for its answer a DataError; with warn, one TruncationWarning counts the examples cut."""
+    if max_length is not None:
+        check_int("max_length", max_length, 2)
+    context = context_length(model)
+    if max_length is not None and context is not None and max_length > context:
+        raise UsageError(f"max_length {max_length} is above the model's context of {context} tokens; use at most "
+                         f"{context}")
+    limit = max_length if max_length is not None else context
+    if limit is None:
+        return None
+    examples = _every_example(data)
+    cut = sum(t.truncated for t in tokenize_examples(tokenizer, examples, limit))
+    if cut and warn:
+        what = "max_length" if max_length is not None else "the model's context"
+        warnings.warn(f"{cut} of {len(examples)} examples are longer than {limit} tokens ({what}) and are truncated "
+                      f"to it: the prompt is kept and the answer cut", TruncationWarning, stacklevel=2)
+    return limit
+
+
+def _every_example(data: Data | Iterable[Data]) -> list[Example]:
+    """What gets tokenized for data, each example once: every split's train and qa examples and, per
+    multiple-choice question, a question/choice pair for each choice."""
+    examples: list[Example] = []
+    for item in [data] if isinstance(data, (UnlearningData, Split, Example)) else data:
+        if isinstance(item, UnlearningData):
+            examples += _every_example([s for s in (item.forget, item.retain, item.holdout) if s is not None])
+        elif isinstance(item, Split):
+            examples += [*item.train, *item.qa]
+            examples += [Example(e.prompt, choice, source=e.source) for e in item.choice for choice in e.choices]
+        else:
+            examples.append(item)
+    return list(dict.fromkeys(examples))
 
 
 @dataclass(frozen=True)
@@ -133,11 +198,10 @@ class Batches:
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False, max_length: int | None = None) -> None:
         self.examples = tuple(examples)
         if not self.examples:
-            raise ValueError("no examples to batch")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise DataError("no examples to batch")
+        check_int("batch_size", batch_size, 1)
         if drop_last and batch_size > len(self.examples):
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(self.examples)} examples and "
+            raise UsageError(f"batch_size {batch_size} is larger than the {len(self.examples)} examples and "
                              f"drop_last would leave no batch; lower batch_size or set drop_last=False")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.tokens = tokenize_examples(tokenizer, self.examples, max_length)

@@ -60,9 +60,11 @@ import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from ..errors import ZounlearnError
 
 FIELDS = ("text", "question", "answer", "choices")
 SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
@@ -74,7 +76,7 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 Row = tuple[str, Mapping[str, Any]]  # (where the row is, for messages; the row)
 
 
-class DataError(ValueError):
+class DataError(ZounlearnError, ValueError):
     """Bad data or a bad data source; the message is one line: what is wrong and how to fix it."""
 
 
@@ -86,6 +88,8 @@ class Example:
     answer: str
     choices: tuple[str, ...] = ()
     correct: int | None = None
+    # Where the example was read ("forget.jsonl line 3"), for messages; no part of its identity.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.answer, str):
@@ -386,10 +390,10 @@ def _example(row: Row, columns: Mapping[str, str], kind: str) -> Example:
         values[f] = record[columns[f]]
     try:
         if kind == "text":
-            return Example("", _string(values["text"], columns["text"]))
+            return Example("", _string(values["text"], columns["text"]), source=where)
         question = _string(values["question"], columns["question"])
         if kind == "qa":
-            return Example(question, _string(values["answer"], columns["answer"]))
+            return Example(question, _string(values["answer"], columns["answer"]), source=where)
         choices = values["choices"]
         if isinstance(choices, str) and choices.lstrip().startswith("["):  # a JSON list in a CSV cell
             try:
@@ -398,7 +402,7 @@ def _example(row: Row, columns: Mapping[str, str], kind: str) -> Example:
                 raise DataError(f"choices is not a valid JSON list ({e.msg})") from None
         choices = _check_choices(choices)
         correct = _index(values["answer"], choices)
-        return Example(question, choices[correct], choices, correct)
+        return Example(question, choices[correct], choices, correct, source=where)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
 

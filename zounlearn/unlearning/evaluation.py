@@ -141,8 +141,11 @@ def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             device = model_device(model)
+            new_tokens = max(t.n_answer for t in chunk)
+            if max_length is not None:  # the padded batch must stay within the limit (a model's context)
+                new_tokens = min(new_tokens, max_length - width)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=max(t.n_answer for t in chunk), do_sample=False, num_beams=1,
+                                    max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                     pad_token_id=pad, eos_token_id=eos)
             for row in output[:, width:].tolist():
                 answers.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row,

@@ -9,20 +9,43 @@ The loop steps on each split's texts and question/answer pairs (`trainable`). St
 s of their own seeded `Batches` (their own epochs: a small forget set cycles while the
 retain set goes on), so the data of a step depends only on the seed and s. The model runs
 in eval mode (dropout off: a zeroth-order difference needs both passes to see the same
-network) unless `train_mode`. The objective is prepared (NPO's reference log-likelihoods,
-RMU's frozen activations) on the model as passed in, before any step and before a
-checkpoint is loaded, so a resumed run must be given the same starting model (checked by
-a fingerprint).
+network) unless `train_mode`. Examples are truncated to max_length, or to the model's
+context (`batches.fit_to_context`: the prompt kept, the answer cut, one warning). The
+objective is prepared (NPO's reference log-likelihoods, RMU's frozen activations) on the
+model as passed in, before any step and before a checkpoint is loaded, so a resumed run
+must be given the same starting model.
+
+Everything is checked before the run directory is created or the model is changed: the
+configuration, the optimizer's options, the data against the context, and on resume the
+run's record and its newest checkpoint (checksums, step, fingerprints, fit).
 
 The run directory (all files atomic, `report.json` written last):
-    config.json          what was run; a resume must match it
+    config.json          what was run and the fingerprints of what it depends on (`run_fingerprints`)
     metrics.jsonl        one record per step ("train") and per evaluation ("eval", step 0 = before)
     checkpoints/step-N/  the newest checkpoint (checkpoint.py), every `checkpoint_every` steps
     model/               the unlearned model and tokenizer (save_pretrained, safetensors)
     report.json, report.md, loss.png, metrics.png
 A directory without report.json is an unfinished run: `resume=True` continues it from its
-newest checkpoint, bit-identically. Ctrl-C stops at the end of the current step, writes a
-checkpoint and raises KeyboardInterrupt; a second Ctrl-C stops at once.
+newest checkpoint, bit-identically, and refuses (one line, naming the difference) when the
+configuration, the starting model, the data, the thread count, the device or the zounlearn
+or torch version differ, or the checkpoint is incomplete or corrupt.
+
+The steps are a short loop (`_Run.train`) over callbacks in the manner of transformers'
+TrainerCallback: each sees the `LoopState` after a step and may set flags on a `Control`
+(evaluate, checkpoint, stop), which the loop then acts on. They are the metrics log, the
+progress bar, the evaluation and checkpoint schedules, the interrupt handler and the
+divergence guard.
+
+Interrupts: SIGINT (Ctrl-C) and SIGTERM during an optimizer step stop the run after that
+step; at any other moment (evaluations, the final save) they stop it at once. Either way
+the loop writes a checkpoint of the last completed step (also with checkpoint_every 0)
+before it raises `Interrupted` (a KeyboardInterrupt), so `resume=True` continues; a second
+signal during a step stops at once, keeping the checkpoint before. Signals that the process
+ignores (a background job's SIGINT) stay ignored, and off the main thread none are handled.
+
+Divergence: a non-finite loss on DIVERGED_AFTER consecutive steps, or a non-finite trained
+weight when an evaluation, a checkpoint or the end is due, stops the run with `Diverged`
+(nothing written after it: the last good checkpoint stays, no report, no model).
 """
 
 from __future__ import annotations
@@ -34,9 +57,11 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,20 +70,36 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..atomic import atomic_dir, write_json, write_text
-from ..checks import check_int
+from .. import __version__
+from ..atomic import atomic_dir, remove_temporaries, write_json, write_text
+from ..checks import check_bool, check_int
+from ..errors import UsageError, ZounlearnError
 from ..optim import gnb_loss
 from ..optim import step as take_step
 from ..optim.registry import OPTIMIZERS, make_optimizer
-from .batches import Batch, Batches, model_device, model_mode, rng_devices
-from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
+from .batches import Batches, fit_to_context, model_device, model_mode, rng_devices
+from .checkpoint import checkpoint_steps, differences, load_weights, read_checkpoint, save_checkpoint
 from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
 from .objectives import Objective, make_objective
-from .report import jsonable, read_metrics, write_report
+from .report import jsonable, write_report
 
 CONFIG, METRICS, REPORT, MODEL_DIR = "config.json", "metrics.jsonl", "report.json", "model"
 CUSTOM = "custom"
+DIVERGED_AFTER = 3  # consecutive non-finite losses that end a run
+LR_MAX = torch.finfo(torch.float32).max  # optimizers compute in float32: a larger rate overflows at the first step
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM (`signum`); the message says where it can be resumed from."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class Diverged(ZounlearnError, RuntimeError):
+    """The run's loss or weights stopped being finite; the message says when and what to do."""
 
 
 @dataclass
@@ -68,7 +109,8 @@ class LoopConfig:
     optimizer: a name of `OPTIMIZERS`, or "custom" with `unlearn(..., optimizer_factory=...)`.
     steps, or else epochs over the forget set (1 by default). lr None: the optimizer's
     default (`zounlearn.optim.registry.OPTIMIZERS`). eval_every / checkpoint_every 0: only
-    before and after / only at interrupts. max_length: truncation of each example in tokens.
+    before and after / only at interrupts. max_length: truncation of each example in tokens
+    (None: the model's context).
     """
 
     objective: str = "npo"
@@ -92,29 +134,46 @@ class LoopConfig:
             check_int(name, getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "seed"):
             check_int(name, getattr(self, name), 0)
-        for name in ("steps", "retain_batch_size", "max_length"):
+        for name in ("steps", "retain_batch_size"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        if self.max_length is not None:
+            check_int("max_length", self.max_length, 2)
+        check_bool("train_mode", self.train_mode)
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
-        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < math.inf):
-            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 <= self.lr < math.inf):
-            raise ValueError(f"lr must be a number >= 0, got {self.lr!r}")
+            raise UsageError("give steps or epochs, not both")
+        if self.epochs is not None and not (_number(self.epochs) and 0 < self.epochs < math.inf):
+            raise UsageError(f"epochs must be a positive number, got {self.epochs!r}")
+        if self.lr is not None and not (_number(self.lr) and 0 <= self.lr <= LR_MAX):
+            raise UsageError(f"lr must be a number from 0 to {LR_MAX:.3g} (float32's largest), got {self.lr!r}")
         if not isinstance(self.objective, str) or not isinstance(self.optimizer, str):
-            raise ValueError("objective and optimizer are names, e.g. objective='npo', optimizer='hybrid'")
+            raise UsageError("objective and optimizer are names, e.g. objective='npo', optimizer='hybrid'")
         if self.optimizer.lower() not in OPTIMIZERS and self.optimizer != CUSTOM:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}, or "
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}, or "
                              f"{CUSTOM!r} with unlearn(..., optimizer_factory=...)")
-        make_objective(self.objective, **self.objective_options)  # unknown name or option: fail now
+        for name in ("objective_options", "optimizer_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise UsageError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
+        self.objective_instance()  # unknown name or option: fail now
+
+    def objective_instance(self) -> Objective:
+        # objectives.py raises ValueError and TypeError for bad names and hyperparameters: bad input all the same.
+        try:
+            return make_objective(self.objective, **self.objective_options)
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
 
     def total_steps(self, forget_batches: int) -> int:
         return self.steps if self.steps is not None else math.ceil((self.epochs or 1) * forget_batches)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class RunResult:
-    before: dict[str, float]
+    before: dict[str, float]  # empty when no evaluation before unlearning was recorded
     after: dict[str, float]
     steps: int
     seconds: float  # training time of this call, evaluations excluded
@@ -133,59 +192,52 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
     parameter list, e.g. `lambda ps: torch.optim.RMSprop(ps, lr=1e-4)` (config.lr is then unused).
     eval_data: what the evaluations measure, when not `data` (a subset, say).
     """
+    for name, flag in (("resume", resume), ("progress", progress), ("save_model", save_model)):
+        check_bool(name, flag)
     if (config.optimizer == CUSTOM) != (optimizer_factory is not None):
-        raise ValueError(f"pass optimizer_factory exactly when config.optimizer is {CUSTOM!r} (got optimizer "
+        raise UsageError(f"pass optimizer_factory exactly when config.optimizer is {CUSTOM!r} (got optimizer "
                          f"{config.optimizer!r} and {'a' if optimizer_factory else 'no'} factory)")
-    objective = make_objective(config.objective, **config.objective_options)
+    objective = config.objective_instance()
     if objective.needs_retain and not data.retain.train:
-        raise ValueError(f"{objective.name} has a retain term but the retain set has no texts or question/answer "
+        raise UsageError(f"{objective.name} has a retain term but the retain set has no texts or question/answer "
                          f"pairs; give a retain set, or set its weight to 0")
-    forget = Batches(trainable(data.forget), tokenizer, config.batch_size, seed=config.seed,
-                     max_length=config.max_length)
+    limit = fit_to_context(model, tokenizer, [data, eval_data or data], config.max_length)
+    forget = Batches(trainable(data.forget), tokenizer, config.batch_size, seed=config.seed, max_length=limit)
     retain = Batches(trainable(data.retain), tokenizer, config.retain_batch_size or config.batch_size,
-                     seed=config.seed + 1, max_length=config.max_length) if objective.needs_retain else None
+                     seed=config.seed + 1, max_length=limit) if objective.needs_retain else None
     total = config.total_steps(len(forget))
-    params = objective.parameters(model)
+    try:  # objectives.py raises ValueError for a model that does not fit (RMU's layer): bad input
+        params = objective.parameters(model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     optimizer = optimizer_factory(params) if optimizer_factory is not None else \
-        make_optimizer(config.optimizer, params, lr=config.lr, seed=config.seed, total_steps=total,
+        make_optimizer(config.optimizer, params, lr=config.lr, seed=config.seed, total_steps=total, model=model,
                        **config.optimizer_options)
+    fingerprints = run_fingerprints(model, data, eval_data)
     record = {"loop": dataclasses.asdict(config), "total_steps": total, "meta": dict(meta or {}),
-              "model_fingerprint": fingerprint(model)}
-    directory = _open_run_dir(run_dir, record, resume) if run_dir is not None else None
+              "fingerprints": fingerprints}
+    directory, checkpoint = _open_run_dir(run_dir, record, resume, model) if run_dir is not None else (None, None)
 
-    objective.prepare(model, forget, retain)
-    start, history = 0, []
-    cuda = rng_devices(model)
-    with torch.random.fork_rng(devices=cuda), model_mode(model, config.train_mode):
-        torch.manual_seed(config.seed)
-        if directory is not None and resume and checkpoint_steps(directory):
-            start, state = load_checkpoint(directory, model)
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng_cpu"])
-            if cuda:
-                torch.cuda.set_rng_state(state["rng_cuda"], cuda[0])
-            history = [r for r in read_metrics(directory / METRICS) if r["step"] <= start]
-        log = _MetricsLog(directory, history)
-        evaluate_now = lambda: evaluate(model, tokenizer, eval_data or data, batch_size=config.eval_batch_size,  # noqa: E731
-                                        max_length=config.max_length)
-        if start == 0:
-            log.eval(0, evaluate_now(), 0.0)
-        seconds = _train(model, objective, optimizer, forget, retain, config, start, total, log, evaluate_now,
-                         directory, progress)
-        if log.last_eval_step != total:
-            log.eval(total, evaluate_now(), log.elapsed)
-    before, after = log.evals[0], log.evals[-1]
-    if directory is not None:
-        if save_model:
-            _save_model(model, tokenizer, directory / MODEL_DIR)
-        summary = {"steps": total, "train_seconds": round(log.elapsed, 2),
-                   "steps_per_second": round(total / log.elapsed, 3) if log.elapsed else None,
-                   "optimizer": type(optimizer).__name__,
-                   "optimizer_grade": OPTIMIZERS[config.optimizer.lower()].grade if config.optimizer != CUSTOM
-                   else CUSTOM,
-                   "trainable_parameters": sum(p.numel() for p in params)}
-        write_report(directory, config=record, before=before, after=after, history=log.records, summary=summary)
-    return RunResult(before, after, total, seconds, directory)
+    run = _Run(model, tokenizer, objective, optimizer, params, forget, retain, config, total, directory, record,
+               eval_data or data, limit)
+    with _Interrupts() as interrupts:
+        try:
+            objective.prepare(model, forget, retain)  # in the caller's mode and random stream, as ever
+        except Interrupted as stop:
+            raise run.stopped(stop) from None
+        # A checkpoint that a signal calls for is written inside the forked stream, whose state it keeps.
+        with torch.random.fork_rng(devices=rng_devices(model)), model_mode(model, config.train_mode):
+            try:
+                torch.manual_seed(config.seed)
+                if checkpoint is not None:
+                    run.restore(*checkpoint)
+                run.train(interrupts, progress)
+                before, after = run.finish(save_model, optimizer_factory is not None)
+            except Interrupted as stop:
+                raise run.stopped(stop) from None
+            except Diverged as diverged:
+                raise Diverged(f"{diverged}; {run.kept()}; lower the learning rate and start a new run") from None
+    return RunResult(before, after, total, run.seconds, directory)
 
 
 def trainable(split: Split) -> tuple[Example, ...]:
@@ -194,112 +246,341 @@ def trainable(split: Split) -> tuple[Example, ...]:
     return split.train + tuple(e for e in split.qa if e not in seen)
 
 
-def _train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, forget: Batches,
-           retain: Batches | None, config: LoopConfig, start: int, total: int, log: _MetricsLog,
-           evaluate_now: Any, directory: Path | None, progress: bool) -> float:
-    seconds = 0.0
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"{config.objective} / {config.optimizer}")
-    with bar, _graceful_interrupt() as interrupted:
-        for step in range(start, total):
-            forget_batch = forget.batch(step)
-            retain_batch = retain.batch(step) if retain is not None else None
-            tick = time.perf_counter()
-            loss = _step(optimizer, model, objective, forget_batch, retain_batch)
-            took = time.perf_counter() - tick
-            seconds += took
-            phase = getattr(optimizer, "last_phase", None)
-            log.train(step + 1, (step + 1) / len(forget), loss, phase, optimizer.param_groups[0].get("lr"), took)
-            bar.set_postfix({"loss": f"{loss:.4g}", **({"phase": phase} if phase else {})}, refresh=False)
-            bar.update()
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                log.eval(step + 1, evaluate_now(), log.elapsed)
-            stop = interrupted()
-            if directory is not None and (stop or (config.checkpoint_every and (step + 1) % config.checkpoint_every
-                                                   == 0 and step + 1 < total)):
-                _checkpoint(directory, step + 1, model, optimizer)
-            if stop:
-                raise KeyboardInterrupt(f"stopped after step {step + 1}; resume=True continues from there")
-    return seconds
+# --- the loop's state, its control flags and its callbacks
 
 
-def _step(optimizer: torch.optim.Optimizer, model: torch.nn.Module, objective: Objective, forget: Batch,
-          retain: Batch | None) -> float:
+@dataclass
+class LoopState:
+    """What the callbacks see: the steps completed and what the last one did."""
+
+    total: int
+    step: int = 0                          # steps completed
+    loss: float = math.nan                 # of the last step, at the parameters before it
+    phase: str | None = None               # the hybrid's "fo" or "zo"
+    lr: float | None = None
+    took: float = 0.0                      # seconds of the last step
+    elapsed: float = 0.0                   # training seconds of the whole run, resumes included
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> metrics
+    consistent: bool = True                # the model holds exactly the weights after `step` steps
+
+
+@dataclass
+class Control:
+    """Flags the callbacks set for the loop to act on after a step (cleared before the next one)."""
+
+    evaluate: bool = False
+    checkpoint: bool = False
+    stop: bool = False
+
+    def new_step(self) -> None:
+        self.evaluate = self.checkpoint = False
+
+
+class Callback:
+    """One concern of the loop. on_step_end may set flags on control; on_evaluate sees each evaluation."""
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        pass
+
+    def on_evaluate(self, state: LoopState, metrics: dict[str, float]) -> None:
+        pass
+
+
+class MetricsLog(Callback):
+    """metrics.jsonl, appended a line at a time (flushed: a crash loses at most the line being written)."""
+
+    def __init__(self, directory: Path | None, state: LoopState, batches_per_epoch: int) -> None:
+        self.path = directory / METRICS if directory is not None else None
+        self.batches_per_epoch = batches_per_epoch
+        if self.path is not None:  # what the state holds: a resume's records up to its checkpoint
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in state.records))
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        self._add(state, {"type": "train", "step": state.step,
+                          "epoch": round(state.step / self.batches_per_epoch, 4), "loss": state.loss
+                          if math.isfinite(state.loss) else None, "phase": state.phase, "lr": state.lr,
+                          "elapsed": round(state.elapsed, 4)})
+
+    def on_evaluate(self, state: LoopState, metrics: dict[str, float]) -> None:
+        self._add(state, {"type": "eval", "step": state.step, "elapsed": round(state.elapsed, 4),
+                          "metrics": jsonable(metrics)})
+
+    def _add(self, state: LoopState, record: dict[str, Any]) -> None:
+        state.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress(Callback):
+    """A tqdm bar with the loss and, for the hybrid, the phase."""
+
+    def __init__(self, state: LoopState, description: str, enabled: bool) -> None:
+        self.bar = tqdm(total=state.total, initial=state.step, disable=not enabled, unit="step", dynamic_ncols=True,
+                        desc=description)
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        self.bar.set_postfix({"loss": f"{state.loss:.4g}", **({"phase": state.phase} if state.phase else {})},
+                             refresh=False)
+        self.bar.update()
+
+
+class EvaluationSchedule(Callback):
+    """Evaluate before the first step, every `every` steps and after the last."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def due(self, state: LoopState) -> bool:
+        return state.step in (0, state.total) or bool(self.every and state.step % self.every == 0)
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        control.evaluate = self.due(state)
+
+
+class CheckpointSchedule(Callback):
+    """A checkpoint every `every` steps (0: never), except after the last step (the run is then complete)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        control.checkpoint = bool(self.every and state.step % self.every == 0 and state.step < state.total)
+
+
+class InterruptCheck(Callback):
+    """A signal received during the step: checkpoint and stop (the evaluation due waits for the resume)."""
+
+    def __init__(self, interrupts: _Interrupts) -> None:
+        self.interrupts = interrupts
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        if self.interrupts.received:
+            control.stop = control.checkpoint = True
+            control.evaluate = False
+
+
+class DivergenceGuard(Callback):
+    """Diverged after DIVERGED_AFTER non-finite losses in a row, or a non-finite weight before anything is
+    evaluated or written (checked then only: it reads every trained weight)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params, self.streak = list(params), 0
+
+    def on_step_end(self, state: LoopState, control: Control) -> None:
+        self.streak = 0 if math.isfinite(state.loss) else self.streak + 1
+        if self.streak >= DIVERGED_AFTER:
+            raise Diverged(f"the run diverged: the loss was not finite for {self.streak} steps in a row (steps "
+                           f"{state.step - self.streak + 1} to {state.step})")
+        if (control.evaluate or control.checkpoint or state.step == state.total) and not self.weights_finite():
+            raise Diverged(f"the run diverged: a trained weight is not finite after step {state.step}")
+
+    def weights_finite(self) -> bool:
+        with torch.no_grad():
+            return bool(torch.stack([p.isfinite().all() for p in self.params]).all()) if self.params else True
+
+
+# --- the run
+
+
+class _Run:
+    """One call of `unlearn` once everything is checked: the steps, the evaluations, the checkpoints, the end."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, objective: Objective,
+                 optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], forget: Batches,
+                 retain: Batches | None, config: LoopConfig, total: int, directory: Path | None,
+                 record: dict[str, Any], eval_data: UnlearningData, limit: int | None) -> None:
+        self.model, self.tokenizer, self.objective, self.optimizer = model, tokenizer, objective, optimizer
+        self.forget, self.retain, self.config, self.directory = forget, retain, config, directory
+        self.record, self.eval_data, self.limit = record, eval_data, limit
+        self.state = LoopState(total=total)
+        self.guard = DivergenceGuard(params)
+        self.schedule = EvaluationSchedule(config.eval_every)
+        self.seconds = 0.0
+        self.callbacks: list[Callback] = []
+
+    def restore(self, step: int, saved: dict[str, Any]) -> None:
+        """A verified checkpoint into the optimizer, the random streams and, last, the model."""
+        self.state.consistent = False
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng_cpu"])
+        cuda = rng_devices(self.model)
+        if cuda:
+            torch.cuda.set_rng_state(saved["rng_cuda"], cuda[0])
+        load_weights(self.directory, step, self.model)
+        self.state.step, self.state.elapsed, self.state.records = step, saved["elapsed"], list(saved["metrics"])
+        self.state.evals = {r["step"]: r["metrics"] for r in self.state.records if r["type"] == "eval"}
+        self.state.consistent = True
+
+    def train(self, interrupts: _Interrupts, progress: bool) -> None:
+        state, control = self.state, Control()
+        log = MetricsLog(self.directory, state, len(self.forget))
+        bar = Progress(state, f"{self.config.objective} / {self.config.optimizer}", progress)
+        # The order matters: the schedules set flags, the interrupt check may clear one, the guard reads them.
+        self.callbacks = [log, bar, self.schedule, CheckpointSchedule(self.config.checkpoint_every),
+                          InterruptCheck(interrupts), self.guard]
+        with bar.bar:
+            if self.schedule.due(state) and state.step not in state.evals:  # before; or one a stop cut short
+                self.evaluate()
+            for step in range(state.step, state.total):
+                control.new_step()
+                forget, retain = self.forget.batch(step), self.retain.batch(step) if self.retain else None
+                with interrupts.deferred():
+                    state.consistent = False
+                    tick = time.perf_counter()
+                    loss = _step(self.optimizer, lambda: self.objective(self.model, forget, retain),
+                                 lambda: _gnb(self.model, forget))
+                    self._advance(loss, time.perf_counter() - tick)
+                for callback in self.callbacks:
+                    callback.on_step_end(state, control)
+                if control.evaluate:
+                    self.evaluate()
+                if control.checkpoint:
+                    self.checkpoint()
+                if control.stop:
+                    raise Interrupted(signum=interrupts.received[0])
+
+    def _advance(self, loss: float, took: float) -> None:
+        state = self.state
+        state.step, state.loss, state.took = state.step + 1, loss, took
+        state.phase = getattr(self.optimizer, "last_phase", None)
+        state.lr = self.optimizer.param_groups[0].get("lr")
+        state.elapsed += took
+        self.seconds += took
+        state.consistent = True
+
+    def evaluate(self) -> None:
+        metrics = evaluate(self.model, self.tokenizer, self.eval_data, batch_size=self.config.eval_batch_size,
+                           max_length=self.limit)
+        self.state.evals[self.state.step] = metrics
+        for callback in self.callbacks:
+            callback.on_evaluate(self.state, metrics)
+
+    def checkpoint(self) -> None:
+        if self.directory is None:
+            return
+        saved = {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(), "step": self.state.step,
+                 "elapsed": self.state.elapsed, "metrics": self.state.records}
+        cuda = rng_devices(self.model)
+        if cuda:
+            saved["rng_cuda"] = torch.cuda.get_rng_state(cuda[0])
+        save_checkpoint(self.directory, self.state.step, self.model, saved, fingerprints=self.record["fingerprints"])
+
+    def finish(self, save_model: bool, custom: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """The before/after metrics; with a run directory, the model and the report (written last)."""
+        state = self.state
+        before, after = state.evals.get(0, {}), state.evals[state.total]
+        if self.directory is not None:
+            if save_model:
+                _save_model(self.model, self.tokenizer, self.directory / MODEL_DIR)
+            summary = {"steps": state.total, "train_seconds": round(state.elapsed, 2),
+                       "steps_per_second": round(state.total / state.elapsed, 3) if state.elapsed else None,
+                       "optimizer": type(self.optimizer).__name__,
+                       "optimizer_grade": CUSTOM if custom else OPTIMIZERS[self.config.optimizer.lower()].grade,
+                       "trainable_parameters": sum(p.numel() for p in self.guard.params)}
+            write_report(self.directory, config=jsonable(self.record), before=before, after=after,
+                         history=state.records, summary=summary)
+        return before, after
+
+    def kept(self) -> str:
+        steps = checkpoint_steps(self.directory) if self.directory is not None else []
+        return f"its newest checkpoint, step {steps[-1]}, is kept" if steps else "no checkpoint was written"
+
+    def stopped(self, stop: Interrupted) -> Interrupted:
+        """After a signal: a checkpoint of the last completed step when there is none, and what to tell the user."""
+        state, name = self.state, signal.Signals(stop.signum).name
+        if self.directory is None:
+            return Interrupted(f"{name} after step {state.step}; without a run directory nothing was kept", stop.signum)
+        steps = checkpoint_steps(self.directory)
+        if state.consistent and state.step > 0 and (not steps or steps[-1] != state.step):
+            if not self.guard.weights_finite():
+                return Interrupted(f"{name} after step {state.step}, whose weights are not finite: no checkpoint "
+                                   f"written", stop.signum)
+            print(f"\nwriting a checkpoint of step {state.step} (a further signal abandons it)", file=sys.stderr,
+                  flush=True)
+            self.checkpoint()
+            steps = [state.step]
+        kept = f"resume continues from step {steps[-1]}" if steps else "resume starts again from step 0"
+        return Interrupted(f"{name} after step {state.step}; {kept}", stop.signum)
+
+
+def _step(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor],
+          hessian_closure: Callable[[], torch.Tensor]) -> float:
     """One step of any optimizer; returns the loss at the parameters before it."""
-
-    def closure() -> torch.Tensor:
-        return objective(model, forget, retain)
-
-    closure.hessian_closure = lambda: _gnb(model, forget)  # what SophiaG refreshes its estimate from
+    closure.hessian_closure = hessian_closure  # what SophiaG refreshes its estimate from
     return take_step(optimizer, closure)
 
 
-def _gnb(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def _gnb(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """Sophia's Hessian-estimate loss on the real tokens of a forget batch."""
     batch = batch.to(model_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     return gnb_loss(logits[batch.attention_mask.bool()])
 
 
-def _checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    state = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step}
-    cuda = rng_devices(model)
-    if cuda:
-        state["rng_cuda"] = torch.cuda.get_rng_state(cuda[0])
-    save_checkpoint(directory, step, model, state)
+# --- the run directory
 
 
-class _MetricsLog:
-    """metrics.jsonl, appended a line at a time (flushed: a crash loses at most the line being written)."""
-
-    def __init__(self, directory: Path | None, history: list[dict[str, Any]]) -> None:
-        self.records = list(history)
-        self.evals = [r["metrics"] for r in history if r["type"] == "eval"]
-        self.last_eval_step = max((r["step"] for r in history if r["type"] == "eval"), default=-1)
-        self.elapsed = max((r["elapsed"] for r in history), default=0.0)
-        self.path = directory / METRICS if directory is not None else None
-        if self.path is not None:  # rewrite what a resume keeps, dropping the steps after its checkpoint
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in history))
-
-    def train(self, step: int, epoch: float, loss: float, phase: str | None, lr: float | None, took: float) -> None:
-        self.elapsed += took
-        self._add({"type": "train", "step": step, "epoch": round(epoch, 4),
-                   "loss": loss if math.isfinite(loss) else None, "phase": phase, "lr": lr,
-                   "elapsed": round(self.elapsed, 4)})
-
-    def eval(self, step: int, metrics: dict[str, float], elapsed: float) -> None:
-        self.evals.append(metrics)
-        self.last_eval_step = step
-        self._add({"type": "eval", "step": step, "elapsed": round(elapsed, 4), "metrics": jsonable(metrics)})
-
-    def _add(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: bool) -> Path:
-    """Create a fresh run directory, or check that a resumed one ran this same configuration."""
+def _open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: bool, model: torch.nn.Module
+                  ) -> tuple[Path, tuple[int, dict[str, Any]] | None]:
+    """A fresh run directory with config.json; or, resuming, the run's directory after checking that it ran
+    this configuration, cleared of interrupted writes, and its newest checkpoint, verified (None: there is none)."""
     directory = Path(run_dir)
     saved = directory / CONFIG
-    if resume:
-        if not saved.is_file():
-            raise ValueError(f"cannot resume: {saved} does not exist; start the run without resume")
+    if not resume:
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise UsageError(f"the run directory {directory} exists and is not empty; choose a new one, or pass "
+                             f"resume to continue the run in it")
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(saved, record)
+        return directory, None
+    if not saved.is_file():
+        raise UsageError(f"cannot resume: {saved} does not exist; start the run without resume")
+    try:
         previous = json.loads(saved.read_text())
-        if previous != json.loads(json.dumps(record)):
-            changed = sorted(k for k in record if previous.get(k) != json.loads(json.dumps(record[k])))
-            raise ValueError(f"cannot resume {directory}: it ran another configuration (differs in "
-                             f"{', '.join(changed)}); resume with the same settings and starting model")
-        if (directory / REPORT).exists():
-            raise ValueError(f"{directory} holds a finished run (report.json); choose a new run directory")
-        return directory
-    if directory.exists() and any(directory.iterdir()):
-        raise ValueError(f"the run directory {directory} exists and is not empty; choose a new one, or pass resume "
-                         f"to continue the run in it")
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(saved, record)
-    return directory
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"cannot resume: {saved} does not parse as JSON; start a new run") from None
+    current = json.loads(json.dumps(record))
+    if not isinstance(previous, dict) or previous.get("fingerprints") != current["fingerprints"]:
+        old = previous.get("fingerprints") if isinstance(previous, dict) else None
+        raise UsageError(f"cannot resume {directory}: it ran under other conditions ("
+                         f"{differences(old if isinstance(old, dict) else {}, current['fingerprints'])}); resume "
+                         f"with the run's starting model, data, thread count, device and versions")
+    if previous != current:
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        raise UsageError(f"cannot resume {directory}: it ran another configuration (differs in "
+                         f"{', '.join(changed)}); resume with the same settings and starting model")
+    if (directory / REPORT).exists():
+        raise UsageError(f"{directory} holds a finished run (report.json); choose a new run directory")
+    for place in (directory, directory / "checkpoints"):
+        remove_temporaries(place)
+    if not checkpoint_steps(directory):
+        warnings.warn(f"{directory} has no checkpoint (the run stopped before its first one): it starts again from "
+                      f"step 0", UserWarning, stacklevel=3)
+        return directory, None
+    return directory, read_checkpoint(directory, model, fingerprints=record["fingerprints"])
+
+
+def run_fingerprints(model: torch.nn.Module, data: UnlearningData, eval_data: UnlearningData | None
+                     ) -> dict[str, Any]:
+    """What a run's result depends on besides its configuration: the starting model, the data's contents,
+    the thread count (CPU kernels' results depend on it), the device type and the library versions."""
+    prints: dict[str, Any] = {"starting model": fingerprint(model)}
+    for name, split in (("forget", data.forget), ("retain", data.retain), ("holdout", data.holdout)):
+        prints[f"{name} data"] = _digest(split)
+    if eval_data is not None:
+        prints["evaluation data"] = _digest(eval_data.forget, eval_data.retain, eval_data.holdout)
+    return {**prints, "threads": torch.get_num_threads(), "device": model_device(model).type,
+            "zounlearn": __version__, "torch": torch.__version__}
+
+
+def _digest(*splits: Split | None) -> str | None:
+    if all(split is None for split in splits):
+        return None
+    rows = [[[e.prompt, e.answer, list(e.choices), e.correct] for e in (*s.train, *s.qa, *s.choice)] if s else None
+            for s in splits]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -318,25 +599,41 @@ def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, fina
         tokenizer.save_pretrained(work)
 
 
-@contextlib.contextmanager
-def _graceful_interrupt() -> Iterator[Any]:
-    """The first Ctrl-C sets a flag the loop checks after each step; the second one raises at once.
-    Left alone off the main thread and where SIGINT is ignored (a background job)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield lambda: False
-        return
-    hits: list[int] = []
+# --- signals
 
-    def handler(signum: int, frame: Any) -> None:
-        hits.append(signum)
-        if len(hits) > 1:
-            raise KeyboardInterrupt
-        print("\nstopping after this step (Ctrl-C again to stop now)", flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+class _Interrupts:
+    """SIGINT and SIGTERM as `Interrupted`: at once, except inside `deferred()` (an optimizer step), where the
+    first signal is held for the loop to act on after the step and a second one raises at once."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _Interrupts:
+        self.received: list[int] = []
+        self.deferring = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
+                    self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if self.deferring and len(self.received) == 1:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr,
+                  flush=True)
+            return
+        raise Interrupted(signum=signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False

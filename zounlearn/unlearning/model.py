@@ -19,6 +19,7 @@ seed, the data and BUILD_VERSION.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -42,6 +44,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..errors import ZounlearnError
 from .data import HUB_NAME, Example, UnlearningData, one_line
 from .synthetic import synthetic_data
 from .tokenizer import build_tokenizer
@@ -54,7 +57,7 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.b
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class ModelError(ValueError):
+class ModelError(ZounlearnError, ValueError):
     """A model that cannot be loaded or built; the message is one line: what is wrong and how to fix it."""
 
 
@@ -71,11 +74,20 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "f
     source, local_only = _locate(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+        # Quiet: transformers prints a table of missing or mismatched weights, which _check_loaded reports in a line.
+        with _transformers_errors_only():
+            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                                  local_files_only=local_only, output_loading_info=True)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # unreadable, foreign or corrupt models
         raise ModelError(f"could not load {name_or_path} as a causal language model "
                          f"({one_line(f'{type(e).__name__}: {e}', 300)}); give a causal LM such as GPT-2 or "
                          f"Llama saved with save_pretrained") from None
+    except RuntimeError as e:
+        if "mismatched_sizes" not in str(e):  # not transformers' size-mismatch error: not ours to explain
+            raise
+        raise ModelError(f"{name_or_path} does not match its config.json: its weights have other shapes than the "
+                         f"config describes; save the model and its config together with save_pretrained") from None
+    _check_loaded(name_or_path, loading)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"the tokenizer of {name_or_path} has neither a pad nor an eos token; "
@@ -84,6 +96,31 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "f
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(target).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def _check_loaded(name_or_path: str | os.PathLike, loading: dict) -> None:
+    """Refuse a model whose weights file and config disagree: transformers would initialise the missing
+    weights at random (or drop the extra ones) and carry on."""
+    problems = {"has no weights for": loading.get("missing_keys"), "has weights its config has no place for":
+                loading.get("unexpected_keys"), "has weights of other shapes for": loading.get("mismatched_keys")}
+    for what, keys in problems.items():
+        if keys:
+            names = sorted(k if isinstance(k, str) else k[0] for k in keys)
+            raise ModelError(f"{name_or_path} does not match its config.json: it {what} {len(names)} parameter(s) "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); save the model and its "
+                             f"config together with save_pretrained")
 
 
 def place_model(model: PreTrainedModel, *, dtype: str | torch.dtype = "float32",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path, write_json, write_text
+from .data import DataError
 
 SPLITS = ("forget", "retain", "holdout")
 # Per split, the order metrics are listed in: what the model answers first, then likelihoods.
@@ -49,7 +50,7 @@ HOW_TO_READ = (
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl, in order. An unterminated last line that does not parse is a
     record cut off by a crash and is dropped; any other line that is not a JSON object raises
-    ValueError with its line number."""
+    DataError (a ValueError) with its line number."""
     data = Path(path).read_bytes()  # bytes: a cut may split a UTF-8 character, which only that line may suffer
     lines = data.split(b"\n")
     records = []
@@ -61,10 +62,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             if number == len(lines):  # no newline after it: the write never finished
                 break
-            raise ValueError(f"{path}:{number}: not valid JSON: {error}") from None
+            raise DataError(f"{path}:{number}: not valid JSON: {error}") from None
         if not isinstance(record, dict):
-            # ValueError like a line that does not parse: both are bad data in the file, not a caller's mistake.
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records
 
@@ -179,7 +179,10 @@ def markdown_report(config: Mapping[str, Any], before: Mapping[str, float], afte
     `images` (paths relative to the document) embedded at the end."""
     lines = ["# Unlearning report", "", "## Run", ""]
     lines += [f"- {name}: `{_setting(value, exact=True)}`" for name, value in _flatten(config)] or ["- (none recorded)"]
-    lines += ["", "## Metrics", "", "| metric | before | after | change |", "|---|---:|---:|---:|"]
+    lines += ["", "## Metrics", ""]
+    if not before:
+        lines += [f"No evaluation before unlearning was recorded: the before and change columns say {MISSING}.", ""]
+    lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     lines += [f"| `{key}` | {old} | {new} | {change} |" for key, old, new, change in _rows(before, after, None)]
     lines += ["", "## Summary", ""]
     lines += [f"- {name}: {_setting(value, exact=False)}" for name, value in _summary_items(summary)] or ["- (none)"]
