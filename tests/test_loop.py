@@ -301,3 +301,19 @@ def test_an_ignored_sigint_stays_ignored(small, monkeypatch, request):
     _before_step(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))
     result = unlearn(_fresh(small), small[1], small[2], LoopConfig(optimizer="adamw", steps=3), progress=False)
     assert result.steps == 3 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("optimizer", ["zo_sgd", "hybrid"])
+def test_bfloat16_run_at_lr_zero_changes_nothing(small, tmp_path, optimizer):
+    """The issue's run that must change nothing: the loop gives the model to the optimizer, whose
+    zeroth-order steps are then exact in bfloat16, and the report says how it rounded and perturbed."""
+    model = _fresh(small).to(torch.bfloat16)
+    before = copy.deepcopy(model)
+    options = {"zo_lr": 0.0, "block": 2} if optimizer == "hybrid" else {}
+    config = LoopConfig(optimizer=optimizer, lr=0.0, steps=12, optimizer_options=options, **RECIPE)
+    unlearn(model, small[1], small[2], config, tmp_path / "run", progress=False, save_model=False)
+    _assert_same_weights(model, before)
+    precision = json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["precision"]
+    zo = "ZOSGD" if optimizer == "zo_sgd" else "AdaZO"
+    assert precision["dtypes"] == ["bfloat16"] and precision[f"{zo} perturbation"] == "exact"
+    assert precision[f"{zo} rounding"] == ["stochastic"]

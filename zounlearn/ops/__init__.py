@@ -1,4 +1,4 @@
-"""Fused in-place ops over seeded random directions (ZO-RNG v1, docs/rng.md).
+"""Fused in-place ops over seeded random directions (ZO-RNG v2, docs/rng.md).
 
 Declared once as torch.ops.zounlearn.* (library.py), with kernels per device chosen in
 backends.py; the functions here validate their arguments and call them.

@@ -218,6 +218,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         return by_step
 
 
+def precision(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """How an optimizer treats its parameters' precision, for a run's report: the dtypes, the
+    rounding of its updates and, for a zeroth-order one, how it perturbs (the hybrid's inner ones)."""
+    inner = [optimizer.fo, optimizer.zo] if hasattr(optimizer, "fo") and hasattr(optimizer, "zo") else [optimizer]
+    out: dict[str, Any] = {"dtypes": sorted({str(p.dtype).removeprefix("torch.") for g in optimizer.param_groups
+                                             for p in g["params"]})}
+    for o in inner:
+        name = type(o).__name__
+        out[f"{name} rounding"] = (sorted({g["rounding"] for g in o.param_groups}) if "rounding" in o.defaults
+                                    else "torch's (nearest)")
+        if hasattr(o, "exact"):
+            out[f"{name} perturbation"] = "exact" if o.exact else "in place"
+    return out
+
+
 def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
     """Adam-type scalars of a param group with betas, eps and weight_decay, at a parameter's step."""
     b1, b2 = group["betas"]
@@ -225,4 +240,5 @@ def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
                       step=step, **extra)
 
 
-__all__ = ["COUNTERS", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam", "loss_value", "step"]
+__all__ = ["COUNTERS", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam", "loss_value", "precision",
+           "step"]

@@ -59,6 +59,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_int, check_range
 from ..errors import UsageError
+from ..optim import AdamW
 from ..unlearning.batches import Batches, fit_to_context, rng_devices
 from ..unlearning.data import Example, Split, UnlearningData
 from ..unlearning.evaluation import evaluate
@@ -205,7 +206,10 @@ def _fine_tune(model: torch.nn.Module, batches: Batches, steps: Sequence[int], l
         p.grad = None
     with torch.random.fork_rng(devices=rng_devices(tuned)):
         torch.manual_seed(seed)
-        optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=weight_decay)
+        # In half precision, our fused AdamW: its updates are rounded stochastically (torch's to nearest,
+        # which loses what is below half a unit); float32 keeps torch's, bit for bit as before.
+        half = any(p.dtype != torch.float32 for p in tuned.parameters())
+        optimizer = (AdamW if half else torch.optim.AdamW)(tuned.parameters(), lr=lr, weight_decay=weight_decay)
         taken = 0
         for target in steps:
             tuned.train()

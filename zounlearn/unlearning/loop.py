@@ -76,6 +76,7 @@ from ..checks import check_bool, check_int
 from ..errors import UsageError, ZounlearnError
 from ..optim import gnb_loss
 from ..optim import step as take_step
+from ..optim.base import precision
 from ..optim.registry import OPTIMIZERS, make_optimizer
 from .batches import Batches, fit_to_context, model_device, model_mode, rng_devices
 from .checkpoint import checkpoint_steps, differences, load_weights, read_checkpoint, save_checkpoint
@@ -478,7 +479,8 @@ class _Run:
                        "steps_per_second": round(state.total / state.elapsed, 3) if state.elapsed else None,
                        "optimizer": type(self.optimizer).__name__,
                        "optimizer_grade": CUSTOM if custom else OPTIMIZERS[self.config.optimizer.lower()].grade,
-                       "trainable_parameters": sum(p.numel() for p in self.guard.params)}
+                       "trainable_parameters": sum(p.numel() for p in self.guard.params),
+                       "precision": precision(self.optimizer)}
             write_report(self.directory, config=jsonable(self.record), before=before, after=after,
                          history=state.records, summary=summary)
         return before, after
