@@ -14,12 +14,7 @@
 #include "perturb_cpu_kernel.h"
 
 namespace zo::cpu {
-
-// Where the rule's state lives; unused state points at a scratch slot.
-struct State {
-  float* m;
-  float* v;
-};
+inline namespace ZO_ISA_NAMESPACE {
 
 // One group's stores: with stochastic rounding into a half tensor, each element's word.
 template <typename T>
@@ -50,6 +45,7 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
   alignas(32) float shift[kGroup];  // restore * z_last
   alignas(32) float z[kGroup];
   float scratch_m = 0.0f, scratch_v = 0.0f;
+  SignWords signs[kMaxTerms];
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint64_t group_start = static_cast<uint64_t>(grp) * kGroup;
     const uint64_t e0 = std::max(group_start, base);
@@ -58,7 +54,7 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
     for (int k = 0; k < t.count; ++k) {
       const bool last = k == t.count - 1;
       if (dist == Dist::kRademacher) {
-        const Words r = philox(t.seed, grp, t.stream[k]);
+        const Words r = signs[k].at(t.seed, t.stream[k], grp);
         for (int q = 0; q < 4; ++q) {
           for (uint32_t b = 0; b < 32; ++b) g[32 * q + b] += signed_coef(t.coef[k], (r.w[q] >> b) & 1u);
           if (last) {
@@ -115,4 +111,5 @@ float grad_update_groups(T* data, const T* grad, State s, int64_t numel, uint64_
   return max_abs_u;
 }
 
+}  // namespace ZO_ISA_NAMESPACE
 }  // namespace zo::cpu
