@@ -1,5 +1,6 @@
-"""One perturbation pass: the C++ CPU op vs the MeZO-style pure-PyTorch step vs the memory
-ceiling (`add_` on the same tensor: the same bytes read and written).
+"""One perturbation pass: the C++ CPU op (each build of its kernels this processor runs) vs the
+MeZO-style pure-PyTorch step vs the memory ceiling (`add_` on the same tensor: the same bytes
+read and written).
 
     make bench            # or: .venv/bin/python -m pytest benchmarks --benchmark-only
 
@@ -21,9 +22,18 @@ SEED, SCALE = 1234, 1e-3
 def _kernels():
     yield "add_ ceiling", lambda p: p.data.add_(1.0)
     yield "MeZO reference", lambda p: mezo_perturb([p], SEED, SCALE)
-    if backends.runs_on("cpp", "cpu"):  # the CPU default: what runs unless a backend is forced
-        yield "cpp rademacher", lambda p: perturb_(p, SCALE, SEED)
-        yield "cpp gaussian", lambda p: perturb_(p, SCALE, SEED, dist="gaussian")
+    if backends.runs_on("cpp", "cpu"):  # the CPU default, in each build of its kernels this processor runs
+        for build in [name for name, runs in backends.cpu_capabilities().items() if runs]:
+            for dist in ("rademacher", "gaussian"):
+                yield f"cpp {dist} [{build}]", _in_build(build, lambda p, d=dist: perturb_(p, SCALE, SEED, dist=d))
+
+
+def _in_build(build: str, fn):
+    def run(*args):
+        with backends.cpu_capability(build):
+            fn(*args)
+
+    return run
 
 
 @pytest.mark.parametrize("kind", [k for k, _ in _kernels()])

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../zo_rng.h"
 #include "storage.h"
@@ -171,9 +172,29 @@ inline void gaussian_group(uint64_t seed, uint64_t group, uint64_t stream, float
 // 16 Philox blocks of 8 words each, lane-parallel as gaussian_group's.
 inline void rounding_group(const Rounding& rd, int64_t g, uint32_t* bits) {
   constexpr int kBlocks = kGroup / kRoundingPerBlock;
-  alignas(32) uint32_t c[4][kBlocks];
+  alignas(64) uint32_t c[4][kBlocks];
   philox_lanes<kBlocks>(rd.seed, static_cast<uint64_t>(g) * kBlocks, rd.stream, c[0], c[1], c[2], c[3]);
+#if defined(__AVX512F__)
+  // Element j = 8 b + 2 w + h is half h of word w of block b: block-major order of the words,
+  // read 16 bits at a time. A 4 x 16 transpose (32-bit lanes, then 128-bit lanes) gives it.
+  const __m512i a = _mm512_load_si512(c[0]), b = _mm512_load_si512(c[1]);
+  const __m512i cc = _mm512_load_si512(c[2]), d = _mm512_load_si512(c[3]);
+  const __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
+  const __m512i cd_lo = _mm512_unpacklo_epi32(cc, d), cd_hi = _mm512_unpackhi_epi32(cc, d);
+  // u_k: in 128-bit lane L, the four words of block 4 L + k.
+  const __m512i u0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), u1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+  const __m512i u2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), u3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+  const __m512i p0 = _mm512_shuffle_i32x4(u0, u1, 0x44), p1 = _mm512_shuffle_i32x4(u0, u1, 0xEE);
+  const __m512i p2 = _mm512_shuffle_i32x4(u2, u3, 0x44), p3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  const __m512i blocks[4] = {_mm512_shuffle_i32x4(p0, p2, 0x88), _mm512_shuffle_i32x4(p0, p2, 0xDD),
+                             _mm512_shuffle_i32x4(p1, p3, 0x88), _mm512_shuffle_i32x4(p1, p3, 0xDD)};
+  for (int i = 0; i < 4; ++i) {  // blocks 4 i .. 4 i + 3: elements 32 i .. 32 i + 31
+    _mm512_storeu_si512(bits + 32 * i, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(blocks[i])));
+    _mm512_storeu_si512(bits + 32 * i + 16, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(blocks[i], 1)));
+  }
+#else
   for (int j = 0; j < kGroup; ++j) bits[j] = (c[(j >> 1) & 3][j >> 3] >> (16 * (j & 1))) & 0xFFFFu;
+#endif
 }
 
 // One full group of 128 elements, K terms, one load and one store per element. The
@@ -195,12 +216,26 @@ inline void rademacher_full_group(const T* in, T* out, const Words* r, const Ter
     store16(x, out + 16 * v);
   }
 #else
-  for (int q = 0; q < 4; ++q) {
-    for (uint32_t b = 0; b < 32; ++b) {
-      float x = scale(t.alpha, load(in[32 * q + b]));
-      for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
-      store(x, out[32 * q + b]);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int q = 0; q < 4; ++q) {
+      for (uint32_t b = 0; b < 32; ++b) {
+        float x = scale(t.alpha, load(in[32 * q + b]));
+        for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
+        store(x, out[32 * q + b]);
+      }
     }
+  } else {
+    // Half types: loads, terms and stores in separate loops. In place (in == out), gcc cannot
+    // tell the fused loop's 16-bit loads and stores apart and keeps it scalar.
+    alignas(32) float x[kGroup];
+    load_n(in, x, kGroup);
+    for (int j = 0; j < kGroup; ++j) x[j] = scale(t.alpha, x[j]);
+    for (int k = 0; k < K; ++k) {
+      for (int q = 0; q < 4; ++q) {
+        for (uint32_t b = 0; b < 32; ++b) x[32 * q + b] += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
+      }
+    }
+    store_n(x, out, kGroup, nullptr);
   }
 #endif
 }
@@ -217,11 +252,13 @@ inline void gaussian_full_group(const T* in, T* out, const float (*z)[kGroup], c
     store16(x, out + 16 * v);
   }
 #else
-  for (int j = 0; j < kGroup; ++j) {
-    float x = scale(t.alpha, load(in[j]));
-    for (int k = 0; k < K; ++k) x = add_term(x, t.coef[k], z[k][j]);
-    store(x, out[j]);
+  alignas(32) float x[kGroup];  // separate loops, as rademacher_full_group's half types
+  load_n(in, x, kGroup);
+  for (int j = 0; j < kGroup; ++j) x[j] = scale(t.alpha, x[j]);
+  for (int k = 0; k < K; ++k) {
+    for (int j = 0; j < kGroup; ++j) x[j] = add_term(x[j], t.coef[k], z[k][j]);
   }
+  store_n(x, out, kGroup, nullptr);
 #endif
 }
 

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #if defined(__AVX2__)
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* (GCC bug 105593).
 #pragma GCC diagnostic push
@@ -120,6 +122,70 @@ inline void store16_stochastic(__m512 x, __m512i r, bf16* p) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
 }
 #endif
+
+// x[0 .. n) = the n elements at in, as float32. Whole groups take the vector instructions that
+// gcc does not find itself (it vectorises neither the float16 conversions nor, in place, a loop
+// that both loads and stores 16-bit values).
+template <typename T>
+inline void load_n(const T* in, float* x, int64_t n) {
+#if defined(__AVX512F__)
+  if (n == kGroup) {
+    for (int j = 0; j < kGroup; j += 16) _mm512_storeu_ps(x + j, load16(in + j));
+    return;
+  }
+#elif defined(__F16C__)
+  if constexpr (std::is_same_v<T, f16>) {
+    if (n == kGroup) {
+      for (int j = 0; j < kGroup; j += 8) {
+        _mm256_storeu_ps(x + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j))));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) x[j] = load(in[j]);
+}
+
+// out[0 .. n) = x[0 .. n) rounded to T: to nearest even, or stochastically with the elements'
+// rounding words r (null: to nearest).
+template <typename T>
+inline void store_n(const float* x, T* out, int64_t n, const uint32_t* r) {
+  if constexpr (std::is_same_v<T, float>) {
+    memcpy(out, x, n * sizeof(float));
+    return;
+  }
+  if (r != nullptr) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (n == kGroup) {
+        for (int j = 0; j < kGroup; j += 16) {
+          store16_stochastic(_mm512_loadu_ps(x + j), _mm512_loadu_si512(r + j), out + j);
+        }
+        return;
+      }
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) store_stochastic(x[j], r[j], out[j]);
+    return;
+  }
+#if defined(__AVX512F__)
+  if (n == kGroup) {
+    for (int j = 0; j < kGroup; j += 16) store16(_mm512_loadu_ps(x + j), out + j);
+    return;
+  }
+#elif defined(__F16C__)
+  if constexpr (std::is_same_v<T, f16>) {
+    if (n == kGroup) {
+      for (int j = 0; j < kGroup; j += 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) store(x[j], out[j]);
+}
 
 }  // namespace ZO_ISA_NAMESPACE
 }  // namespace zo::cpu
