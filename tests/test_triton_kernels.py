@@ -280,8 +280,8 @@ perturb = sys.modules["kernels_under_compile.perturb"]
 update = sys.modules["kernels_under_compile.update"]
 if not all(isinstance(k, triton.runtime.JITFunction) for k in (perturb._perturb_kernel, update._update_kernel)):
     sys.exit("the kernels are not JITFunctions: TRITON_INTERPRET is still set")
-types = {"numel": "i32", "lead": "i32", "index": "i32", "first_group": "i64", "alpha": "fp32", "restore": "fp32",
-         "seed": "i64", "m_ptr": "*fp32", "v_ptr": "*fp32", "scales_ptr": "*fp32"}
+types = {"table_ptr": "*i64", "count": "i32", "alpha": "fp32", "restore": "fp32", "seed": "i64",
+         "rounding_stream": "i64", "scales_ptr": "*fp32"}
 types.update({f"coef{k}": "fp32" for k in range(perturb.MAX_TERMS)})
 types.update({f"stream{k}": "i64" for k in range(perturb.MAX_TERMS)})
 types.update({name: "fp32" for name in update.Hyper._fields})
@@ -296,14 +296,19 @@ def layout(module, dist):
     }
 
 
-def build(kernel, dtype, constexprs, num_terms):
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "*" + dtype) for name in kernel.arg_names}
-    # What the launcher's specialization gives aligned tensors: 16-divisible pointers, numel and lead.
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name in kernel.arg_names if name.endswith("_ptr") or name in ("numel", "lead")}
+DTYPES = {"fp32": triton.language.float32, "bf16": triton.language.bfloat16, "fp16": triton.language.float16}
+
+
+def build(kernel, dtype, constexprs, num_terms, aligned=True):
+    # The kernel of one launch over many tensors of `dtype` (kernels/tables.py), all aligned or not.
+    constexprs = {**constexprs, "DTYPE": DTYPES[dtype], "ALIGNED": aligned}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    # What the launcher's specialization gives the table and the scales: 16-byte aligned tensors.
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in kernel.arg_names if name.endswith("_ptr")}
     try:
         compiled = triton.compile(
-            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", 90, 32),
             options=perturb.LAUNCH_OPTIONS,
         )
@@ -329,6 +334,9 @@ for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher",
                                ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
     constexprs = {"NUM_TERMS": num_terms, **layout(perturb, dist)}
     _, results[f"{dtype}-{dist}-{num_terms}"] = build(perturb._perturb_kernel, dtype, constexprs, num_terms)
+# The launch of the tensors that are not all aligned: it compiles, without vector loads.
+_, results["bf16-rademacher-1-misaligned"] = build(perturb._perturb_kernel, "bf16",
+                                                  {"NUM_TERMS": 1, **layout(perturb, "rademacher")}, 1, aligned=False)
 # zo_update_ (num_terms > 0) and grad_update_ (num_terms = 0, Rademacher layout).
 for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16", "ADAZO", "rademacher", 1),
                                      ("bf16", "ADAM", "gaussian", 2), ("fp32", "ADAM_MOMENTS", "rademacher", 0),
