@@ -18,6 +18,7 @@ import triton.language as tl
 
 from zounlearn.ops.rules import Hyper, Rule
 
+from . import tables
 from .perturb import (
     GAUSSIAN_GROUP,
     LAUNCH_OPTIONS,
@@ -32,7 +33,6 @@ from .perturb import (
     _tile,
     check_dist,
     term_args,
-    tables,
 )
 
 # The rules' constexpr numbers, from the registry (jit code reads only constexpr globals).
