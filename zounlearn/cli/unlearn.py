@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--eval-batch-size", default=GIVEN, type=int, help="examples per batch (default: 32)")
     evaluate.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
     evaluate.add_argument("--output", "-o", default=GIVEN, metavar="FILE", help="also write the metrics as JSON")
+    evaluate.add_argument("--retain-model", default=GIVEN, metavar="M",
+                          help="a model trained without the forget set (TOFU's retain model; same tokenizer), for "
+                               "forget_quality and privleak; the embedded model's data come with theirs")
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -184,9 +187,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..unlearning import evaluate
     from ..unlearning.report import default_keys, format_metric, jsonable
 
-    options = merged(args, {**RUN_DEFAULTS, "eval_batch_size": 32, "max_length": None})
+    options = merged(args, {**RUN_DEFAULTS, "eval_batch_size": 32, "max_length": None, "retain_model": None})
+    if options["retain_model"] == EMBEDDED:
+        raise UsageError("--retain-model embedded is not a retain model; the embedded data use their retrain model "
+                         "without the flag")
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
-    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=options["max_length"])
+    retain = None
+    if options["retain_model"] is not None:
+        from ..unlearning import load_model
+        retain = load_model(options["retain_model"], dtype=options["dtype"], device=model.device)[0]
+        meta["retain_model"] = options["retain_model"]
+    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=options["max_length"],
+                       retain_model=retain)
     for key in default_keys(metrics, metrics):
         print(f"{key:<28} {format_metric(metrics[key], key):>10}")
     if options["output"]:
