@@ -315,3 +315,19 @@ def test_a_diverged_model_evaluates_to_nan_instead_of_failing():
     metrics = evaluate(model, tokenizer(), SMALL, batch_size=8, retain_model=tiny_gpt2())
     for key in ("mia_min_k", "forget/loss", "forget_quality", "privleak", "model_utility"):
         assert math.isnan(metrics[key]), key
+
+
+def test_evaluate_computes_only_the_metrics_asked_for(trained):
+    everything = evaluate(trained, tokenizer(), SMALL, retain_model=trained)
+    calls = []
+    hook = trained.register_forward_hook(lambda *args: calls.append(1))
+    assert evaluate(trained, tokenizer(), SMALL, metrics=["forget/loss"]) == {"forget/loss": everything["forget/loss"]}
+    one_pass = len(calls)  # the forget texts' one batch: no generation, no other split
+    calls.clear()
+    asked = ["model_utility", "forget_quality", "privleak"]
+    some = evaluate(trained, tokenizer(), SMALL, retain_model=trained, metrics=asked)
+    hook.remove()
+    assert some == {key: everything[key] for key in asked}  # the same numbers, through what they need only
+    assert one_pass == 1 and len(calls) > one_pass
+    with pytest.raises(ValueError, match="unknown metric 'forget/rouge'"):
+        evaluate(trained, tokenizer(), SMALL, metrics=["forget/rouge"])

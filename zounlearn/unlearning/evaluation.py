@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .batches import IGNORE, Batches, answer_log_likelihoods, evaluating, model_device, pad_id, tokenize_examples
 from .data import Example, Split, UnlearningData
+from .metrics import METRICS
 from .perturbed import PerturbedQA
 
 MIN_K = 0.4          # MUSE's and open-unlearning's Min-k% fraction
@@ -197,8 +198,15 @@ def truth_ratios(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, que
                  batch_size: int = 16, max_length: int | None = None) -> list[float]:
     """TR = p(perturbed) / (p(paraphrased) + 1e-10) per question, p = exp(-mean answer-token NLL), the perturbed
     answers' mean NLL taken before the exp (a geometric mean of their probabilities), as open-unlearning."""
-    answers = [Example(q.prompt, a) for q in questions for a in (q.paraphrased, *q.perturbed)]
-    scores = score_examples(model, tokenizer, answers, batch_size=batch_size, max_length=max_length)
+    scores = score_examples(model, tokenizer, _alternatives(questions), batch_size=batch_size, max_length=max_length)
+    return _ratios(questions, scores)
+
+
+def _alternatives(questions: Sequence[PerturbedQA]) -> list[Example]:
+    return [Example(q.prompt, a) for q in questions for a in (q.paraphrased, *q.perturbed)]
+
+
+def _ratios(questions: Sequence[PerturbedQA], scores: Sequence[TokenScores]) -> list[float]:
     out, start = [], 0
     for q in questions:
         paraphrased, *perturbed = scores[start:start + 1 + len(q.perturbed)]
@@ -294,10 +302,12 @@ class RetainReference:
 _REGISTERED: dict[str, RetainReference] = {}
 
 
-def register_retain_model(data: UnlearningData, model: torch.nn.Module | Callable[[], torch.nn.Module]) -> None:
+def register_retain_model(data: UnlearningData,
+                          model: torch.nn.Module | Callable[[], torch.nn.Module] | RetainReference) -> None:
     """Make `model` (or what the function returns, when first needed) the retain model that `evaluate` compares
     with whenever it is given no retain_model and evaluates data with these forget and holdout splits."""
-    _REGISTERED[_fingerprint(data.forget, data.holdout)] = RetainReference(model)
+    _REGISTERED[_fingerprint(data.forget, data.holdout)] = \
+        model if isinstance(model, RetainReference) else RetainReference(model)
 
 
 def registered_retain_model(data: UnlearningData) -> RetainReference | None:
@@ -311,35 +321,61 @@ def registered_retain_model(data: UnlearningData) -> RetainReference | None:
 
 def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
              batch_size: int = 16, max_length: int | None = None, k: float = MIN_K,
-             retain_model: torch.nn.Module | RetainReference | None = None) -> dict[str, float]:
+             retain_model: torch.nn.Module | RetainReference | None = None,
+             metrics: Collection[str] | None = None) -> dict[str, float]:
     """Every metric of the module docstring for forget, retain and holdout, under the registry's keys.
 
     retain_model: the gold standard for forget_quality and privleak (a model sharing this
     tokenizer, or a RetainReference, which computes its numbers once per data); None: the one
-    registered for this data, if any.
+    registered for this data, if any. metrics: only these registry keys (and only the passes
+    they need); None: all.
     """
+    wanted = _wanted(metrics)
     if retain_model is not None and not isinstance(retain_model, RetainReference):
         retain_model = RetainReference(retain_model)
     reference = retain_model or registered_retain_model(data)
-    metrics: dict[str, float] = {}
+    out: dict[str, float] = {}
     min_k: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     # Keys name the split's role, not Split.name, which a loader may have set to anything.
     for name, split in (("forget", data.forget), ("retain", data.retain), ("holdout", data.holdout)):
         if split is not None:
-            metrics.update(_split_metrics(model, tokenizer, name, split, min_k, ratios, batch_size, max_length, k))
-    if "retain" in ratios and all(key in metrics for key in ("retain_Q_A_Prob", "retain_Q_A_ROUGE")):
-        metrics["model_utility"] = model_utility([metrics["retain_Q_A_Prob"], metrics["retain_Q_A_ROUGE"],
-                                                  metrics["retain_Truth_Ratio"]])
-    if "forget" in min_k and "holdout" in min_k:
-        metrics["mia_min_k"] = mia_auc(min_k["forget"], min_k["holdout"])
-    if reference is not None and ("forget" in ratios or "mia_min_k" in metrics):
+            out.update(_split_metrics(model, tokenizer, name, split, wanted, min_k, ratios, batch_size, max_length,
+                                      k))
+    if "retain" in ratios and all(key in out for key in ("retain_Q_A_Prob", "retain_Q_A_ROUGE")):
+        out["model_utility"] = model_utility([out["retain_Q_A_Prob"], out["retain_Q_A_ROUGE"],
+                                              out["retain_Truth_Ratio"]])
+    if "forget" in min_k and "holdout" in min_k and "mia_min_k" in wanted:
+        out["mia_min_k"] = mia_auc(min_k["forget"], min_k["holdout"])
+    needed = ("forget" in ratios and "forget_quality" in wanted) or ("mia_min_k" in out and "privleak" in wanted)
+    if reference is not None and needed:
         gold = reference.reference(tokenizer, data, batch_size=batch_size, max_length=max_length, k=k)
-        if "forget" in ratios and gold.truth_ratios is not None:
-            metrics["forget_quality"] = forget_quality(ratios["forget"], gold.truth_ratios)
-        if "mia_min_k" in metrics and gold.auc is not None:
-            metrics["privleak"] = privleak(metrics["mia_min_k"], gold.auc)
-    return metrics
+        if "forget" in ratios and gold.truth_ratios is not None and "forget_quality" in wanted:
+            out["forget_quality"] = forget_quality(ratios["forget"], gold.truth_ratios)
+        if "mia_min_k" in out and gold.auc is not None and "privleak" in wanted:
+            out["privleak"] = privleak(out["mia_min_k"], gold.auc)
+    return out if metrics is None else {key: value for key, value in out.items() if key in metrics}
+
+
+# What each derived metric is computed from: asking for it computes these too.
+_NEEDS = {"model_utility": ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"),
+          "forget_quality": ("forget_truth_ratio",), "privleak": ("mia_min_k",),
+          "mia_min_k": ("forget/min_k", "holdout/min_k")}
+
+
+def _wanted(metrics: Collection[str] | None) -> set[str]:
+    if metrics is None:
+        return set(METRICS)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; evaluate reports {', '.join(METRICS)}")
+    wanted, todo = set(), list(metrics)
+    while todo:
+        key = todo.pop()
+        if key not in wanted:
+            wanted.add(key)
+            todo += _NEEDS.get(key, ())
+    return wanted
 
 
 def _perturbed(split: Split) -> list[PerturbedQA]:
@@ -353,15 +389,16 @@ def _min_k(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples:
 
 
 def _split_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, split: Split,
-                   min_k: dict[str, list[float]], ratios: dict[str, list[float]], batch_size: int,
+                   wanted: set[str], min_k: dict[str, list[float]], ratios: dict[str, list[float]], batch_size: int,
                    max_length: int | None, k: float) -> dict[str, float]:
-    """One split's metrics; its Min-k% scores go into min_k and its truth ratios into ratios."""
+    """One split's wanted metrics; its Min-k% scores go into min_k and its truth ratios into ratios."""
     metrics = {}
     options = {"batch_size": batch_size, "max_length": max_length}
-    if split.train:
+    on_train = {f"{name}/loss", f"{name}/perplexity", f"{name}/min_k"} | \
+        ({"extraction_strength", "exact_memorization"} if name == "forget" else set())
+    if split.train and on_train & wanted:
         scores = score_examples(model, tokenizer, split.train, **options)
-        total = -sum(s.log_probs.double().sum().item() for s in scores)
-        loss = total / sum(s.log_probs.numel() for s in scores)
+        loss = -sum(s.log_probs.double().sum().item() for s in scores) / sum(s.log_probs.numel() for s in scores)
         min_k[name] = [min_k_percent(s.log_probs[s.before_eos()], k) for s in scores]
         metrics.update({f"{name}/loss": loss, f"{name}/min_k": float(np.mean(min_k[name])),
                         f"{name}/perplexity": torch.tensor(loss, dtype=torch.float64).exp().item()})
@@ -370,19 +407,21 @@ def _split_metrics(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, n
                                                             for s in scores]))
             metrics["exact_memorization"] = float(np.mean([s.hits[s.before_eos()].double().mean().item()
                                                            for s in scores]))
-    if split.qa:
+    if split.qa and {f"{name}/qa_accuracy", f"{name}_Q_A_ROUGE"} & wanted:
         predictions = generate_answers(model, tokenizer, split.qa, **options)
         metrics[f"{name}/qa_accuracy"] = float(np.mean([exact_match(p, e.answer)
                                                         for p, e in zip(predictions, split.qa)]))
         metrics[f"{name}_Q_A_ROUGE"] = float(np.mean([rouge_l_recall(p, e.answer)
                                                       for p, e in zip(predictions, split.qa)]))
-        metrics[f"{name}_Q_A_Prob"] = float(np.mean([math.exp(-s.avg_loss)
-                                                     for s in score_examples(model, tokenizer, split.qa, **options)]))
-        questions = _perturbed(split)
-        if questions and name != "holdout":
-            ratios[name] = truth_ratios(model, tokenizer, questions, **options)
-            metrics["forget_truth_ratio" if name == "forget" else "retain_Truth_Ratio"] = \
-                (forget_truth_ratio if name == "forget" else retain_truth_ratio)(ratios[name])
-    if split.choice:
+    truth = "forget_truth_ratio" if name == "forget" else "retain_Truth_Ratio" if name == "retain" else None
+    questions = _perturbed(split) if truth in wanted else []
+    if split.qa and (f"{name}_Q_A_Prob" in wanted or questions):
+        # The answers and the alternatives in one pass.
+        scores = score_examples(model, tokenizer, [*split.qa, *_alternatives(questions)], **options)
+        metrics[f"{name}_Q_A_Prob"] = float(np.mean([math.exp(-s.avg_loss) for s in scores[:len(split.qa)]]))
+        if questions:
+            ratios[name] = _ratios(questions, scores[len(split.qa):])
+            metrics[truth] = (forget_truth_ratio if name == "forget" else retain_truth_ratio)(ratios[name])
+    if split.choice and f"{name}/choice_accuracy" in wanted:
         metrics[f"{name}/choice_accuracy"] = choice_accuracy(model, tokenizer, split.choice, **options)
     return metrics
