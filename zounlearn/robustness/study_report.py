@@ -117,7 +117,9 @@ def _cell(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     estimate = interval(values)
     digits = 3 if key == "l2" else (1 if key.endswith("privleak") else 2)
     text = f"{estimate.mean:.{digits}f}"
-    return text if math.isnan(estimate.low) else f"{text} ± {(estimate.high - estimate.low) / 2:.{digits}f}"
+    if math.isnan(estimate.low) or estimate.high == estimate.low:  # one seed, or the same value every seed
+        return text
+    return f"{text} ± {(estimate.high - estimate.low) / 2:.{digits}f}"
 
 
 TABLES = {
@@ -194,77 +196,79 @@ def compare(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str) 
     return paired([first[s] for s in seeds], [second[s] for s in seeds])
 
 
-def _claim(text: str, difference: Interval, claim_negative: bool, claim: str) -> str:
-    return f"{text} {difference} ({difference.n} seeds): {verdict(difference, claim_negative=claim_negative)}" \
-           f" with the claim that {claim}."
+def _line(arm: str, grade: str, difference: Interval, claim_negative: bool | None) -> str:
+    judged = "no claim about this grade" if claim_negative is None else \
+        verdict(difference, claim_negative=claim_negative)
+    return f"  - {arm} ({grade}): {difference}, {difference.n} seeds: {judged}"
+
+
+CLAIMS = (
+    ("relearn_recovery", True, "Downgraded optimizers resist relearning better than first-order ones (held-out "
+                               "forget accuracy regained at the strongest point; arm minus AdamW, paired by seed):"),
+    ("quant_recovery", True, "Downgraded optimizers resist quantization better than first-order ones (forget "
+                             "accuracy regained, worst 4-bit scheme; arm minus AdamW):"),
+)
+CONTROL_CLAIMS = (
+    ("relearn_recovery", "Unlearning hides knowledge that relearning a few facts brings back (recovery minus the "
+                         "Retrain model's, which never saw the forget people; paired by seed):"),
+    ("retain_ft_recovery", "Fine-tuning on retain data alone brings forgotten knowledge back (\"From Dormant to "
+                           "Deleted\"; recovery minus the Retrain model's):"),
+)
 
 
 def findings(rows: Sequence[dict[str, Any]], controls: Mapping[str, list[dict[str, Any]]], objective: str
              ) -> list[str]:
-    """Statements computed from one objective's rows; only comparable results are compared."""
+    """Markdown bullets computed from one objective's rows; only comparable results are compared."""
     rows = [r for r in rows if r["objective"] == objective]
     out = _budget_findings(rows)
     usable = comparable(rows)
     reference = [r for r in usable if r["arm"] == "adamw"]
     arms = grouped(usable)
-    retrain = controls.get("retrain", [])
-    for key, attack, claim in (
-            ("relearn_recovery", "relearning (held-out forget accuracy regained at the strongest point)",
-             "downgraded optimizers resist relearning better than first-order ones"),
-            ("quant_recovery", "4-bit quantization (forget accuracy regained, worst scheme)",
-             "downgraded optimizers resist quantization better than first-order ones")):
+    for key, negative, claim in CLAIMS:
         if not reference:
-            out.append(f"AdamW's results are not comparable (target or collapse), so no arm is compared on {attack}.")
-            break
+            out.append(f"- {claim} not compared: AdamW's results missed the target or collapsed.")
+            continue
+        out.append(f"- {claim}")
         for (_, arm), group in arms.items():
-            if arm == "adamw":
-                continue
-            difference = compare(group, reference, key)
-            if group[0]["grade"] in DOWNGRADED:
-                out.append(_claim(f"{attack.capitalize()}: {arm} ({group[0]['grade']}) minus AdamW,", difference,
-                                  True, claim))
-            else:
-                out.append(f"{attack.capitalize()}: {arm} ({group[0]['grade']}) minus AdamW, {difference} "
-                           f"({difference.n} seeds); no claim about this grade.")
+            if arm != "adamw":
+                grade = group[0]["grade"]
+                out.append(_line(arm, grade, compare(group, reference, key), negative if grade in DOWNGRADED
+                                 else None))
         for grade in DOWNGRADED:
             members = [r for r in usable if r["grade"] == grade]
-            if members:
-                out.append(_claim(f"{attack.capitalize()}, the {grade} grade's mean minus AdamW,",
-                                  compare(members, reference, key), True, claim))
-    if retrain:
-        for (_, arm), group in arms.items():
-            out.append(_claim(f"Relearning: {arm}'s recovery minus the Retrain model's (the control),",
-                              compare(group, retrain, "relearn_recovery"), False,
-                              "unlearning hides forgotten knowledge that relearning a few facts brings back"))
-            out.append(_claim(f"Retain-only fine-tuning: {arm}'s recovery minus the Retrain model's,",
-                              compare(group, retrain, "retain_ft_recovery"), False,
-                              "fine-tuning on retain data alone brings forgotten knowledge back (\"From Dormant "
-                              "to Deleted\")"))
-    for (_, arm), group in arms.items():
-        if arm != "adamw" and group[0]["grade"] == "zeroth-order":
-            barrier = interval(_values(group, "barrier_ref"))
-            out.append(f"Linear mode connectivity: the forget-loss barrier between AdamW's solution and {arm}'s is "
-                       f"{barrier} ({barrier.n} seeds): {verdict(barrier, claim_negative=False)} with the claim that "
-                       f"zeroth-order unlearning ends in a separate basin.")
+            if len({r["arm"] for r in members}) > 1:  # one arm: its line above says it
+                out.append(_line(f"the {grade} grade's mean", grade, compare(members, reference, key), negative))
+    retrain = controls.get("retrain", [])
+    for key, claim in CONTROL_CLAIMS if retrain else ():
+        out.append(f"- {claim}")
+        out += [_line(arm, group[0]["grade"], compare(group, retrain, key), False) for (_, arm), group in arms.items()]
+    barriers = [(arm, group) for (_, arm), group in arms.items() if arm != "adamw"]
+    if barriers:
+        out.append("- Zeroth-order unlearning ends in a separate basin (the forget-loss barrier on the line from "
+                   "AdamW's solution to the arm's, same seed; other grades for comparison):")
+        out += [_line(arm, group[0]["grade"], interval(_values(group, "barrier_ref")),
+                      False if group[0]["grade"] == "zeroth-order" else None) for arm, group in barriers]
     ends = [r["relearn_recovery"] - r["relearn_end_recovery"] for r in rows]
     if ends:
-        out.append(f"The relearning curve's end understates its strongest point by {statistics.fmean(ends):.2f} "
+        out.append(f"- The relearning curve's end understates its strongest point by {statistics.fmean(ends):.2f} "
                    f"held-out forget accuracy on average (largest {max(ends):.2f}) over {len(ends)} results.")
     return out
 
 
 def _budget_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Where each zeroth-order arm (and any other that failed) stands, and whether it is compared."""
     out = []
     for (_, arm), group in grouped(rows).items():
-        if group[0]["grade"] != "zeroth-order" and group[0]["reached"] and not any(r["collapsed"] for r in group):
+        collapsed, reached = any(r["collapsed"] for r in group), group[0]["reached"]
+        if group[0]["grade"] != "zeroth-order" and reached and not collapsed:
             continue
-        state = ("collapsed (retain accuracy below half the Original's)" if any(r["collapsed"] for r in group)
-                 else "") + ("; " if any(r["collapsed"] for r in group) and not group[0]["reached"] else "") + \
-            ("did not reach the forgetting target in its grid" if not group[0]["reached"] else "")
+        problems = [text for flag, text in ((collapsed, "collapsed (retain accuracy below half the Original's)"),
+                                            (not reached, "did not reach the forgetting target in its grid")) if flag]
         forget, retain = interval(_values(group, "forget")), interval(_values(group, "retain"))
-        out.append(f"{arm} ({group[0]['grade']}, {group[0]['steps']} steps, {group[0]['compute']:.0f} forward-pass "
-                   f"equivalents): forget accuracy {forget.mean:.2f}, retain {retain.mean:.2f}"
-                   + (f"; {state}, so it is left out of the comparisons" if state else "; compared below") + ".")
+        out.append(f"- {arm} ({group[0]['grade']}, {group[0]['steps']} steps, {group[0]['compute']:.0f} forward-pass "
+                   f"equivalents): forget accuracy {forget.mean:.2f}, retain {retain.mean:.2f}; "
+                   + (f"{' and '.join(problems)}, so it is left out of the comparisons." if problems
+                      else "it forgets without collapsing and is compared below."))
     return out
 
 
@@ -378,7 +382,7 @@ def write_study(result: dict[str, Any], out_dir: str | os.PathLike, command: str
         lines += [f"## {objective}", ""]
         for i, (title, columns) in enumerate(TABLES.items()):
             lines += [f"### {title}", "", table(rows, controls, objective, columns, arm_details=i == 0), ""]
-        lines += ["### Findings", "", *[f"- {text}" for text in findings(rows, controls, objective)], ""]
+        lines += ["### Findings", "", *findings(rows, controls, objective), ""]
     lines += [
         "These are measurements on a small model (a GPT-2 of a few layers on synthetic people), not a replication "
         "of the papers' LLM experiments; a verdict is given only where the 95% interval of a paired difference "

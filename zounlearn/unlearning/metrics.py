@@ -90,7 +90,7 @@ def is_fraction(key: str) -> bool:
 
 
 def ordered(keys: set[str] | list[str] | tuple[str, ...]) -> list[str]:
-    """The keys in table order: registered ones as registered, the others after their group, by name."""
+    """The keys in table order: registered ones as registered, then the others by group and name."""
     present = set(keys)
     known = [key for key in METRICS if key in present]
     groups = {group: i for i, group in enumerate(GROUPS)}

@@ -7,8 +7,9 @@ of `evaluation.evaluate` (step 0: before unlearning). Metric values may be null,
 (perplexity overflows): tables show them as "nan"/"inf", report.json as null (JSON has no NaN).
 A plot without data is not written (no eval records: no metrics.png), and neither is its key in
 `write_report`'s answer. Every file goes through `zounlearn.atomic`, so a crash never leaves
-half a report. matplotlib is imported only by `plot_run`, and without pyplot, so the user's
-backend and open figures are left alone.
+half a report. matplotlib is imported only when a plot is drawn, and without pyplot, so the
+user's backend and open figures are left alone. Which metrics there are, their order and how
+each is formatted come from the metric registry (metrics.py).
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, fl
 
 
 def default_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """The metrics present, in the registry's order (forget, retain, privacy, holdout); unknown ones after their
-    group."""
+    """The metrics present, in the registry's order (forget, retain, privacy, holdout), then unregistered ones."""
     return ordered(set(before) | set(after))
 
 
