@@ -83,8 +83,8 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "signsgd": (3e-5, 1e-4, 3e-4, 1e-3), "signadam": (3e-5, 1e-4, 3e-4, 1e-3),
     "compressed_adam": (1e-4, 3e-4, 1e-3, 3e-3), "sophia": (3e-5, 1e-4, 3e-4, 1e-3),
     "zo_sgd": (5e-5, 1e-4, 2e-4, 4e-4), "adazo": (1e-4, 3e-4, 1e-3, 3e-3), "hybrid": (3e-4, 1e-3, 3e-3),
-    # the longer zeroth-order budget: more steps, smaller rates
-    "zo_sgd x10": (1e-5, 2e-5, 5e-5), "adazo x10": (3e-5, 1e-4, 3e-4),
+    # the longer zeroth-order budget: more steps, smaller rates (bracketed by a trial of forgetting alone)
+    "zo_sgd x10": (2e-5, 3e-5, 5e-5), "adazo x10": (1e-4, 2e-4, 3e-4),
 }
 HYBRID_OPTIONS = {"block": 10}  # and zo_lr = lr / 10: AdaZO's first step is ~32x its lr (no bias correction)
 SOPHIA_UPDATE_PERIOD = 10  # SophiaG's default
