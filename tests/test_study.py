@@ -120,6 +120,10 @@ def test_attack_rate_is_the_largest_that_spares_the_original(monkeypatch):
     assert set(seen) == {("the original", 0)}  # the Original alone, seed 0: no unlearned model is looked at
     lr, _ = calibrate_attack_lr(_context(StudySettings(attack_damage=0.01), original="the original"))
     assert lr == 1e-4  # 0.0 only
+    drops[3e-4] = 0.9 - 0.8  # 0.09999999999999998 or 0.10000000000000009 by rounding: exactly the tolerance
+    drops[1e-3] = 0.1 + 1e-12
+    lr, _ = calibrate_attack_lr(_context(StudySettings(attack_damage=0.1), original="the original"))
+    assert lr == 1e-3
 
 
 # --- summaries and findings on hand-made results

@@ -317,7 +317,8 @@ def calibrate_attack_lr(context: _Context) -> tuple[float, list[dict[str, Any]]]
         tried.append({"lr": lr, "largest_drop": max(drops.values()), "drops": drops})
         context.log(f"attack lr {lr:g}: the Original's largest accuracy drop along the curves "
                     f"{max(drops.values()):.2f}")
-    safe = [t["lr"] for t in tried if t["largest_drop"] <= context.settings.attack_damage]
+    # Accuracies are multiples of 1/questions: a drop of exactly attack_damage must not fail by a rounding error.
+    safe = [t["lr"] for t in tried if t["largest_drop"] <= context.settings.attack_damage + 1e-9]
     return (max(safe) if safe else min(context.settings.attack_lr_grid)), tried
 
 
