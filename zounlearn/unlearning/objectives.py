@@ -141,8 +141,8 @@ class KLRetain:
     over the (B * T, V) log-probabilities of every position, padding and prompt included.
 
     reference="cache": the original's log-probabilities of every retain example, kept on the model's device
-    at full width: (retain examples) x (longest, in tokens) x vocabulary x 4 bytes, e.g. 1,800 examples x 16
-    tokens x 460 x 4 B = 53 MB on the embedded model, but 400 examples x 512 x 32,000 x 4 B = 26 GB at 7B.
+    at full width: (retain examples) x (longest, in tokens) x vocabulary x 4 bytes, e.g. 1,800 examples x 13
+    tokens x 505 x 4 B = 47 MB on the embedded model, but 400 examples x 512 x 32,000 x 4 B = 26 GB at 7B.
     reference="model": a frozen copy of the model instead (one more model in memory, one more forward per
     step), which serves any retain batch.
     """
