@@ -18,6 +18,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
 		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" safetensors pyyaml matplotlib \
+		rouge-score scikit-learn \
 		"pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6"
 	touch $@
 

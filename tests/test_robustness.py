@@ -283,7 +283,7 @@ def test_relearning_trains_on_the_chosen_examples_and_evaluates_on_the_rest(monk
     assert_metrics_equal(result["heldout"][1], evaluate(tuned, tok, split.heldout, **EVAL))
     assert_metrics_equal(result["whole"][1], evaluate(tuned, tok, SMALL, **EVAL))
     assert result["heldout"][1]["forget/loss"] != result["heldout"][0]["forget/loss"]
-    assert "retain/loss" in result["heldout"][1] and "mia/min_k_auc" in result["heldout"][1]
+    assert "retain/loss" in result["heldout"][1] and "mia_min_k" in result["heldout"][1]
 
 
 def test_retain_finetuning_sees_no_forget_example_and_leaves_the_model(monkeypatch):

@@ -40,6 +40,7 @@ RUN_DEFAULTS: dict[str, Any] = {
 EVAL_DEFAULTS: dict[str, Any] = {
     **{k: RUN_DEFAULTS[k] for k in ("model", "dtype", "device", "threads", "forget", "retain", "holdout", "fields",
                                     "text_unit", "output")}, "eval_batch_size": 32, "max_length": None,
+    "retain_model": None,
 }
 
 # The demo's recipe on the embedded model (10 forget people, 90 retain people): 120 steps of 8
@@ -139,6 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--eval-batch-size", default=GIVEN, type=int, help="examples per batch (default: 32)")
     evaluate.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
     evaluate.add_argument("--output", "-o", default=GIVEN, metavar="FILE", help="also write the metrics as JSON")
+    evaluate.add_argument("--retain-model", default=GIVEN, metavar="M",
+                          help="a model trained without the forget set (TOFU's retain model; same tokenizer), for "
+                               "forget_quality and privleak; the embedded model's data come with theirs")
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -200,6 +204,9 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
 
 def run_eval(args: argparse.Namespace) -> int:
     options = merged(args, EVAL_DEFAULTS)
+    if options["retain_model"] == EMBEDDED:
+        raise UsageError("--retain-model embedded is not a retain model; the embedded data use their retrain model "
+                         "without the flag")
     check_int("--eval-batch-size", options["eval_batch_size"], 1)
     if options["max_length"] is not None:
         check_int("--max-length", options["max_length"], 2)
@@ -212,8 +219,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..unlearning.report import default_keys, format_metric, jsonable
 
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
+    retain = None
+    if options["retain_model"] is not None:
+        from ..unlearning import load_model
+        retain = load_model(options["retain_model"], dtype=options["dtype"], device=model.device)[0]
+        meta["retain_model"] = options["retain_model"]
     limit = fit_to_context(model, tokenizer, data, options["max_length"])
-    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit)
+    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit,
+                       retain_model=retain)
     for key in default_keys(metrics, metrics):
         print(f"{key:<28} {format_metric(metrics[key], key):>10}")
     if options["output"]:

@@ -33,7 +33,7 @@ Held-out forget portion (`relearning_split`): when the pool is `qa`, the forget 
 not relearned, as both the forget split's `train` (forget/loss) and `qa`
 (forget/qa_accuracy); its multiple-choice questions are those whose question was not
 relearned; the holdout split's question/answer pairs become its `train` examples, so that
-mia/min_k_auc compares answers with answers. The forget split's texts are left out: each
+mia_min_k compares answers with answers. The forget split's texts are left out: each
 may restate a relearned fact. When the pool is `train` (texts), the texts not relearned and
 every multiple-choice question (never trained on). Retain is kept in both cases (utility).
 
@@ -120,10 +120,10 @@ def relearning_split(data: UnlearningData, k: int = DEFAULT_K, seed: int = 0) ->
 def relearning_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
                       k: int = DEFAULT_K, steps: Sequence[int] = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                       batch_size: int = DEFAULT_BATCH_SIZE, weight_decay: float = 0.0, seed: int = 0,
-                      max_length: int | None = None, eval_kwargs: Mapping[str, Any] | None = None
-                      ) -> dict[str, Any]:
+                      max_length: int | None = None, eval_kwargs: Mapping[str, Any] | None = None,
+                      whole: bool = True) -> dict[str, Any]:
     """Fine-tune a copy on k forget examples; after each n on the steps grid, evaluate it on the
-    held-out forget portion (`relearning_split`) and on the whole data.
+    held-out forget portion (`relearning_split`) and, unless whole=False, on the whole data.
 
     Returns {"pool", "used" (indices into the pool), "steps", "heldout" and "whole" (evaluate's
     metrics per n), "settings"}. max_length applies to fine-tuning and, unless eval_kwargs
@@ -132,7 +132,7 @@ def relearning_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     split = relearning_split(data, k, seed)
     curve = _fine_tune_curve(model, tokenizer, split.examples, steps, lr, batch_size, weight_decay, seed,
                              max_length, eval_kwargs,
-                             {"heldout": split.heldout, "whole": data})
+                             {"heldout": split.heldout, **({"whole": data} if whole else {})})
     return {"pool": split.pool, "used": list(split.used), **curve,
             "settings": _settings(k, lr, batch_size, weight_decay, seed, max_length)}
 
