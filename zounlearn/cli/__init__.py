@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from . import robustness, study, unlearn
+from . import bench, robustness, study, unlearn
 from .info import run_info
 
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.register(sub)
     robustness.register(sub)
     study.register(sub)
+    bench.register(sub)
     return parser
 
 

@@ -1,0 +1,107 @@
+"""Every call that zounlearn.bench, scripts/gpu_check and tests/test_gpu_paths.py make to the fused
+ops and optimizers, and every choice of backend, in one place.
+
+The op API is being reworked (ops registered per device key with named scalar arguments, no
+`backend=` argument, a backend chosen by `zounlearn.ops.backends.use(name)`); this module already
+offers that shape to its callers, so porting it to the new API touches this file only:
+
+    with calls.use("triton"):                       # later: zounlearn.ops.backends.use("triton")
+        calls.perturb_(params, [mu], seed)
+        calls.zo_update_(params, [g], seed, [0], offsets, rule=Rule.ADAZO, m=m, v=v, lr=1e-4, beta1=0.9)
+        opt = calls.optimizer(ZOSGD, params, lr=1e-6)  # build *and* step it inside the block
+
+`use(None)` means the default (ZOUNLEARN_BACKEND, then the fastest backend for the device).
+The update ops take the rules' scalars as keywords: lr, weight_decay, decoupled, beta1, beta2,
+eps, step, bits, rho (those of zounlearn.ops.update.Hyper.make).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..ops import backends, perturb, update
+from ..ops.update import Rule
+from ..optim.base import CountedOptimizer
+
+_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("zounlearn_bench_backend", default=None)
+
+ZO_RULES = tuple(r for r in Rule if r not in (Rule.ADAM_MOMENTS, Rule.QUANTIZED))  # the first-order-only pair
+GRAD_RULES = tuple(Rule)
+GPU_BACKENDS = ("cuda", "triton")
+
+
+@contextlib.contextmanager
+def use(backend: str | None) -> Iterator[None]:
+    """Run the calls below (ops and optimizer steps) on `backend`; None: the default choice."""
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def current() -> str | None:
+    return _BACKEND.get()
+
+
+def runnable(device_type: str) -> list[str]:
+    """The compiled backends (not the reference) that can run on device_type tensors here."""
+    return [name for name, why in backends.status().items()
+            if why is None and name != "reference" and backends.runs_on(name, device_type)]
+
+
+def unavailable() -> dict[str, str]:
+    """Backend name -> why it cannot run here."""
+    return {name: why for name, why in backends.status().items() if why is not None}
+
+
+def default_backend(device_type: str) -> str:
+    return backends.select(device_type)[0]
+
+
+def perturb_(params: Sequence[torch.Tensor], coefs: Sequence[float], seed: int, *,
+             streams: Sequence[int] | None = None, offsets: Sequence[int] | None = None, alpha: float = 1.0,
+             dist: str = "rademacher") -> None:
+    perturb.perturb_(list(params), list(coefs), seed, streams=streams, offsets=offsets, alpha=alpha, dist=dist,
+                     backend=current())
+
+
+def sample(shape: int | Sequence[int], seed: int, stream: int = 0, *, offset: int = 0, dist: str = "rademacher",
+           dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    return perturb.sample(shape, seed, stream, offset=offset, dist=dist, dtype=dtype, device=device,
+                          backend=current())
+
+
+def zo_update_(params: Sequence[torch.Tensor], coefs: Sequence[float], seed: int, streams: Sequence[int],
+               offsets: Sequence[int], *, rule: Rule, m: Sequence[torch.Tensor] = (),
+               v: Sequence[torch.Tensor] = (), restore: float = 0.0, dist: str = "rademacher",
+               **scalars: Any) -> None:
+    update.zo_update_(params, coefs, seed, streams, offsets, rule=rule, hyper=_hyper(scalars), m=m, v=v,
+                      restore=restore, dist=dist, backend=current())
+
+
+def grad_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, rule: Rule,
+                 m: Sequence[torch.Tensor] = (), v: Sequence[torch.Tensor] = (),
+                 scales: torch.Tensor | None = None, **scalars: Any) -> None:
+    update.grad_update_(params, grads, rule=rule, hyper=_hyper(scalars), m=m, v=v, scales=scales,
+                        backend=current())
+
+
+def optimizer(cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """An optimizer on the current backend: zounlearn's take it (HybridFOZO through its inner factories)."""
+    if issubclass(cls, CountedOptimizer):
+        kwargs.setdefault("backend", current())
+    return cls(params, **kwargs)
+
+
+def _hyper(scalars: dict[str, Any]) -> update.Hyper:
+    return update.Hyper.make(scalars.pop("lr"), **scalars)
+
+
+__all__ = ["GPU_BACKENDS", "GRAD_RULES", "Rule", "ZO_RULES", "current", "default_backend", "grad_update_",
+           "optimizer", "perturb_", "runnable", "sample", "unavailable", "use", "zo_update_"]

@@ -1,0 +1,168 @@
+"""The bandwidth of one pass of each fused op over a tensor list, against torch's `add_` and
+`copy_` on the same tensors (the memory ceiling: the same bytes with no arithmetic).
+
+GB/s counts the bytes a pass must move (benchmarks/README.md, docs/gpu-check.md): theta read and
+written (2s for an s-byte dtype), the gradient read (s), float32 m and v read and written (8 each)
+or only read (4) as the rule needs them. x add_ / x copy_ are the pass's GB/s over theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import flat_offsets
+from . import calls
+from .calls import Rule
+from .models import Shape, make_params
+from .timing import Timing, time_call
+
+SEED, MU = 1234, 1e-3
+# The rules' scalars for every update pass: a tiny lr keeps the parameters where they are.
+SCALARS = dict(lr=1e-7, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, step=10, bits=4, rho=0.04)
+# Bytes of float32 state per element each rule moves: (m, v); 8 = read and written, 4 = read only.
+STATE_BYTES = {Rule.SGD: (8, 0), Rule.SIGN: (0, 0), Rule.ADAM: (8, 8), Rule.ADAZO: (8, 8), Rule.SIGN_ADAM: (8, 0),
+               Rule.ADAM_MOMENTS: (8, 8), Rule.QUANTIZED: (4, 4), Rule.SOPHIA: (8, 4)}
+
+
+@dataclass
+class Tensors:
+    """A parameter list and what the passes need beside it: gradients, float32 m and v, scales.
+
+    The parameters (and the gradients) are views of one flat buffer each, 512-byte aligned, so
+    that the baselines run over exactly the same bytes as one tensor: the hardware's ceiling,
+    with no per-tensor cost (which a multi-tensor op must not have either).
+    """
+
+    flat: torch.Tensor
+    flat_grads: torch.Tensor
+    params: list[torch.nn.Parameter]
+    grads: list[torch.Tensor]
+    m: list[torch.Tensor]
+    v: list[torch.Tensor]
+    scales: torch.Tensor
+    offsets: list[int]
+
+    @classmethod
+    def allocate(cls, shapes: Sequence[Shape], dtype: torch.dtype, device: torch.device | str, *,
+                 state: bool = True) -> Tensors:
+        """state=False: no m and v (enough for the perturbation passes and the baselines)."""
+        align = 512 // torch.empty((), dtype=dtype).element_size()
+        starts, total = [], 0
+        for shape in shapes:
+            starts.append(total)
+            total += -(-torch.Size(shape).numel() // align) * align
+        flat, flat_grads = (make_params([(total,)], dtype, device, seed=seed)[0].detach() for seed in (0, 1))
+
+        def views(buffer: torch.Tensor) -> list[torch.Tensor]:
+            return [buffer[o : o + torch.Size(s).numel()].view(s) for o, s in zip(starts, shapes)]
+
+        params = [torch.nn.Parameter(t) for t in views(flat)]  # trainable: the ZO-SGD step takes them too
+        m = [torch.zeros_like(p, dtype=torch.float32) for p in params] if state else []
+        v = [torch.full_like(p, 1e-4, dtype=torch.float32) for p in params] if state else []
+        return cls(flat, flat_grads, params, views(flat_grads), m, v, torch.ones(len(params), device=device),
+                   flat_offsets(params))
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass over the tensors: a fused op (with its dist or rule) or a torch baseline."""
+
+    op: str  # "add_", "copy_", "perturb_", "zo_update_" or "grad_update_"
+    dist: str = "rademacher"
+    rule: Rule | None = None
+
+    @property
+    def name(self) -> str:
+        if self.op in ("add_", "copy_"):
+            return f"torch {self.op}"
+        if self.op == "perturb_":
+            return f"perturb_ {self.dist}"
+        return f"{self.op} {self.rule.name}" + (f" {self.dist}" if self.op == "zo_update_" else "")
+
+    @property
+    def baseline(self) -> bool:
+        return self.op in ("add_", "copy_")
+
+    def bytes_per_element(self, element_size: int) -> int:
+        """What the pass must move per parameter (the baselines: over the flat buffer, padding included)."""
+        if self.op in ("add_", "copy_", "perturb_"):
+            return 2 * element_size
+        m, v = STATE_BYTES[self.rule]
+        if self.op == "zo_update_":
+            return 2 * element_size + m + v
+        theta = {Rule.ADAM_MOMENTS: 0, Rule.QUANTIZED: 2}.get(self.rule, 3)  # x s: theta r+w and the gradient
+        return theta * element_size + m + v
+
+    @property
+    def needs_state(self) -> bool:
+        return self.op in ("zo_update_", "grad_update_")
+
+    def runner(self, t: Tensors) -> Callable[[], None]:
+        """The pass as a call; run it inside calls.use(backend)."""
+        if self.op == "add_":
+            return lambda: t.flat.add_(1e-3)
+        if self.op == "copy_":
+            return lambda: t.flat_grads.copy_(t.flat)  # the gradients are scratch here
+        if self.op == "perturb_":
+            return lambda: calls.perturb_(t.params, [MU], SEED, offsets=t.offsets, dist=self.dist)
+        m = t.m if self.rule.uses_m else []
+        v = t.v if self.rule.uses_v else []
+        if self.op == "zo_update_":
+            return lambda: calls.zo_update_(t.params, [0.5], SEED, [0], t.offsets, rule=self.rule, m=m, v=v,
+                                            restore=MU, dist=self.dist, **SCALARS)
+        scales = t.scales if self.rule in (Rule.ADAM_MOMENTS, Rule.QUANTIZED) else None
+        return lambda: calls.grad_update_(t.params, t.grads, rule=self.rule, m=m, v=v, scales=scales, **SCALARS)
+
+
+BASELINES = (Pass("add_"), Pass("copy_"))
+
+
+def fused_passes(dists: Sequence[str] = ("rademacher", "gaussian"), zo_dists: Sequence[str] = ("rademacher",),
+                 rules: bool = True) -> list[Pass]:
+    """A perturbation pass per dist and, with rules, one update pass of each kind (every ZO rule per
+    zo_dist, every gradient rule)."""
+    passes = [Pass("perturb_", dist) for dist in dists]
+    if rules:
+        passes += [Pass("zo_update_", dist, rule) for dist in zo_dists for rule in calls.ZO_RULES]
+        passes += [Pass("grad_update_", rule=rule) for rule in calls.GRAD_RULES]
+    return passes
+
+
+@torch.no_grad()
+def measure(tensors: Tensors, passes: Sequence[Pass], backends: Sequence[str], *, rounds: int = 5,
+            warmup: int = 1, max_seconds: float | None = None, label: str = "") -> list[dict]:
+    """One row per (backend, pass) plus the baselines, each with ms, GB/s, x add_ and x copy_."""
+    device = tensors.params[0].device
+    size = tensors.params[0].element_size()
+    common = dict(case=label, dtype=str(tensors.params[0].dtype).removeprefix("torch."), numel=tensors.numel,
+                  tensors=len(tensors.params))
+
+    def row(p: Pass, backend: str, timing: Timing) -> dict:
+        elements = tensors.flat.numel() if p.baseline else tensors.numel
+        gbps = p.bytes_per_element(size) * elements / timing.median / 1e9
+        return dict(common, backend=backend, kind=p.name, ms=timing.median * 1e3, spread=timing.spread,
+                    rounds=len(timing.seconds), bytes_per_element=p.bytes_per_element(size), gbps=gbps)
+
+    rows = [row(p, "torch", time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup,
+                                      max_seconds=max_seconds)) for p in BASELINES]
+    for backend in backends:
+        with calls.use(backend):
+            for p in passes:
+                rows.append(row(p, backend, time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup,
+                                                      max_seconds=max_seconds)))
+    add, copy = rows[0]["gbps"], rows[1]["gbps"]
+    for r in rows:
+        r["x_add"], r["x_copy"] = r["gbps"] / add, r["gbps"] / copy
+    return rows
+
+
+def bytes_per_param(dtype: torch.dtype, state: bool = True) -> int:
+    """Memory Tensors.allocate takes per parameter: it and its gradient in dtype, with state float32 m and v."""
+    return 2 * torch.empty((), dtype=dtype).element_size() + (8 if state else 0)

@@ -1,0 +1,57 @@
+"""One ZO-SGD step (zounlearn.optim.ZOSGD: 3 fused passes) against MeZO's own loop
+(zounlearn.optim.reference.mezo_step: 4 passes, each torch.manual_seed + torch.normal + an
+out-of-place add), on the same parameters with the same closure.
+
+With a constant closure only the optimizer's work on the parameters is timed; with a model's
+loss the whole step (two forward passes) is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..optim import ZOSGD
+from ..optim.reference import mezo_step
+from . import calls
+from .timing import time_call
+
+LR, MU, SEED = 1e-7, 1e-3, 7
+MEZO = "MeZO loop"
+
+
+def constant_loss() -> float:
+    return 1.0
+
+
+def zo_sgd(params: Sequence[torch.Tensor], closure: Callable[[], object], dist: str) -> Callable[[], object]:
+    """A ZOSGD step on the current backend (built here, so run the returned call inside the same calls.use)."""
+    opt = calls.optimizer(ZOSGD, list(params), lr=LR, mu=MU, dist=dist, seed=SEED)
+    return lambda: opt.step(closure)
+
+
+def mezo(params: Sequence[torch.nn.Parameter], closure: Callable[[], object]) -> Callable[[], object]:
+    return lambda: mezo_step(list(params), closure, lr=LR, mu=MU, seed=SEED)
+
+
+def measure(params: Sequence[torch.nn.Parameter], closure: Callable[[], object], backends: Sequence[str], *,
+            dists: Sequence[str] = ("rademacher", "gaussian"), rounds: int = 5, warmup: int = 1,
+            mezo_rounds: int = 3, max_seconds: float | None = None, label: str = "") -> list[dict]:
+    """Rows of ms per step and the speed-up over MeZO's loop, MeZO's own row first."""
+    if not all(p.requires_grad for p in params):
+        raise ValueError("the ZO-SGD step skips parameters with requires_grad=False; pass trainable ones")
+    device = params[0].device
+    common = dict(case=label, dtype=str(params[0].dtype).removeprefix("torch."),
+                  numel=sum(p.numel() for p in params), tensors=len(params))
+    base = time_call(mezo(params, closure), device, rounds=mezo_rounds, warmup=1, max_seconds=max_seconds)
+    rows = [dict(common, backend="torch", kind=MEZO, ms=base.median * 1e3, spread=base.spread,
+                 rounds=len(base.seconds), speedup=1.0)]
+    for backend in backends:
+        with calls.use(backend):
+            for dist in dists:
+                t = time_call(zo_sgd(params, closure, dist), device, rounds=rounds, warmup=warmup,
+                              max_seconds=max_seconds)
+                rows.append(dict(common, backend=backend, kind=f"ZOSGD {dist}", ms=t.median * 1e3, spread=t.spread,
+                                 rounds=len(t.seconds), speedup=base.median / t.median))
+    return rows
