@@ -101,24 +101,23 @@ def peak(kind: str, model: torch.nn.Module, tokens: torch.Tensor) -> dict:
 
 
 def measure(kinds: Sequence[str], model: str, device: torch.device | str, dtype: torch.dtype, batch: int,
-            length: int, backend: str | None = None, timeout: float | None = None) -> list[dict]:
-    """One row per kind with its peak, x inference and the excess over inference as % of parameter bytes."""
+            length: int, backend: str | None = None, in_process: bool | None = None) -> list[dict]:
+    """One row per kind with its peak, x inference and the excess over inference as % of parameter bytes.
+
+    in_process: all kinds in this process (default on CUDA); else each in a fresh one (default on the
+    CPU, where freed memory may stay resident and a process's high-water mark counts everything)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" if in_process is None else in_process:
         with calls.use(backend):
             net = hf_model(model, device, dtype)
             tokens = token_batch(net, batch, length)
             rows = [peak(kind, net, tokens) for kind in kinds]
-            del net, tokens
-            gc.collect()
-            torch.cuda.empty_cache()
     else:
         rows = []
         for kind in kinds:
-            argv = [sys.executable, "-m", __name__, kind, "--model", model, "--dtype", str(dtype).removeprefix("torch."),
+            argv = [sys.executable, "-m", __name__, kind, "--model", model, "--dtype", str(dtype)[6:],
                     "--batch", str(batch), "--length", str(length)] + (["--backend", backend] if backend else [])
-            out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout,
-                                 env={**os.environ, **_MMAP_ENV})
+            out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, **_MMAP_ENV})
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     add_ratios(rows)
     return rows

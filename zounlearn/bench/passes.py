@@ -97,7 +97,9 @@ class Pass:
         m, v = STATE_BYTES[self.rule]
         if self.op == "zo_update_":
             return 2 * element_size + m + v
-        theta = {Rule.ADAM_MOMENTS: 0, Rule.QUANTIZED: 2}.get(self.rule, 3)  # x s: theta r+w and the gradient
+        # x s: theta read and written (2) and the gradient read (1); the moments pass reads only the
+        # gradient, the quantized pass needs no gradient.
+        theta = {Rule.ADAM_MOMENTS: 1, Rule.QUANTIZED: 2}.get(self.rule, 3)
         return theta * element_size + m + v
 
     @property
