@@ -137,31 +137,39 @@ def fused_passes(dists: Sequence[str] = ("rademacher", "gaussian"), zo_dists: Se
     return passes
 
 
+def row(p: Pass, backend: str, timing: Timing, tensors: Tensors, label: str = "") -> dict:
+    """One measurement as a row (add_ratios fills x add_ and x copy_ in once the baselines are in)."""
+    size = tensors.params[0].element_size()
+    elements = tensors.flat.numel() if p.baseline else tensors.numel
+    return dict(case=label, dtype=str(tensors.params[0].dtype)[6:], numel=tensors.numel, tensors=len(tensors.params),
+                backend="torch" if p.baseline else backend, kind=p.name, ms=timing.median * 1e3,
+                spread=timing.spread, rounds=len(timing.seconds), bytes_per_element=p.bytes_per_element(size),
+                gbps=p.bytes_per_element(size) * elements / timing.median / 1e9)
+
+
+def add_ratios(rows: Sequence[dict]) -> None:
+    """x_add and x_copy: each row's GB/s over the torch add_ / copy_ row of its case (None without one)."""
+    for key, name in (("x_add", BASELINES[0].name), ("x_copy", BASELINES[1].name)):
+        ceiling = {r["case"]: r["gbps"] for r in rows if r["kind"] == name}
+        for r in rows:
+            r[key] = r["gbps"] / ceiling[r["case"]] if r["case"] in ceiling else None
+
+
 @torch.no_grad()
 def measure(tensors: Tensors, passes: Sequence[Pass], backends: Sequence[str], *, rounds: int = 5,
             warmup: int = 1, max_seconds: float | None = None, label: str = "") -> list[dict]:
     """One row per (backend, pass) plus the baselines, each with ms, GB/s, x add_ and x copy_."""
     device = tensors.params[0].device
-    size = tensors.params[0].element_size()
-    common = dict(case=label, dtype=str(tensors.params[0].dtype).removeprefix("torch."), numel=tensors.numel,
-                  tensors=len(tensors.params))
 
-    def row(p: Pass, backend: str, timing: Timing) -> dict:
-        elements = tensors.flat.numel() if p.baseline else tensors.numel
-        gbps = p.bytes_per_element(size) * elements / timing.median / 1e9
-        return dict(common, backend=backend, kind=p.name, ms=timing.median * 1e3, spread=timing.spread,
-                    rounds=len(timing.seconds), bytes_per_element=p.bytes_per_element(size), gbps=gbps)
+    def timed(p: Pass, backend: str) -> dict:
+        timing = time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup, max_seconds=max_seconds)
+        return row(p, backend, timing, tensors, label)
 
-    rows = [row(p, "torch", time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup,
-                                      max_seconds=max_seconds)) for p in BASELINES]
+    rows = [timed(p, "torch") for p in BASELINES]
     for backend in backends:
         with calls.use(backend):
-            for p in passes:
-                rows.append(row(p, backend, time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup,
-                                                      max_seconds=max_seconds)))
-    add, copy = rows[0]["gbps"], rows[1]["gbps"]
-    for r in rows:
-        r["x_add"], r["x_copy"] = r["gbps"] / add, r["gbps"] / copy
+            rows += [timed(p, backend) for p in passes]
+    add_ratios(rows)
     return rows
 
 

@@ -15,7 +15,7 @@ import torch
 from ..optim import ZOSGD
 from ..optim.reference import mezo_step
 from . import calls
-from .timing import time_call
+from .timing import Timing, time_call
 
 LR, MU, SEED = 1e-7, 1e-3, 7
 MEZO = "MeZO loop"
@@ -35,6 +35,19 @@ def mezo(params: Sequence[torch.nn.Parameter], closure: Callable[[], object]) ->
     return lambda: mezo_step(list(params), closure, lr=LR, mu=MU, seed=SEED)
 
 
+def row(kind: str, backend: str, timing: Timing, params: Sequence[torch.Tensor], label: str = "") -> dict:
+    return dict(case=label, dtype=str(params[0].dtype)[6:], numel=sum(p.numel() for p in params),
+                tensors=len(params), backend=backend, kind=kind, ms=timing.median * 1e3, spread=timing.spread,
+                rounds=len(timing.seconds))
+
+
+def add_speedups(rows: Sequence[dict]) -> None:
+    """speedup: the MeZO loop's time over each row's, per case (None without a MeZO row)."""
+    mezo = {r["case"]: r["ms"] for r in rows if r["kind"] == MEZO}
+    for r in rows:
+        r["speedup"] = mezo[r["case"]] / r["ms"] if r["case"] in mezo else None
+
+
 def measure(params: Sequence[torch.nn.Parameter], closure: Callable[[], object], backends: Sequence[str], *,
             dists: Sequence[str] = ("rademacher", "gaussian"), rounds: int = 5, warmup: int = 1,
             mezo_rounds: int = 3, max_seconds: float | None = None, label: str = "") -> list[dict]:
@@ -42,16 +55,13 @@ def measure(params: Sequence[torch.nn.Parameter], closure: Callable[[], object],
     if not all(p.requires_grad for p in params):
         raise ValueError("the ZO-SGD step skips parameters with requires_grad=False; pass trainable ones")
     device = params[0].device
-    common = dict(case=label, dtype=str(params[0].dtype).removeprefix("torch."),
-                  numel=sum(p.numel() for p in params), tensors=len(params))
     base = time_call(mezo(params, closure), device, rounds=mezo_rounds, warmup=1, max_seconds=max_seconds)
-    rows = [dict(common, backend="torch", kind=MEZO, ms=base.median * 1e3, spread=base.spread,
-                 rounds=len(base.seconds), speedup=1.0)]
+    rows = [row(MEZO, "torch", base, params, label)]
     for backend in backends:
         with calls.use(backend):
             for dist in dists:
                 t = time_call(zo_sgd(params, closure, dist), device, rounds=rounds, warmup=warmup,
                               max_seconds=max_seconds)
-                rows.append(dict(common, backend=backend, kind=f"ZOSGD {dist}", ms=t.median * 1e3, spread=t.spread,
-                                 rounds=len(t.seconds), speedup=base.median / t.median))
+                rows.append(row(f"ZOSGD {dist}", backend, t, params, label))
+    add_speedups(rows)
     return rows

@@ -89,11 +89,9 @@ def run_bench(args: argparse.Namespace) -> int:
     model = args.model or ("llama-7b" if gpu else "gpt2-small")
     check_int("--rounds", args.rounds, 1)
     backends = _backends(args.backends, device)
-    if args.layers is None:
+    layers = args.layers  # model_shapes checks it
+    if layers is None:
         layers = models.layers_that_fit(model, MEMORY_SHARE * _free_bytes(device), passes.bytes_per_param(dtype))
-    else:
-        check_int("--layers", args.layers, 1, len(models.MODELS[model][1]))
-        layers = args.layers
     shapes = models.model_shapes(model, layers)
     output = args.output or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     where = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
