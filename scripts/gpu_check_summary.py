@@ -50,7 +50,8 @@ def write_summary(out: Path, results: dict[str, dict], dry_run: bool) -> str:
     if "build" in results:
         b = results["build"]
         lines += ["## Build", "", f"`{b.get('command')}` with TORCH_CUDA_ARCH_LIST={b.get('TORCH_CUDA_ARCH_LIST')}, "
-                  f"MAX_JOBS={b.get('MAX_JOBS')}, ninja {'found' if b.get('ninja') else 'NOT found (serial build)'}: "
+                  f"MAX_JOBS={b.get('MAX_JOBS')}, setuptools {b.get('setuptools')}, "
+                  f"ninja {'found' if b.get('ninja') else 'NOT found (serial build)'}: "
                   f"exit status {b.get('exit_status')} in {b.get('seconds', 0):.0f} s; {b.get('imports')}: "
                   f"{'ok' if b.get('imports_ok') else 'FAILED'}", ""]
         if b.get("status") != "ok":

@@ -25,6 +25,9 @@ from .inputs import comma_list
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Share of free memory the tensors may take (the MeZO step allocates a tensor's z and its sum on top).
 MEMORY_SHARE = 0.5
+# Fewer rounds once a measurement has taken this long (at least one): MeZO's loop takes ~5 s a step
+# on GPT-2 small on a 2-core CPU, a slow CPU pass ~1 s.
+MAX_SECONDS = 1.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--backends", default=None, metavar="A,B",
                        help="backends to measure (default: every compiled one that runs on the device; "
                             "Triton's CPU interpreter only when named)")
-    bench.add_argument("--rounds", type=int, default=3, help="timed rounds per measurement, after one warm-up "
-                                                             "(default: 3; the median is reported)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="timed rounds per measurement after one warm-up, fewer once they have taken 1 s "
+                            "(default: 3; the median is reported)")
     bench.add_argument("--no-step", action="store_true", help="skip the ZO-SGD step against MeZO's loop")
     bench.add_argument("--output", "-o", default=None, metavar="FILE",
                        help="the JSON file to write (default: runs/bench-<date-time>.json)")
@@ -102,13 +106,14 @@ def run_bench(args: argparse.Namespace) -> int:
           f"backends {', '.join(backends)}\n")
     started = time.perf_counter()
     tensors = passes.Tensors.allocate(shapes, dtype, device)
-    pass_rows = passes.measure(tensors, passes.fused_passes(), backends, rounds=args.rounds, label=label)
+    pass_rows = passes.measure(tensors, passes.fused_passes(), backends, rounds=args.rounds, max_seconds=MAX_SECONDS,
+                               label=label)
     print(table.text(pass_rows, table.PASSES[1:]))
     step_rows = []
     if not args.no_step:
         tensors.grads, tensors.m, tensors.v = [], [], []  # free them for MeZO's temporaries
         step_rows = steps.measure(tensors.params, steps.constant_loss, backends, rounds=args.rounds,
-                                  mezo_rounds=1 if not gpu else args.rounds, label=label)
+                                  mezo_rounds=args.rounds, max_seconds=MAX_SECONDS, label=label)
         print("\nZO-SGD step, optimizer work only (the closure returns a constant):")
         print(table.text(step_rows, table.STEPS[1:]))
     seconds = time.perf_counter() - started
