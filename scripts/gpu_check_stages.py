@@ -209,7 +209,8 @@ def _junit(xmls: list[Path], logs: list[Path]) -> dict:
                 counts["skipped"] += 1
             elif problem is not None:
                 counts["failed" if problem.tag == "failure" else "errors"] += 1
-                failures.append({"test": nodeid, "message": (problem.get("message") or "").splitlines()[0][:300]})
+                first_line = next(iter((problem.get("message") or "").splitlines()), "")
+                failures.append({"test": nodeid, "message": first_line[:300]})
             else:
                 counts["passed"] += 1
             props = {p.get("name"): p.get("value") for p in case.iter("property")}
@@ -234,28 +235,32 @@ def tests(ctx: Context) -> dict:
 
 # --- measurements --------------------------------------------------------------------------------
 
-def _warm(spec: tuple, dtype: str, device: str) -> str:
+def _warm(spec: tuple, dtype: str, device: str) -> str | None:
     """Run one pass on Triton on a 4096-element tensor (same specialisation as the big ones): compiles
-    the kernel into Triton's cache in a worker process."""
+    the kernel into Triton's cache in a worker process. Returns the error, if any."""
     import torch
 
     from zounlearn.bench import calls, passes
 
     p = passes.Pass(*spec)
-    tensors = passes.Tensors.allocate([(4096,)], getattr(torch, dtype), device)
-    with torch.no_grad(), calls.use("triton"):
-        p.runner(tensors)()
-    return p.name
+    try:
+        tensors = passes.Tensors.allocate([(4096,)], getattr(torch, dtype), device)
+        with torch.no_grad(), calls.use("triton"):
+            p.runner(tensors)()
+    except Exception as err:  # noqa: BLE001 -- the measurement will meet it again and record it
+        return f"{p.name} {dtype}: {type(err).__name__}: {err}"
+    return None
 
 
-def _prewarm(ctx: Context, specs: list[tuple], dtypes: list[str]) -> float:
+def _prewarm(ctx: Context, specs: list[tuple], dtypes: list[str]) -> dict:
     """Compile the Triton kernels the measurements will run, in parallel worker processes."""
     started = time.monotonic()
+    errors = []
     if "triton" in ctx.sizes.backends:
         jobs = [(spec, dtype) for spec in specs for dtype in dtypes]
         with ProcessPoolExecutor(ctx.sizes.shards, mp_context=get_context("spawn")) as pool:
-            list(pool.map(_warm, *zip(*jobs), [ctx.sizes.device] * len(jobs)))
-    return time.monotonic() - started
+            errors = [e for e in pool.map(_warm, *zip(*jobs), [ctx.sizes.device] * len(jobs)) if e]
+    return {"prewarm_seconds": time.monotonic() - started, "prewarm_errors": errors}
 
 
 def bandwidth(ctx: Context) -> dict:
@@ -266,11 +271,10 @@ def bandwidth(ctx: Context) -> dict:
 
     s = ctx.sizes
     all_passes = passes.fused_passes(zo_dists=("rademacher", "gaussian"))
-    result = {"rows": [], "done": []}
+    result = {"rows": [], "done": [], "errors": []}
     specs = [(p.op, p.dist, p.rule) for p in all_passes]
     # With the interpreter there is nothing to compile: two passes prove the prewarm works.
-    result["prewarm_seconds"] = _prewarm(ctx, specs[:2] if s.interpreter_only_small else specs,
-                                         sorted({*s.flat_dtypes, "bfloat16"}))
+    result.update(_prewarm(ctx, specs[:2] if s.interpreter_only_small else specs, sorted({*s.flat_dtypes, "bfloat16"})))
     ctx.save(result)
     cases = [(f"2^{s.flat_log2} {d}", [(1 << s.flat_log2,)], d) for d in s.flat_dtypes]
     cases.append((f"{s.list_model} list bfloat16", models.model_shapes(s.list_model), "bfloat16"))
@@ -279,12 +283,13 @@ def bandwidth(ctx: Context) -> dict:
             if backend == "triton" and s.interpreter_only_small and label != cases[0][0]:
                 continue
             tensors = passes.Tensors.allocate(shapes, getattr(torch, dtype), s.device)
-            result["rows"] += passes.measure(tensors, all_passes, [backend], rounds=s.rounds, label=label)
+            result["rows"] += passes.measure(tensors, all_passes, [backend], rounds=s.rounds, label=label,
+                                             errors=result["errors"])
             result["done"].append(f"{backend}: {label}")
             ctx.save(result)
             del tensors
             _free(s.device)
-    result["ok"] = True
+    result["ok"] = not result["errors"]
     return result
 
 

@@ -60,9 +60,13 @@ def write_summary(out: Path, results: dict[str, dict], dry_run: bool) -> str:
         lines += ["## Backends", ""] + [f"- {k}: {v}" for k, v in env.get("backends", {}).items()] + [""]
     if "correctness" in results:
         lines += _tests("Correctness against the reference (tests/test_gpu_paths.py)", results["correctness"])
-    if results.get("bandwidth", {}).get("rows"):
+    bandwidth = results.get("bandwidth", {})
+    if bandwidth.get("rows") or bandwidth.get("errors"):
         lines += ["## Bandwidth of one pass (GB/s of the bytes the pass must move; x add_ / x copy_ over the same "
-                  "bytes as one tensor)", ""] + _by_case(results["bandwidth"]["rows"], table.PASSES)
+                  "bytes as one tensor)", ""] + _by_case(bandwidth.get("rows", []), table.PASSES)
+        lines += [f"- ERROR {e['backend']} {e['kind']} ({e['case']}): {e['error'][:300]}"
+                  for e in bandwidth.get("errors", [])]
+        lines += [f"- prewarm: {e[:300]}" for e in bandwidth.get("prewarm_errors", [])] + [""]
     if results.get("step", {}).get("rows"):
         lines += ["## ZO-SGD step against MeZO's loop", ""] + _by_case(results["step"]["rows"], table.STEPS)
     if results.get("memory", {}).get("rows"):

@@ -132,3 +132,15 @@ def test_hybrid_steady_state_peak_holds_both_inner_states():
     excess = {r["kind"]: r["excess_pct"] for r in rows}
     assert excess["inference"] == 0 and 280 < excess["AdamW"] < 400
     assert excess["HybridFOZO"] - excess["AdamW"] > 180
+
+
+def test_measure_records_a_failing_pass_and_goes_on():
+    t = passes.Tensors.allocate([(300,)], torch.float32, "cpu")
+    todo = passes.fused_passes(dists=("rademacher",))[:3]
+    errors: list = []
+    rows = passes.measure(t, todo, ["cuda", CPP], rounds=1, warmup=0, errors=errors)  # cuda cannot take CPU tensors
+    assert [r["kind"] for r in rows] == ["torch add_", "torch copy_"] + [p.name for p in todo]
+    assert [e["kind"] for e in errors] == [p.name for p in todo] and all(e["backend"] == "cuda" for e in errors)
+    assert all("cannot run on cpu tensors" in e["error"] for e in errors)
+    with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
+        passes.measure(t, todo, ["cuda"], rounds=1, warmup=0)

@@ -32,7 +32,6 @@ _BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("zounlearn
 
 ZO_RULES = tuple(r for r in Rule if r not in (Rule.ADAM_MOMENTS, Rule.QUANTIZED))  # the first-order-only pair
 GRAD_RULES = tuple(Rule)
-GPU_BACKENDS = ("cuda", "triton")
 
 
 @contextlib.contextmanager
@@ -58,10 +57,6 @@ def runnable(device_type: str) -> list[str]:
 def unavailable() -> dict[str, str]:
     """Backend name -> why it cannot run here."""
     return {name: why for name, why in backends.status().items() if why is not None}
-
-
-def default_backend(device_type: str) -> str:
-    return backends.select(device_type)[0]
 
 
 def perturb_(params: Sequence[torch.Tensor], coefs: Sequence[float], seed: int, *,
@@ -103,5 +98,5 @@ def _hyper(scalars: dict[str, Any]) -> update.Hyper:
     return update.Hyper.make(scalars.pop("lr"), **scalars)
 
 
-__all__ = ["GPU_BACKENDS", "GRAD_RULES", "Rule", "ZO_RULES", "current", "default_backend", "grad_update_",
-           "optimizer", "perturb_", "runnable", "sample", "unavailable", "use", "zo_update_"]
+__all__ = ["GRAD_RULES", "Rule", "ZO_RULES", "current", "grad_update_", "optimizer", "perturb_", "runnable", "sample",
+           "unavailable", "use", "zo_update_"]

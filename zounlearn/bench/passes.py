@@ -102,10 +102,6 @@ class Pass:
         theta = {Rule.ADAM_MOMENTS: 1, Rule.QUANTIZED: 2}.get(self.rule, 3)
         return theta * element_size + m + v
 
-    @property
-    def needs_state(self) -> bool:
-        return self.op in ("zo_update_", "grad_update_")
-
     def runner(self, t: Tensors) -> Callable[[], None]:
         """The pass as a call; run it inside calls.use(backend)."""
         if self.op == "add_":
@@ -126,15 +122,13 @@ class Pass:
 BASELINES = (Pass("add_"), Pass("copy_"))
 
 
-def fused_passes(dists: Sequence[str] = ("rademacher", "gaussian"), zo_dists: Sequence[str] = ("rademacher",),
-                 rules: bool = True) -> list[Pass]:
-    """A perturbation pass per dist and, with rules, one update pass of each kind (every ZO rule per
-    zo_dist, every gradient rule)."""
-    passes = [Pass("perturb_", dist) for dist in dists]
-    if rules:
-        passes += [Pass("zo_update_", dist, rule) for dist in zo_dists for rule in calls.ZO_RULES]
-        passes += [Pass("grad_update_", rule=rule) for rule in calls.GRAD_RULES]
-    return passes
+def fused_passes(dists: Sequence[str] = ("rademacher", "gaussian"),
+                 zo_dists: Sequence[str] = ("rademacher",)) -> list[Pass]:
+    """A perturbation pass per dist and one update pass of each kind: every ZO rule per zo_dist,
+    every gradient rule."""
+    return ([Pass("perturb_", dist) for dist in dists]
+            + [Pass("zo_update_", dist, rule) for dist in zo_dists for rule in calls.ZO_RULES]
+            + [Pass("grad_update_", rule=rule) for rule in calls.GRAD_RULES])
 
 
 def row(p: Pass, backend: str, timing: Timing, tensors: Tensors, label: str = "") -> dict:
@@ -157,22 +151,29 @@ def add_ratios(rows: Sequence[dict]) -> None:
 
 @torch.no_grad()
 def measure(tensors: Tensors, passes: Sequence[Pass], backends: Sequence[str], *, rounds: int = 5,
-            warmup: int = 1, max_seconds: float | None = None, label: str = "") -> list[dict]:
-    """One row per (backend, pass) plus the baselines, each with ms, GB/s, x add_ and x copy_."""
+            warmup: int = 1, max_seconds: float | None = None, label: str = "",
+            errors: list | None = None) -> list[dict]:
+    """One row per (backend, pass) plus the baselines, each with ms, GB/s, x add_ and x copy_.
+
+    errors: a list to record a pass that raises in (and go on with the others); else it raises."""
     device = tensors.params[0].device
-
-    def timed(p: Pass, backend: str) -> dict:
-        timing = time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup, max_seconds=max_seconds)
-        return row(p, backend, timing, tensors, label)
-
-    rows = [timed(p, "torch") for p in BASELINES]
-    for backend in backends:
-        with calls.use(backend):
-            rows += [timed(p, backend) for p in passes]
+    rows = []
+    for backend, todo in [("torch", BASELINES)] + [(b, passes) for b in backends]:
+        with calls.use(None if backend == "torch" else backend):
+            for p in todo:
+                try:
+                    timing = time_call(p.runner(tensors), device, rounds=rounds, warmup=warmup,
+                                       max_seconds=max_seconds)
+                except Exception as err:
+                    if errors is None:
+                        raise
+                    errors.append(dict(case=label, backend=backend, kind=p.name, error=f"{type(err).__name__}: {err}"))
+                    continue
+                rows.append(row(p, backend, timing, tensors, label))
     add_ratios(rows)
     return rows
 
 
-def bytes_per_param(dtype: torch.dtype, state: bool = True) -> int:
-    """Memory Tensors.allocate takes per parameter: it and its gradient in dtype, with state float32 m and v."""
-    return 2 * torch.empty((), dtype=dtype).element_size() + (8 if state else 0)
+def bytes_per_param(dtype: torch.dtype) -> int:
+    """Memory Tensors.allocate takes per parameter: it and its gradient in dtype, float32 m and v."""
+    return 2 * torch.empty((), dtype=dtype).element_size() + 8

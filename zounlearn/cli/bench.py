@@ -111,8 +111,9 @@ def run_bench(args: argparse.Namespace) -> int:
     print(table.text(pass_rows, table.PASSES[1:]))
     step_rows = []
     if not args.no_step:
-        tensors.grads, tensors.m, tensors.v = [], [], []  # free them for MeZO's temporaries
-        step_rows = steps.measure(tensors.params, steps.constant_loss, backends, rounds=args.rounds,
+        params = tensors.params
+        del tensors  # the gradients and the state: room for MeZO's temporaries
+        step_rows = steps.measure(params, steps.constant_loss, backends, rounds=args.rounds,
                                   mezo_rounds=args.rounds, max_seconds=MAX_SECONDS, label=label)
         print("\nZO-SGD step, optimizer work only (the closure returns a constant):")
         print(table.text(step_rows, table.STEPS[1:]))
