@@ -123,7 +123,7 @@ def _distribution(name: str) -> str | None:
 def environment(ctx: Context) -> dict:
     import torch
 
-    from zounlearn.ops import backends
+    from zounlearn.bench import calls
 
     def version(module: str) -> str | None:
         try:
@@ -147,8 +147,7 @@ def environment(ctx: Context) -> dict:
         "cpu_isa": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),
         "nvcc": command("nvcc", "--version"), "compute_sanitizer": _sanitizer(),
         "git_commit": command("git", "-C", str(ROOT), "rev-parse", "HEAD"),
-        "backends": {name: why or "available" for name, why in backends.status().items()},
-        "cpp_build": backends.build_info("cpp") if backends.status()["cpp"] is None else None,
+        "backends": calls.describe(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -362,7 +361,6 @@ def sanitizer_cases(ctx: Context) -> dict:
 
     from zounlearn.bench import calls
     from zounlearn.bench.calls import Rule
-    from zounlearn.ops import flat_offsets
 
     s = ctx.sizes
     sms = torch.cuda.get_device_properties(0).multi_processor_count if s.device == "cuda" else 1
@@ -381,7 +379,7 @@ def sanitizer_cases(ctx: Context) -> dict:
                 grads = [new(k, shift=3) for k in sizes]
                 m = [new(k, shift=1, kind=torch.float32).mul_(0.1) for k in sizes]
                 v = [new(k, kind=torch.float32).square_() for k in sizes]
-                offsets = flat_offsets(params, start=2**32 - 77)
+                offsets = calls.flat_offsets(params, start=2**32 - 77)
                 for dist in ("rademacher", "gaussian"):
                     calls.perturb_(params, [1e-3], 5, offsets=offsets, dist=dist)
                     calls.perturb_(params, [1e-3, -2e-3, 1e-3], 5, offsets=offsets, dist=dist, alpha=0.99)

@@ -12,6 +12,7 @@ import transformers
 
 from zounlearn.bench import calls, memory, models, passes, steps, timing
 from zounlearn.bench.calls import Rule
+from zounlearn.errors import BackendUnavailable
 from zounlearn.optim import ZOSGD
 
 CPP = "cpp" if "cpp" in calls.runnable("cpu") else "reference"
@@ -112,15 +113,23 @@ def test_time_call_counts_rounds_and_stops_at_max_seconds():
     assert 2 <= len(t.seconds) <= 4 and t.median >= 0.05
 
 
-def test_calls_backend_context():
+def test_calls_backend_context_reaches_ops_and_optimizers():
     assert calls.current() is None
     with calls.use("reference"):
         with calls.use(CPP):
             assert calls.current() == CPP
         assert calls.current() == "reference"
-        opt = calls.optimizer(ZOSGD, [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-        sgd = calls.optimizer(torch.optim.SGD, [torch.nn.Parameter(torch.zeros(3))], lr=0.1)  # takes no backend
-    assert calls.current() is None and opt.backend == "reference" and isinstance(sgd, torch.optim.SGD)
+    assert calls.current() is None
+    x = torch.zeros(3)
+    with calls.use("cuda"):  # it cannot take CPU tensors: the choice reaches the op and the optimizer's step
+        with pytest.raises(BackendUnavailable, match="cannot run on cpu tensors"):
+            calls.perturb_([x], [1.0], 0)
+        opt = calls.optimizer(ZOSGD, [torch.nn.Parameter(x)], lr=0.1)
+        with pytest.raises(BackendUnavailable, match="cannot run on cpu tensors"):
+            opt.step(steps.constant_loss)
+        sgd = calls.optimizer(torch.optim.SGD, [torch.nn.Parameter(x)], lr=0.1)  # torch's own: no backend
+    assert isinstance(sgd, torch.optim.SGD) and not x.any()
+    assert calls.describe()["reference"].startswith("available")
 
 
 @pytest.mark.slow

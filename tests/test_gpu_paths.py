@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from zounlearn.bench import calls
-from zounlearn.bench.calls import GRAD_RULES, ZO_RULES, Rule
-from zounlearn.ops import flat_offsets
+from zounlearn.bench.calls import GRAD_RULES, ZO_RULES, Rule, flat_offsets
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..ops import backends, perturb, update
+from ..ops import backends, flat_offsets, perturb, update
 from ..ops.update import Rule
 from ..optim.base import CountedOptimizer
 
@@ -57,6 +57,12 @@ def runnable(device_type: str) -> list[str]:
 def unavailable() -> dict[str, str]:
     """Backend name -> why it cannot run here."""
     return {name: why for name, why in backends.status().items() if why is not None}
+
+
+def describe() -> dict[str, str]:
+    """Backend name -> "available" (with what it was built for) or why it cannot run here."""
+    return {name: (f"available {backends.build_info(name)}".strip() if why is None else why)
+            for name, why in backends.status().items()}
 
 
 def perturb_(params: Sequence[torch.Tensor], coefs: Sequence[float], seed: int, *,
@@ -98,5 +104,5 @@ def _hyper(scalars: dict[str, Any]) -> update.Hyper:
     return update.Hyper.make(scalars.pop("lr"), **scalars)
 
 
-__all__ = ["GRAD_RULES", "Rule", "ZO_RULES", "current", "grad_update_", "optimizer", "perturb_", "runnable", "sample",
-           "unavailable", "use", "zo_update_"]
+__all__ = ["GRAD_RULES", "Rule", "ZO_RULES", "current", "describe", "flat_offsets", "grad_update_", "optimizer",
+           "perturb_", "runnable", "sample", "unavailable", "use", "zo_update_"]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import flat_offsets
 from . import calls
 from .calls import Rule
 from .models import Shape, make_params
@@ -63,7 +62,7 @@ class Tensors:
         m = [torch.zeros_like(p, dtype=torch.float32) for p in params] if state else []
         v = [torch.full_like(p, 1e-4, dtype=torch.float32) for p in params] if state else []
         return cls(flat, flat_grads, params, views(flat_grads), m, v, torch.ones(len(params), device=device),
-                   flat_offsets(params))
+                   calls.flat_offsets(params))
 
     @property
     def numel(self) -> int:
