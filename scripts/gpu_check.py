@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage here
     parser.add_argument("--cap", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.dry_run:  # the CPU, whatever this machine has; Triton through its interpreter
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        os.environ["TRITON_INTERPRET"] = "1"
+    if args.dry_run:  # the CPU, whatever this machine has; Triton through its interpreter; one thread,
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # which tiny sizes run fastest (on a busy machine, 100x
+        os.environ["TRITON_INTERPRET"] = "1"  # faster than two threads that wait for each other)
+        os.environ["OMP_NUM_THREADS"] = "1"
     out = Path(args.out or os.environ.get("GPU_CHECK_OUT") or
                f"runs/gpu-check-{'dry-' if args.dry_run else ''}{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if args.stage:

@@ -42,7 +42,7 @@ class Sizes:
     rounds: int
     shards: int  # pytest and compile processes at once
     flat_dtypes: tuple[str, ...]
-    interpreter_only_small: bool  # Triton's interpreter (~0.2 s a launch) on the single tensor only
+    interpreter: bool  # Triton in its interpreter (~0.2 s a launch): the smallest case and one pass of each op
     selection: dict  # stage -> extra pytest arguments
 
 
@@ -257,7 +257,7 @@ def _prewarm(ctx: Context, specs: list[tuple], dtypes: list[str]) -> dict:
     errors = []
     if "triton" in ctx.sizes.backends:
         jobs = [(spec, dtype) for spec in specs for dtype in dtypes]
-        with ProcessPoolExecutor(ctx.sizes.shards, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(ctx.sizes.shards, len(jobs)), mp_context=get_context("spawn")) as pool:
             errors = [e for e in pool.map(_warm, *zip(*jobs), [ctx.sizes.device] * len(jobs)) if e]
     return {"prewarm_seconds": time.monotonic() - started, "prewarm_errors": errors}
 
@@ -272,18 +272,23 @@ def bandwidth(ctx: Context) -> dict:
     all_passes = passes.fused_passes(zo_dists=("rademacher", "gaussian"))
     result = {"rows": [], "done": [], "errors": []}
     specs = [(p.op, p.dist, p.rule) for p in all_passes]
-    # With the interpreter there is nothing to compile: two passes prove the prewarm works.
-    result.update(_prewarm(ctx, specs[:2] if s.interpreter_only_small else specs, sorted({*s.flat_dtypes, "bfloat16"})))
+    # With the interpreter there is nothing to compile: one pass proves the prewarm works.
+    if s.interpreter:
+        result.update(_prewarm(ctx, specs[:1], ["float32"]))
+    else:
+        result.update(_prewarm(ctx, specs, ["float32", "bfloat16"]))
+    one_of_each = [next(p for p in all_passes if p.op == op) for op in ("perturb_", "zo_update_", "grad_update_")]
     ctx.save(result)
     cases = [(f"2^{s.flat_log2} {d}", [(1 << s.flat_log2,)], d) for d in s.flat_dtypes]
     cases.append((f"{s.list_model} list bfloat16", models.model_shapes(s.list_model), "bfloat16"))
     for backend in s.backends:  # the cuda rows first: they need no compilation
         for label, shapes, dtype in cases:
-            if backend == "triton" and s.interpreter_only_small and label != cases[0][0]:
+            interpreted = backend == "triton" and s.interpreter
+            if interpreted and label != cases[0][0]:
                 continue
             tensors = passes.Tensors.allocate(shapes, getattr(torch, dtype), s.device)
-            result["rows"] += passes.measure(tensors, all_passes, [backend], rounds=s.rounds, label=label,
-                                             errors=result["errors"])
+            result["rows"] += passes.measure(tensors, one_of_each if interpreted else all_passes, [backend],
+                                             rounds=s.rounds, label=label, errors=result["errors"])
             result["done"].append(f"{backend}: {label}")
             ctx.save(result)
             del tensors
@@ -311,7 +316,7 @@ def step(ctx: Context) -> dict:
 
     s = ctx.sizes
     result = {"rows": []}
-    backends = [b for b in s.backends if not (b == "triton" and s.interpreter_only_small)]
+    backends = [b for b in s.backends if not (b == "triton" and s.interpreter)]
     params = models.make_params(models.model_shapes(s.list_model), torch.bfloat16, s.device)
     result["rows"] += steps.measure(params, steps.constant_loss, backends, rounds=s.rounds, mezo_rounds=s.rounds,
                                     label=f"{s.list_model} list bfloat16, optimizer work")

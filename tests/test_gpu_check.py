@@ -23,6 +23,7 @@ def dry_env(monkeypatch):
     """What main(["--dry-run"]) sets in os.environ, put back afterwards."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def test_a_stage_past_its_cap_is_killed_and_the_next_still_runs(tmp_path, monkeypatch, dry_env):
