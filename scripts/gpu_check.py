@@ -96,19 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + (DRY_BUDGET if args.dry_run else BUDGET)
     print(f"gpu-check{' --dry-run' if args.dry_run else ''}: writing to {out}", flush=True)
     results = {}
-    for name, cap in plan:
-        cap = min(cap, deadline - time.monotonic())
+    for name, own_cap in plan:
+        cap = min(own_cap, deadline - time.monotonic())
         if cap < MIN_STAGE:
             results[name] = {"status": "skipped: the budget ran out", "cap": 0}
         else:
             results[name] = _run_stage(name, cap, out, args.dry_run)
         r = results[name]
+        r["cut_by_budget"] = cap < own_cap and r["status"] != "ok"
         print(f"  {name:<12} {r['status']:<10} {r.get('wall_seconds', 0):6.1f} s (cap {r['cap']:.0f} s)", flush=True)
     from gpu_check_summary import write_summary
 
     text = write_summary(out, results, args.dry_run)
     print("\n" + text)
-    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+    # A dry run proves the stages work: one that a slow machine's budget cut short (or skipped) is no
+    # failure of the script. On the GPU every missing result counts.
+    failed = [n for n, r in results.items() if r["status"] != "ok" and not (args.dry_run and r["cut_by_budget"])]
+    if failed:
+        print(f"gpu-check: not ok: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def write_summary(out: Path, results: dict[str, dict], dry_run: bool) -> str:
              "", f"{where}; torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}, "
              f"{env.get('cpus')} CPUs ({env.get('cpu')}); commit {env.get('git_commit')}", "",
              "| stage | status | seconds | cap |", "|---|---|---:|---:|"]
-    lines += [f"| {name} | {r['status']} | {r.get('wall_seconds', 0):.1f} | {r['cap']:.0f} |"
-              for name, r in results.items()]
+    lines += [f"| {name} | {r['status']}{' (cut by the budget)' if r.get('cut_by_budget') else ''} | "
+              f"{r.get('wall_seconds', 0):.1f} | {r['cap']:.0f} |" for name, r in results.items()]
     lines.append("")
     for name, r in results.items():
         if r.get("error"):
@@ -81,8 +81,10 @@ def write_summary(out: Path, results: dict[str, dict], dry_run: bool) -> str:
         if s.get("runs"):
             lines += [f"- {check}: exit status {r['exit_status']}; {' '.join(r['summary'] or ['no summary line'])}"
                       for check, r in s["runs"].items()]
+        elif s.get("note"):
+            lines.append(f"- {s['note']}: " + "; ".join(s.get("ran", [])))
         else:
-            lines.append(f"- {s.get('note', '')} (exit status {s.get('exit_status')})")
+            lines.append(f"- {s['status']}")
         lines.append("")
     text = "\n".join(lines)
     write_text(out / "summary.md", text + "\n")

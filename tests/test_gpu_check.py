@@ -36,6 +36,17 @@ def test_a_stage_past_its_cap_is_killed_and_the_next_still_runs(tmp_path, monkey
     assert "| memory | timeout |" in summary and "| env | ok |" in summary
 
 
+def test_a_dry_run_cut_by_its_budget_is_no_failure(tmp_path, monkeypatch, dry_env):
+    """A slow machine's budget is not the script's fault; on the GPU (no --dry-run) it would be."""
+    monkeypatch.setattr(gpu_check, "PLAN", [("memory", 60, 60), ("env", 60, 60)])
+    monkeypatch.setattr(gpu_check, "DRY_BUDGET", 6)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "summary.json").read_text())
+    assert results["memory"]["status"] == "timeout" and results["memory"]["cut_by_budget"]
+    assert results["env"]["status"].startswith("skipped") and results["env"]["cut_by_budget"]
+    assert "| memory | timeout (cut by the budget) |" in (tmp_path / "summary.md").read_text()
+
+
 def _collected(tmp_path: Path, shard: str) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "PYTEST_SHARD_IGNORE": "layout", "PYTEST_SHARD": shard}
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "pytest_shard",
