@@ -11,7 +11,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/* csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench cuda-check info clean
+.PHONY: demo test lint bench cuda-check gpu-check gpu-check-dry info clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ bench: $(BUILT)
 # Build and test against the CUDA build of torch (no GPU needed to compile).
 cuda-check:
 	bash scripts/cuda-check.sh
+
+# On a GPU machine, offline, with the torch already there (no venv): build for the visible GPU,
+# then every GPU stage in at most 8 minutes (docs/gpu-check.md). GPU_CHECK_OUT names the folder.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
+
+# The same stages at tiny sizes on the CPU (cpp backend, Triton's interpreter): CI's proof the script works.
+gpu-check-dry: $(BUILT)
+	$(PY) scripts/gpu_check.py --dry-run
 
 clean:
 	rm -rf build *.egg-info zounlearn/*.so $(VENV)

@@ -1,82 +1,91 @@
 """Prints the tables of benchmarks/README.md after a benchmark run, each ratio taken against a
-baseline measured in the same run: the perturbation pass (GB/s, x the `add_` ceiling, speed-up
-vs the MeZO-style reference), the ZO-SGD step (speed-up vs MeZO's loop) and the peak memory of
-one step (x inference, and the excess as a share of the parameter bytes)."""
+baseline measured in the same run (zounlearn.bench's rows, ratios and tables): the perturbation
+pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference), the ZO-SGD step
+(speed-up vs MeZO's loop) and the steady-state peak memory of a step (x inference, and the excess
+as a share of the parameter bytes)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from zounlearn.bench import memory, steps, table
+from zounlearn.bench.timing import Timing
 
-def _perturb_table(write, benches) -> None:
-    cases: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
+SPEEDUP = table.Column("speed-up vs MeZO reference",
+                       lambda r: "-" if r["speedup"] is None else f"{r['speedup']:.1f}", True)
+PERTURB_COLUMNS = [table.PASSES[0], table.PASSES[2]._replace(header="kernel"), table.PASSES[4]._replace(
+    cell=lambda r: f"{r['ms']:.2f}"), table.PASSES[5], table.PASSES[6]._replace(header="x add_ bandwidth"), SPEEDUP]
+STEP_COLUMNS = [table.STEPS[0], table.STEPS[2]._replace(header="implementation"), table.STEPS[3]._replace(
+    cell=lambda r: f"{r['ms']:.1f}"), SPEEDUP]
+
+
+def _rows(benches) -> list[dict]:
+    rows = []
+    for bench in benches:
+        timing = Timing(tuple(bench.stats.data))
+        rows.append({**bench.extra_info, "ms": timing.median * 1e3, "seconds": timing.median})
+    return rows
+
+
+def _with_speedup(rows: list[dict], reference: str) -> list[dict]:
+    base = {r["case"]: r["seconds"] for r in rows if r["kind"] == reference}
+    return [{**r, "speedup": base[r["case"]] / r["seconds"] if r["case"] in base else None} for r in rows]
+
+
+def _perturb_table(benches) -> str:
+    rows = _with_speedup(_rows(benches), "MeZO reference")
+    for r in rows:
+        r["gbps"] = r["bytes"] / r["seconds"] / 1e9
+    ceiling = {r["case"]: r["gbps"] for r in rows if r["kind"] == "add_ ceiling"}
+    for r in rows:
+        r["x_add"] = r["gbps"] / ceiling[r["case"]] if r["case"] in ceiling else None
+    return table.markdown(rows, PERTURB_COLUMNS)
+
+
+def _step_table(benches) -> str:
+    return table.markdown(_with_speedup(_rows(benches), steps.MEZO), STEP_COLUMNS)
+
+
+def _memory_table(benches) -> str:
+    rows = [dict(b.extra_info) for b in benches]
+    memory.add_ratios(rows)
+    return table.markdown(rows, table.MEMORY)
+
+
+def _measured_table(benches, columns: list[str]) -> str:
+    """Values a benchmark measured (not timed), one row per case and kind, as extra_info holds them."""
+    lines = ["| case | kind | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for bench in benches:
         info = bench.extra_info
-        cases[info["case"]][info["kind"]] = (bench.stats.median, info["bytes"])
-    write("| case | kernel | median ms | GB/s | x add_ bandwidth | speed-up vs MeZO reference |")
-    write("|---|---|---:|---:|---:|---:|")
-    for case, kinds in cases.items():
-        ceiling = kinds.get("add_ ceiling")
-        mezo = kinds.get("MeZO reference")
-        for kind, (seconds, nbytes) in kinds.items():
-            bw = f"{ceiling[0] / seconds:.2f}" if ceiling else "-"
-            speedup = f"{mezo[0] / seconds:.1f}" if mezo else "-"
-            write(f"| {case} | {kind} | {seconds * 1e3:.2f} | {nbytes / seconds / 1e9:.2f} | {bw} | {speedup} |")
+        lines.append(f"| {info['case']} | {info['kind']} | " + " | ".join(f"{info[c]:.3g}" for c in columns) + " |")
+    return "\n".join(lines)
 
 
-def _step_table(write, benches) -> None:
-    cases: dict[str, dict[str, float]] = defaultdict(dict)
-    for bench in benches:
-        cases[bench.extra_info["case"]][bench.extra_info["kind"]] = bench.stats.median
-    write("| case | implementation | median ms | speed-up vs MeZO reference |")
-    write("|---|---|---:|---:|")
-    for case, kinds in cases.items():
-        mezo = kinds.get("MeZO reference")
-        for kind, seconds in kinds.items():
-            write(f"| {case} | {kind} | {seconds * 1e3:.1f} | {f'{mezo / seconds:.1f}' if mezo else '-'} |")
+def _drift_table(benches) -> str:
+    return _measured_table(benches, [f"{m}@{n}" for m in ("rms", "changed") for n in (1, 100, 1000)])
 
 
-def _memory_table(write, benches) -> None:
-    rows = {b.extra_info["kind"]: b.extra_info for b in benches}
-    base = rows.get("inference")
-    write("| step | peak MiB | x inference | excess over inference, % of parameter bytes |")
-    write("|---|---:|---:|---:|")
-    for kind, info in rows.items():
-        peak = info["peak_bytes"]
-        ratio = f"{peak / base['peak_bytes']:.3f}" if base else "-"
-        excess = f"{100 * (peak - base['peak_bytes']) / info['param_bytes']:.2f}" if base else "-"
-        write(f"| {kind} | {peak / 2**20:.0f} | {ratio} | {excess} |")
+def _learning_table(benches) -> str:
+    return _measured_table(benches, [f"loss@{n}" for n in (0, 300, 1000, 3000)])
 
 
-def _measured_table(write, benches, columns: list[str]) -> None:
-    """Rows of values a benchmark measured (not timed): one per case and kind, as extra_info holds them."""
-    write("| case | kind | " + " | ".join(columns) + " |")
-    write("|---|---|" + "---:|" * len(columns))
-    for bench in benches:
-        info = bench.extra_info
-        write(f"| {info['case']} | {info['kind']} | " + " | ".join(f"{info[c]:.3g}" for c in columns) + " |")
+def _exact_cost_table(benches) -> str:
+    rows = _rows(benches)
+    base = next((r["seconds"] for r in rows if r["kind"] == "in_place"), None)
+    lines = ["| case | perturbation | median ms | x in place |", "|---|---|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['seconds'] / base:.3f}" if base else "-"
+        lines.append(f"| {r['case']} | {r['kind']} | {r['ms']:.1f} | {ratio} |")
+    return "\n".join(lines)
 
 
-def _drift_table(write, benches) -> None:
-    _measured_table(write, benches, [f"{m}@{n}" for m in ("rms", "changed") for n in (1, 100, 1000)])
-
-
-def _learning_table(write, benches) -> None:
-    _measured_table(write, benches, [f"loss@{n}" for n in (0, 300, 1000, 3000)])
-
-
-def _exact_cost_table(write, benches) -> None:
-    times = {b.extra_info["kind"]: b.stats.median for b in benches}
-    write("| case | perturbation | median ms | x in place |")
-    write("|---|---|---:|---:|")
-    for bench in benches:
-        kind = bench.extra_info["kind"]
-        ratio = f"{times[kind] / times['in_place']:.3f}" if "in_place" in times else "-"
-        write(f"| {bench.extra_info['case']} | {kind} | {times[kind] * 1e3:.1f} | {ratio} |")
+def _memory_rows_table(benches) -> str:
+    rows = [row for b in benches for row in b.extra_info["rows"]]
+    return table.markdown(rows, table.MEMORY)
 
 
 TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
-          "learning": _learning_table, "exact-cost": _exact_cost_table}
+          "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table}
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -88,4 +97,5 @@ def pytest_terminal_summary(terminalreporter, config):
         by_table[bench.extra_info["table"]].append(bench)
     for name, benches in by_table.items():
         terminalreporter.write_line("")
-        TABLES[name](terminalreporter.write_line, benches)
+        for line in TABLES[name](benches).splitlines():
+            terminalreporter.write_line(line)

@@ -109,7 +109,8 @@ def test_bad_input_is_one_line_exit_2_and_no_finished_run(files, tmp_path, capsy
         "optimizer": (_args(files, "--optimizer", "adma", output=out), "invalid choice: 'adma'"),
         "optimizer option": (_args(files, "--optimizer", "adazo", "--optimizer-option", "momentum=0.9", output=out),
                              "no option momentum"),
-        "cuda": (_args(files, "--device", "cuda", output=out), "use device 'cpu'"),
+        "cuda": (_args(files, "--device", "cuda:99", output=out),  # no machine has a 100th GPU
+                 "use cuda:0" if torch.cuda.is_available() else "use device 'cpu'"),
         "dtype": (_args(files, "--dtype", "float8", output=out), "invalid choice: 'float8'"),
         "bad yaml": (_args(files, "--config", str(yaml_file), output=out), "not valid YAML"),
         "config key": (_args(files, "--config", str(_write(tmp_path / "k.yaml", "stepz: 3\n")), output=out),

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from ..errors import ZounlearnError
-from . import robustness, study, unlearn
+from . import bench, robustness, study, unlearn
 from .info import run_info
 
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.register(sub)
     robustness.register(sub)
     study.register(sub)
+    bench.register(sub)
     return parser
 
 
