@@ -1,7 +1,8 @@
 """Prints the tables of benchmarks/README.md after a benchmark run, each ratio taken against a
 baseline measured in the same run: the perturbation pass (GB/s, x the `add_` ceiling, speed-up
 vs the MeZO-style reference), the ZO-SGD step (speed-up vs MeZO's loop) and the peak memory of
-one step (x inference, and the excess as a share of the parameter bytes)."""
+one step (x inference, and the excess as a share of the parameter bytes), and the Trainer path
+against our own loop (steps per second and the memory each adds)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,21 @@ def _memory_table(write, benches) -> None:
         write(f"| {kind} | {peak / 2**20:.0f} | {ratio} | {excess} |")
 
 
-TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table}
+def _hf_table(write, benches) -> None:
+    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in benches:
+        rows[bench.extra_info["optimizer"]][bench.extra_info["path"]] = bench.extra_info
+    write("| optimizer | loop steps/s | Trainer steps/s | Trainer / loop speed | loop added MiB | Trainer added MiB |")
+    write("|---|---:|---:|---:|---:|---:|")
+    for name, paths in rows.items():
+        loop, trainer = paths.get("loop"), paths.get("trainer")
+        if loop and trainer:
+            write(f"| {name} | {loop['steps_per_second']:.2f} | {trainer['steps_per_second']:.2f} | "
+                  f"{trainer['steps_per_second'] / loop['steps_per_second']:.2f} | {loop['added_bytes'] / 2**20:.0f} | "
+                  f"{trainer['added_bytes'] / 2**20:.0f} |")
+
+
+TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "hf": _hf_table}
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -2,6 +2,7 @@
 random weights from a config, float32, CPU), in a fresh process so that nothing else counts.
 
     python benchmarks/peak_memory.py ZOSGD      # prints one JSON line
+    python benchmarks/peak_memory.py "LoRA AdaZO"   # the same step on LoRA adapters (peft)
 
 The kernel's high-water mark (VmHWM) is reset after the model, the batch and one warm-up
 forward pass exist, so the figure is the model plus what the step itself adds. Blocks of
@@ -36,6 +37,9 @@ def _high_water_mark() -> int:
 def main(kind: str) -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_positions=LENGTH))
+    if kind.startswith("LoRA "):  # r 8, alpha 16 on c_attn (peft's default for GPT-2): only the adapters train
+        from zounlearn.hf.lora import LoraSpec, apply_lora
+        model, kind = apply_lora(model, LoraSpec(r=8, alpha=16.0)), kind[len("LoRA "):]
     params = [p for p in model.parameters() if p.requires_grad]
     tokens = torch.randint(0, model.config.vocab_size, (BATCH, LENGTH))
     loss = lambda: model(tokens, labels=tokens).loss  # noqa: E731
@@ -57,13 +61,15 @@ def main(kind: str) -> None:
         opt = torch.optim.AdamW(params, lr=1e-6)
         loss().backward()
         opt.step()
+    elif kind == "SignAdam":
+        optim.SignAdam(params, lr=1e-6).step(loss)
     elif kind == "HybridFOZO (FO phase)":
         optim.HybridFOZO(params, block=1, total_steps=2).step(loss)  # step 0 of FO, ZO: first-order
     else:
         raise SystemExit(f"unknown kind {kind!r}")
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    numel = sum(p.numel() for p in params)
-    print(json.dumps({"peak_bytes": _high_water_mark(), "param_bytes": param_bytes, "params": numel}))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the whole model's
+    print(json.dumps({"peak_bytes": _high_water_mark(), "param_bytes": param_bytes, "trainable": sum(
+        p.numel() for p in params), "params": sum(p.numel() for p in model.parameters())}))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def test_zo_sgd_step_passes(benchmark, dtype, kind):
     assert all(torch.isfinite(p.data[:10]).all() for p in params)
 
 
-MEMORY_KINDS = ["inference", "ZOSGD", "MeZO reference", "AdaZO", "AdamW", "HybridFOZO (FO phase)"]
+MEMORY_KINDS = ["inference", "ZOSGD", "MeZO reference", "AdaZO", "AdamW", "HybridFOZO (FO phase)",
+                "LoRA AdamW", "LoRA AdaZO", "LoRA SignAdam", "LoRA HybridFOZO (FO phase)"]
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)

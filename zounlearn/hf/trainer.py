@@ -81,6 +81,7 @@ class TrainerMixin:
     # ---- the Trainer's hooks
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        self._micro_batches = []  # a run stopped inside a step leaves none to the next train()
         if self.optimizer is None and self.optimizer_name is not None:
             self.optimizer = self._build_optimizer(self.model if model is None else model)
         adapter = find_adapter(self.optimizer)
