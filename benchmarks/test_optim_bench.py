@@ -54,7 +54,7 @@ def test_zo_sgd_step_passes(benchmark, dtype, kind):
 
 
 MEMORY_KINDS = ["inference", "ZOSGD", "MeZO reference", "AdaZO", "AdamW", "HybridFOZO (FO phase)",
-                "LoRA AdamW", "LoRA AdaZO", "LoRA SignAdam", "LoRA HybridFOZO (FO phase)"]
+                "LoRA inference", "LoRA AdamW", "LoRA AdaZO", "LoRA SignAdam", "LoRA HybridFOZO (FO phase)"]
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
