@@ -17,8 +17,8 @@ $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
-		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" safetensors pyyaml matplotlib \
-		rouge-score scikit-learn \
+		"triton>=3.2" "transformers>=4.46" "datasets>=2.18" safetensors pyyaml matplotlib \
+		rouge-score scikit-learn "accelerate>=1.0" "peft>=0.13" "bitsandbytes>=0.50" \
 		"pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6"
 	touch $@
 

@@ -1,8 +1,9 @@
 """Prints the tables of benchmarks/README.md after a benchmark run, each ratio taken against a
 baseline measured in the same run (zounlearn.bench's rows, ratios and tables): the perturbation
 pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference), the ZO-SGD step
-(speed-up vs MeZO's loop) and the steady-state peak memory of a step (x inference, and the excess
-as a share of the parameter bytes)."""
+(speed-up vs MeZO's loop), the steady-state peak memory of a step (x inference, and the excess
+as a share of the parameter bytes), half precision (drift, learning, the exact mode's cost) and
+the Trainer path against our own loop (steps per second and the memory each adds)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,24 @@ def _memory_rows_table(benches) -> str:
     return table.markdown(rows, table.MEMORY)
 
 
+def _hf_table(benches) -> str:
+    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in benches:
+        rows[bench.extra_info["optimizer"]][bench.extra_info["path"]] = bench.extra_info
+    lines = ["| optimizer | loop steps/s | Trainer steps/s | Trainer / loop speed | loop added MiB | "
+             "Trainer added MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for name, paths in rows.items():
+        loop, trainer = paths.get("loop"), paths.get("trainer")
+        if loop and trainer:
+            lines.append(f"| {name} | {loop['steps_per_second']:.2f} | {trainer['steps_per_second']:.2f} | "
+                  f"{trainer['steps_per_second'] / loop['steps_per_second']:.2f} | {loop['added_bytes'] / 2**20:.0f} | "
+                  f"{trainer['added_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
-          "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table}
+          "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table,
+          "hf": _hf_table}
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -38,7 +38,7 @@ def test_zo_sgd_step_passes(benchmark, dtype, kind):
     assert all(torch.isfinite(p.data[:10]).all() for p in params)
 
 
-@pytest.mark.parametrize("kind", memory.KINDS)
+@pytest.mark.parametrize("kind", [*memory.KINDS, *memory.LORA_KINDS])
 def test_peak_memory_of_one_step(benchmark, kind):
     """Each kind in a fresh process (zounlearn.bench.memory): the steady-state peak of resident memory
     on GPT-2 small (float32, 2 x 256 tokens)."""

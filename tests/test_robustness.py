@@ -24,7 +24,6 @@ from zounlearn.robustness import (
     add_weight_noise_,
     attacks,
     barrier_height,
-    bitsandbytes_unavailable,
     interpolate,
     mode_connectivity,
     noise_attack,
@@ -150,12 +149,6 @@ def test_quantizer_arguments_are_checked():
                         (lambda: quantize_model(tiny_gpt2(), "int3"), "unknown quantization scheme")):
         with pytest.raises(ValueError, match=match):
             call()
-
-
-@pytest.mark.skipif(bitsandbytes_unavailable() is None, reason="bitsandbytes and CUDA are available")
-def test_bitsandbytes_scheme_says_why_it_cannot_run():
-    with pytest.raises(ValueError, match="cannot run.*nf4-g64"):
-        quantize_model(tiny_gpt2(), "bnb-nf4")
 
 
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])

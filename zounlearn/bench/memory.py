@@ -25,12 +25,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..optim import ZOSGD, AdaZO, HybridFOZO
+from ..optim import ZOSGD, AdaZO, HybridFOZO, SignAdam
 from ..optim.mezo import mezo_step
 from . import calls
 from .models import hf_model, token_batch
 
-KINDS = ("inference", "ZOSGD", "ZOSGD exact", "MeZO loop", "AdaZO", "AdamW", "HybridFOZO")
+KINDS = ("inference", "ZOSGD", "ZOSGD exact", "MeZO loop", "AdaZO", "AdamW", "SignAdam", "HybridFOZO")
+# The same on LoRA adapters (peft, r 8, alpha 16 on its default target modules): only the adapters train.
+LORA_KINDS = tuple(f"LoRA {kind}" for kind in ("inference", "AdamW", "AdaZO", "SignAdam", "HybridFOZO"))
 LR, MU = 1e-7, 1e-3
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # read by glibc at start-up only
 
@@ -49,6 +51,9 @@ def _round(kind: str, model: torch.nn.Module, loss: Callable[[], torch.Tensor]) 
         return lambda: opt.step(loss)
     if kind == "MeZO loop":
         return lambda: mezo_step(params, loss, lr=LR, mu=MU, seed=0)
+    if kind == "SignAdam":
+        opt = calls.optimizer(SignAdam, params, lr=LR)
+        return lambda: opt.step(loss)
     if kind == "AdamW":
         adamw = torch.optim.AdamW(params, lr=LR)
 
@@ -85,8 +90,14 @@ def _peak(device: torch.device) -> int:
 
 
 def peak(kind: str, model: torch.nn.Module, tokens: torch.Tensor) -> dict:
-    """The steady-state peak of `kind` on `model` (in this process), as a row."""
+    """The steady-state peak of `kind` on `model` (in this process), as a row; param_bytes counts the
+    whole model's parameters (for a LoRA kind, the frozen base ones too)."""
     device = tokens.device
+    name = kind
+    if kind.startswith("LoRA "):
+        from ..hf.lora import LoraSpec, apply_lora
+
+        model, kind = apply_lora(model, LoraSpec(r=8, alpha=16.0)), kind.removeprefix("LoRA ")
     loss = lambda: model(tokens, labels=tokens).loss  # noqa: E731
     step = _round(kind, model, loss)
     step()  # warm-up: every phase allocates its state, the allocator its caches
@@ -95,9 +106,10 @@ def peak(kind: str, model: torch.nn.Module, tokens: torch.Tensor) -> dict:
     result = _peak(device)
     del step
     model.zero_grad(set_to_none=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return dict(kind=kind, peak_bytes=result, param_bytes=sum(p.numel() * p.element_size() for p in params),
-                params=sum(p.numel() for p in params), device=device.type,
+    params = list(model.parameters())
+    return dict(kind=name, peak_bytes=result, param_bytes=sum(p.numel() * p.element_size() for p in params),
+                params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+                device=device.type,
                 dtype=str(params[0].dtype).removeprefix("torch."), batch=list(tokens.shape))
 
 
@@ -134,7 +146,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="the steady-state peak of one kind on the CPU, as one JSON line")
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=KINDS + LORA_KINDS)
     parser.add_argument("--model", default="gpt2-small")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=2)

@@ -47,7 +47,7 @@ DEFAULT_STEPS = (0, 5, 10, 20, 50)
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH_SIZE = 10
 DEFAULT_WEIGHT_DECAY = 0.0
-DEFAULT_SCHEMES = ("int8", "int8-g128", "int8-g64", "int4", "int4-g128", "int4-g64", "nf4-g64")
+DEFAULT_SCHEMES = ("int8", "int8-g128", "int8-g64", "int4", "int4-g128", "int4-g64", "nf4-g64", "bnb-fp4")
 DEFAULT_RELATIVE_STDS = (0.01, 0.03, 0.1, 0.3)
 DEFAULT_DRAWS = 3
 DEFAULT_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -141,14 +141,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     retain.set_defaults(handler=run_retain_finetune)
 
     quantize = attacks.add_parser(
-        "quantize", help="quantize the weights (int8, int4, NF4): does low precision undo unlearning?",
+        "quantize", help="quantize the weights (int8, int4, NF4, FP4): does low precision undo unlearning?",
         description="Quantize then dequantize the Linear/Conv1D weights inside the transformer blocks of a copy of "
                     "--model with each scheme and evaluate it, next to the unquantized model (the baseline row).")
     _add_common(quantize, seed_help=None)
     quantize.add_argument_group("quantization").add_argument(
         "--schemes", default=GIVEN, metavar="NAME,NAME,...",
-        help=f"comma-separated quantization schemes (default: all of {_joined(DEFAULT_SCHEMES)}); also bnb-nf4 "
-             "and bnb-fp4, bitsandbytes' own 4-bit kernels, on a CUDA GPU with bitsandbytes installed")
+        help=f"comma-separated quantization schemes (default: all of {_joined(DEFAULT_SCHEMES)}); also bnb-nf4, "
+             "bnb-int8 (bitsandbytes' load_in_4bit / LLM.int8; bnb-fp4 is the seed paper's) and fp4-g64")
     quantize.set_defaults(handler=run_quantize)
 
     noise = attacks.add_parser(

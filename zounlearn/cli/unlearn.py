@@ -34,8 +34,8 @@ LOOP_DEFAULTS: dict[str, Any] = {
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
-    "holdout": None, "fields": None, "text_unit": None, "output": None, "resume": False, "save_model": True,
-    "progress": True,
+    "holdout": None, "fields": None, "text_unit": "line", "output": None, "resume": False, "save_model": True,
+    "progress": True, "lora": None, "merge_lora": False,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
     **{k: RUN_DEFAULTS[k] for k in ("model", "dtype", "device", "threads", "forget", "retain", "holdout", "fields",
@@ -129,6 +129,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_flags(run)
     add_loop_flags(run, LOOP_DEFAULTS)
     add_output_flags(run)
+    lora = run.add_argument_group("LoRA (peft)")
+    lora.add_argument("--lora", default=GIVEN, metavar="r=8,alpha=16,target=M,M",
+                      help="unlearn LoRA adapters instead of the weights; DIR/model then holds the adapters as peft "
+                           "saves them (zounlearn.hf.lora)")
+    lora.add_argument("--merge-lora", default=GIVEN, action="store_true",
+                      help="also write the model with the adapters merged into its weights to DIR/merged")
     run.set_defaults(handler=run_unlearn)
 
     evaluate = sub.add_parser("eval", help="evaluate a model on forget, retain and holdout data",
@@ -187,13 +193,24 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
         raise UsageError(f"the run directory {output} exists and is not empty; choose another --output, or add "
                          f"--resume to continue it")
     check_writable(output, "--output", directory=True)
+    lora = None
+    if options.get("lora"):
+        from ..hf.lora import apply_lora, parse_lora, save_merged
+        lora = parse_lora(options["lora"])
+    elif options.get("merge_lora"):
+        raise UsageError("--merge-lora needs --lora")
     if options.get("rebuild"):  # the demo's --rebuild, once every option is checked
         from ..unlearning import embedded_model
         embedded_model(rebuild=True, threads=options.get("threads") or 1)
     model, tokenizer, data, meta = load_model_and_data(options, progress=options["progress"])
+    if lora is not None:
+        model = apply_lora(model, lora)
+        meta = {**meta, "lora": options["lora"]}
     with backends.use(options["backend"]):
         result = unlearn(model, tokenizer, data, config, output, resume=options["resume"],
                          progress=options["progress"], save_model=options["save_model"], meta=meta)
+    if options.get("merge_lora"):
+        save_merged(model, tokenizer, Path(output) / "merged")
     print(f"\n{config.objective} with {config.optimizer} (lr {config.lr if config.lr is not None else 'default'}), "
           f"{result.steps} steps, {result.seconds:.1f} s of training\n")
     print(metrics_table(result.before, result.after))

@@ -104,13 +104,21 @@ class HybridFOZO(torch.optim.Optimizer):
             scheduled = group.get("initial_lr")
             zo["lr"] = group["zo_lr"] * (group["lr"] / scheduled if scheduled else 1.0)
 
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        if closure is None:
-            raise ValueError("HybridFOZO needs a closure that returns the loss; it calls backward() itself in "
-                             "first-order steps")
-        self._follow_rates()
+    def step(self, closure: Closure | None = None) -> float | None:  # type: ignore[override]
+        """One step of the scheduled phase on the closure's loss. Without a closure, a first-order step
+        uses the gradients already in .grad (as torch.optim's step() does: a Trainer that backpropagates
+        itself calls it so) and returns None; a zeroth-order step always needs the closure."""
         phase = self.phase(self.steps)
+        if closure is None and phase == "zo":
+            raise ValueError("HybridFOZO's zeroth-order steps need a closure that returns the loss (step "
+                             f"{self.steps} is one); without a closure only its first-order steps can run")
+        self._follow_rates()
         self.last_phase = phase
+        if closure is None:
+            self.fo.step()
+            self.fo.zero_grad(set_to_none=True)  # free the gradients before a ZO block
+            self.steps += 1
+            return None
         if phase == "zo":
             before = self.zo.draws
             loss = self.zo.step(closure)

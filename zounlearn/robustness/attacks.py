@@ -37,7 +37,7 @@ mia_min_k compares answers with answers. The forget split's texts are left out: 
 may restate a relearned fact. When the pool is `train` (texts), the texts not relearned and
 every multiple-choice question (never trained on). Retain is kept in both cases (utility).
 
-Weight quantization (`quantization_attack`, see `quantize.py`) and Gaussian weight noise
+Weight quantization (`quantization_attack`, see `quantize.py` and `bnb.py`) and Gaussian weight noise
 (`noise_attack`, see `noise.py`). The default relative standard deviations, 0.01 to 0.3 of
 each tensor's RMS, span the relative RMS error of the quantizers on the embedded model
 (0.006 to 0.009 for int8, 0.09 to 0.16 for the 4-bit schemes) and beyond, so that noise
@@ -66,7 +66,7 @@ from ..unlearning.evaluation import evaluate
 from ..unlearning.objectives import cross_entropy
 from ._checks import check_eval_kwargs
 from .noise import add_weight_noise_
-from .quantize import QUANTIZATION_SCHEMES, check_scheme, quantize_model
+from .quantize import DEFAULT_SCHEMES, check_scheme, quantize_model
 from .targets import target_weights
 
 DEFAULT_K = 10
@@ -222,12 +222,13 @@ def _fine_tune(model: torch.nn.Module, batches: Batches, steps: Sequence[int], l
 
 
 def quantization_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
-                        schemes: Sequence[str] = tuple(QUANTIZATION_SCHEMES),
+                        schemes: Sequence[str] = DEFAULT_SCHEMES,
                         eval_kwargs: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """{scheme: evaluate's metrics on the quantized-then-dequantized copy} (`quantize.quantize_model`)."""
+    """{scheme: evaluate's metrics on the quantized copy} (`quantize.quantize_model`); by default every
+    scheme of ours and bnb-fp4, the seed paper's load_in_4bit."""
     schemes = list(schemes)
     if not schemes:
-        raise UsageError(f"schemes is empty; name at least one of {', '.join(QUANTIZATION_SCHEMES)}")
+        raise UsageError(f"schemes is empty; name at least one of {', '.join(DEFAULT_SCHEMES)}")
     for scheme in schemes:
         check_scheme(scheme)
     eval_kwargs = _fitted(model, tokenizer, data, check_eval_kwargs(eval_kwargs))
