@@ -119,6 +119,10 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
 def check_optimizer_options(name: str, options: dict[str, Any], lr: float | None = None) -> None:
     """Raise UsageError, naming the option, unless make_optimizer(name, ..., **options) would build
     (it builds one over a one-element stand-in parameter and drops it)."""
+    reserved = sorted(set(options) & {"lr", "seed", "total_steps", "model"})
+    if reserved:
+        raise UsageError(f"{', '.join(reserved)} is not an optimizer option of {name}: it is the run's own setting "
+                         f"(e.g. --lr, --seed, --steps)")
     make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr=lr, **options)
 
 
