@@ -28,7 +28,7 @@ CONFIG, METRICS, REPORT = "config.json", "metrics.jsonl", "report.json"
 
 
 def open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: bool, model: torch.nn.Module
-                  ) -> tuple[Path, tuple[int, dict[str, Any]] | None]:
+                 ) -> tuple[Path, tuple[int, dict[str, Any]] | None]:
     """A fresh run directory with config.json; or, resuming, the run's directory after checking that it ran
     this configuration, cleared of interrupted writes, and its newest checkpoint, verified (None: there is none)."""
     directory = Path(run_dir)
@@ -42,6 +42,8 @@ def open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: boo
         return directory, None
     if not saved.is_file():
         raise UsageError(f"cannot resume: {saved} does not exist; start the run without resume")
+    if (directory / REPORT).exists():
+        raise UsageError(f"{directory} holds a finished run (report.json); choose a new run directory")
     try:
         previous = json.loads(saved.read_text())
     except (ValueError, UnicodeDecodeError):
@@ -56,8 +58,6 @@ def open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: boo
         changed = sorted(k for k in current if previous.get(k) != current[k])
         raise UsageError(f"cannot resume {directory}: it ran another configuration (differs in "
                          f"{', '.join(changed)}); resume with the same settings and starting model")
-    if (directory / REPORT).exists():
-        raise UsageError(f"{directory} holds a finished run (report.json); choose a new run directory")
     for place in (directory, directory / "checkpoints"):
         remove_temporaries(place)
     if not checkpoint_steps(directory):
