@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UsageError
 from ..optim.registry import OPTIMIZERS
 from ..unlearning.data import Split, UnlearningData
 from ..unlearning.evaluation import RetainReference, evaluate, register_retain_model
@@ -142,19 +143,19 @@ class StudySettings:
 
     def __post_init__(self) -> None:
         if self.model_size not in MODEL_SIZES:
-            raise ValueError(f"unknown model size {self.model_size!r}; use one of {', '.join(MODEL_SIZES)}")
+            raise UsageError(f"unknown model size {self.model_size!r}; use one of {', '.join(MODEL_SIZES)}")
         if not self.optimizers or not self.objectives or not self.seeds:
-            raise ValueError("the study needs at least one optimizer, objective and seed")
+            raise UsageError("the study needs at least one optimizer, objective and seed")
         if REFERENCE_ARM not in self.optimizers:
-            raise ValueError(f"the study compares every arm with {REFERENCE_ARM}; keep it in the optimizers")
+            raise UsageError(f"the study compares every arm with {REFERENCE_ARM}; keep it in the optimizers")
         unknown = [a.name(self.zo_budget_factor) for a in self.arms() if a.name(self.zo_budget_factor)
                    not in self.lr_grid or a.optimizer not in OPTIMIZERS]
         if unknown:
-            raise ValueError(f"the study has no learning-rate grid for {', '.join(unknown)}; use some of "
+            raise UsageError(f"the study has no learning-rate grid for {', '.join(unknown)}; use some of "
                              f"{', '.join(o for o in self.lr_grid if ' ' not in o)}")
         unknown_schemes = [s for s in self.schemes if s not in QUANTIZATION_SCHEMES]
         if unknown_schemes:
-            raise ValueError(f"unknown quantization scheme {unknown_schemes[0]!r}")
+            raise UsageError(f"unknown quantization scheme {unknown_schemes[0]!r}")
         for objective in self.objectives:  # an unknown objective fails now, not after the first evaluations
             loop_config(self, Arm(self.optimizers[0]), objective, lr=1e-3, seed=0)  # any rate and seed: checks
 
