@@ -34,7 +34,7 @@ LOOP_DEFAULTS: dict[str, Any] = {
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
-    "holdout": None, "fields": None, "text_unit": "line", "output": None, "resume": False, "save_model": True,
+    "holdout": None, "fields": None, "text_unit": None, "output": None, "resume": False, "save_model": True,
     "progress": True, "lora": None, "merge_lora": False,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
