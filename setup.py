@@ -1,15 +1,18 @@
 """Builds zounlearn's C++ CPU extension always and its CUDA extension when it can.
 
-Environment: ZOUNLEARN_CPU_ARCH=generic builds the CPU op for any x86-64 (default: AVX2/FMA/F16C
-when the building machine has them, as source-built extensions usually are run where they
-were built; `native` passes -march=native); ZOUNLEARN_SKIP_CUDA=1 never builds CUDA; ZOUNLEARN_FORCE_CUDA=1 builds it
-even without a visible GPU (needs nvcc and a CUDA build of torch); TORCH_CUDA_ARCH_LIST
-and MAX_JOBS are honoured by torch.utils.cpp_extension. Build with
+The CPU extension's kernels (csrc/cpu/kernels_isa.cpp) are compiled once per instruction set of
+csrc/cpu/isa_flags.json (generic x86-64, AVX2, AVX-512, AVX-512 with BF16) and the torch glue
+once, for any x86-64; at run time csrc/cpu/capability.cpp picks the kernels the processor runs
+(ZOUNLEARN_CPU_CAPABILITY overrides). Environment: ZOUNLEARN_SKIP_CUDA=1 never builds CUDA;
+ZOUNLEARN_FORCE_CUDA=1 builds it even without a visible GPU (needs nvcc and a CUDA build of
+torch); TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch.utils.cpp_extension. Build with
 `pip install --no-build-isolation .` so the extension links against the torch you run.
 """
 
+import json
 import os
 import shutil
+import subprocess
 
 import torch
 from setuptools import setup
@@ -17,33 +20,25 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-# -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it.
+# -ffp-contract=off keeps alpha * theta + c * z two roundings, as the reference computes it, on
+# every instruction set (no FMA even where -mfma is given).
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the op runs on one thread.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+KERNEL_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+CXX_FLAGS = [*KERNEL_FLAGS, "-fopenmp"]
 # --fmad=false: csrc/update_rules.h's expressions compile to separately rounded IEEE operations,
 # as the reference computes them (division and sqrtf are IEEE by default: no fast-math, keep
 # -prec-div/-prec-sqrt). tests/test_cuda_compile.py compiles the kernels with these flags.
 NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+CPU_SOURCES = ["module_cpu.cpp", "capability.cpp", "perturb_cpu.cpp", "update_cpu.cpp"]
+CPU_KERNELS = os.path.join("csrc", "cpu", "kernels_isa.cpp")  # compiled once per instruction set
+with open(os.path.join(CSRC, "cpu", "isa_flags.json")) as _f:
+    ISA_FLAGS: dict[str, list[str]] = json.load(_f)
 CUDA_SOURCES = ["module_cuda.cpp", "perturb_cuda.cpp", "update_cuda.cpp",
                 "perturb_kernel.cu", "zo_update_kernel.cu", "grad_update_kernel.cu"]
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
-def _cpu_arch_flags() -> list[str]:
-    arch = os.environ.get("ZOUNLEARN_CPU_ARCH", "auto")
-    if arch == "generic":
-        return []
-    if arch == "native":
-        return ["-march=native"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
 
 
 def _cuda_wanted() -> tuple[bool, str]:
@@ -63,9 +58,9 @@ def extensions() -> list:
     exts = [
         CppExtension(
             "zounlearn._C_cpu",
-            [os.path.join("csrc", "cpu", f) for f in ("module_cpu.cpp", "perturb_cpu.cpp", "update_cpu.cpp")],
+            [os.path.join("csrc", "cpu", f) for f in CPU_SOURCES],
             include_dirs=[CSRC],
-            extra_compile_args={"cxx": CXX_FLAGS + _cpu_arch_flags()},
+            extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=["-fopenmp"],
         )
     ]
@@ -86,4 +81,44 @@ def extensions() -> list:
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+class BuildExt(BuildExtension):
+    """torch's build, plus the CPU kernels compiled once per instruction set and linked into
+    zounlearn._C_cpu (a translation unit per ISA: per-file flags, which an Extension cannot give)."""
+
+    def build_extension(self, ext) -> None:
+        if ext.name == "zounlearn._C_cpu":
+            ext.extra_objects = [obj for name, flags in ISA_FLAGS.items() for obj in self._compile_isa(name, flags)]
+        super().build_extension(ext)
+
+    def _compile_isa(self, name: str, flags: list[str]) -> list[str]:
+        objects = self.compiler.compile(
+            [CPU_KERNELS],
+            output_dir=os.path.join(self.build_temp, f"isa-{name}"),
+            macros=[("ZO_CPU_ISA", name)],
+            include_dirs=[CSRC],
+            extra_postargs=["-std=c++17", *KERNEL_FLAGS, *flags],
+            depends=[os.path.join(CSRC, "cpu", f) for f in os.listdir(os.path.join(CSRC, "cpu")) if f.endswith(".h")],
+        )
+        _check_exports(name, objects)
+        return objects
+
+
+def _check_exports(name: str, objects: list[str]) -> None:
+    """A build may export nothing but its table and its own namespace's code: of an inline function
+    that every build exports, the linker keeps one copy for all, maybe the AVX-512 one for a
+    processor without AVX-512."""
+    nm = shutil.which("nm")
+    if nm is None:
+        print("zounlearn: nm not found; not checking what the CPU kernels export")
+        return
+    for obj in objects:
+        listing = subprocess.run([nm, "-C", "-g", "--defined-only", obj], capture_output=True, text=True, check=True)
+        symbols = [line.split(maxsplit=2)[-1] for line in listing.stdout.splitlines() if line.strip()]
+        # A name that holds the build's namespace is the build's own, whatever else it holds.
+        leaked = [s for s in symbols if s != f"zo::cpu::kernels_{name}()" and f"::isa_{name}::" not in s]
+        if leaked:
+            raise RuntimeError(f"{CPU_KERNELS} built for {name} exports {', '.join(leaked[:3])}: keep the kernels' "
+                               "code in the build's namespace (csrc/cpu/storage.h) or inlined")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)})

@@ -1,9 +1,10 @@
 """Prints the tables of benchmarks/README.md after a benchmark run, each ratio taken against a
 baseline measured in the same run (zounlearn.bench's rows, ratios and tables): the perturbation
-pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference), the ZO-SGD step
-(speed-up vs MeZO's loop), the steady-state peak memory of a step (x inference, and the excess
-as a share of the parameter bytes), half precision (drift, learning, the exact mode's cost) and
-the Trainer path against our own loop (steps per second and the memory each adds)."""
+pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference; per CPU build), the
+ZO-SGD step (speed-up vs MeZO's loop), the first-order AdamW pass (speed-up vs torch's fused
+AdamW), the steady-state peak memory of a step (x inference, and the excess as a share of the
+parameter bytes), half precision (drift, learning, the exact mode's cost) and the Trainer path
+against our own loop (steps per second and the memory each adds)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,18 @@ def _hf_table(benches) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
+def _first_order_table(benches) -> str:
+    times = {b.extra_info["kind"]: b.stats.median for b in benches}
+    fused = times.get("torch AdamW (fused)")
+    lines = ["| case | implementation | median ms | speed-up vs torch AdamW (fused) |", "|---|---|---:|---:|"]
+    for bench in benches:
+        seconds = times[bench.extra_info["kind"]]
+        speedup = f"{fused / seconds:.2f}" if fused else "-"
+        lines.append(f"| {bench.extra_info['case']} | {bench.extra_info['kind']} | {seconds * 1e3:.2f} | {speedup} |")
+    return "\n".join(lines)
+
+
+TABLES = {"first-order": _first_order_table, "perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
           "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table,
           "hf": _hf_table}
 

@@ -1,5 +1,6 @@
 // The Python module zounlearn._C_cpu: registers the CPU kernels of ops_cpu.h for the CPU dispatch
-// key when zounlearn/ops/backends.py chooses them, and says what it was built with.
+// key when zounlearn/ops/backends.py chooses them, and says which build of them runs.
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -7,12 +8,11 @@
 #include "ops_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "zounlearn CPU kernels (ZO-RNG v1)";
-#if defined(__AVX2__)
-  m.attr("isa") = "avx2";
-#else
-  m.attr("isa") = "baseline";
-#endif
+  m.doc() = "zounlearn CPU kernels (ZO-RNG v2)";
+  m.def("capability", [] { return std::string(zo::cpu::kernels().name); },
+        "The build of the kernels that runs (ZOUNLEARN_CPU_CAPABILITY, else the highest this processor runs).");
+  m.def("set_capability", &zo::cpu::set_capability, "Run build `name` from now on ('auto': the highest).");
+  m.def("capabilities", &zo::cpu::capabilities, "(name, this processor runs it) of every build, lowest first.");
   // A test checks this: 1 would mean the module was built without OpenMP, whatever
   // torch.get_num_threads() says.
   m.def("parallel_threads", &zo::cpu::parallel_threads);

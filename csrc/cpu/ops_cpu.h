@@ -1,5 +1,6 @@
 // The CPU kernels of the registered ops (zounlearn/ops/library.py), registered for the CPU
-// dispatch key by module_cpu.cpp, and what their torch glue shares.
+// dispatch key by module_cpu.cpp, and what their torch glue shares. The glue is compiled once;
+// it calls the kernels of the build capability.h chose through its KernelTable.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,8 +9,9 @@
 #include <optional>
 
 #include "../op_args.h"
+#include "capability.h"
+#include "kernel_table.h"
 #include "parallel_groups.h"
-#include "perturb_cpu_kernel.h"
 
 namespace zo::cpu {
 
@@ -18,13 +20,12 @@ ZO_DECLARE_OP_KERNELS
 // Threads this module's at::parallel_for really uses (1 when built without OpenMP).
 int parallel_threads();
 
-// Calls fn(T*) with the tensor's data as the kernel's storage type (float, bf16, f16).
-template <typename F>
-void with_dtype(const at::Tensor& t, const F& fn) {
+// The kernels' storage type of a checked parameter (float32, bfloat16 or float16).
+inline DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return fn(static_cast<float*>(t.data_ptr()));
-    case at::kBFloat16: return fn(static_cast<bf16*>(t.data_ptr()));
-    default: return fn(static_cast<f16*>(t.data_ptr()));
+    case at::kFloat: return DType::kFloat;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kHalf;
   }
 }
 

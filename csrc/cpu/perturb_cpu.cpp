@@ -1,5 +1,5 @@
-// The CPU perturbation kernel (perturb_cpu_kernel.h) behind torch.ops.zounlearn.perturb_: the
-// pointer checks, then one parallel loop over every tensor's groups.
+// The CPU perturbation kernels (perturb_cpu_kernel.h) behind torch.ops.zounlearn.perturb_ and
+// perturb_into: the pointer checks, then one parallel loop over every tensor's groups.
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -14,11 +14,11 @@ void perturb_(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<doubl
   const Terms terms = checked_terms(params.size(), offsets, coefs, streams, seed, alpha, op);
   const Dist d = checked_dist(dist, op);
   const GroupRanges ranges = checked_groups(params, offsets, op);
+  const KernelTable& k = kernels();
   parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
     const at::Tensor& t = params[i];
-    with_dtype(t, [&](auto* data) {
-      perturb_groups(data, data, t.numel(), static_cast<uint64_t>(offsets[i]), terms, d, g0, g1);
-    });
+    k.perturb(dtype_of(t), t.data_ptr(), t.data_ptr(), t.numel(), static_cast<uint64_t>(offsets[i]), terms, d, g0,
+              g1);
   });
   bump_versions(params);
 }
@@ -31,13 +31,11 @@ void perturb_into(at::TensorList params, at::TensorList out, at::IntArrayRef off
   TORCH_CHECK(out.size() == params.size(), op, ": one output per tensor");
   const GroupRanges ranges = checked_groups(params, offsets, op);
   for (size_t i = 0; i < params.size(); ++i) check_like(out[i], params[i], params[i].scalar_type(), op, "out", i);
+  const KernelTable& k = kernels();
   parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
     const at::Tensor& t = params[i];
-    with_dtype(t, [&](auto* data) {
-      using T = std::remove_pointer_t<decltype(data)>;
-      perturb_groups<T>(data, static_cast<T*>(out[i].data_ptr()), t.numel(), static_cast<uint64_t>(offsets[i]),
-                        terms, d, g0, g1);
-    });
+    k.perturb(dtype_of(t), t.data_ptr(), out[i].data_ptr(), t.numel(), static_cast<uint64_t>(offsets[i]), terms, d,
+              g0, g1);
   });
   bump_versions(out);
 }

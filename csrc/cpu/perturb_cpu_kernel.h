@@ -3,53 +3,31 @@
 // into another tensor of the same shape. Work is split into groups of 128 global elements
 // (one Rademacher Philox block, or 32 Gaussian blocks); each group is loaded once, updated in
 // a float32 buffer for every term and stored with one rounding. No parameter-sized temporaries.
+// AVX2 and AVX-512 builds run Philox lane-parallel with intrinsics and AVX-512 the full groups
+// 16 elements at a time; every build computes the same IEEE operations in the same order.
 #pragma once
 
 #include <stdint.h>
 
-#include <string.h>
-
 #include <algorithm>
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include <type_traits>
 
 #include "../zo_rng.h"
+#include "storage.h"
 
 namespace zo::cpu {
+inline namespace ZO_ISA_NAMESPACE {
 
-// Storage types with the same layout as at::BFloat16 / at::Half.
-struct bf16 {
-  uint16_t bits;
-};
-using f16 = _Float16;  // IEEE binary16: conversions round to nearest even (F16C when enabled)
-
-inline float load(float x) { return x; }
-inline float load(bf16 x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
-inline float load(f16 x) { return static_cast<float>(x); }
-
-inline void store(float x, float& out) { out = x; }
-inline void store(float x, f16& out) { out = static_cast<f16>(x); }
-// Round to nearest even, as torch does; NaN stays a quiet NaN. Branch-free so it vectorises.
-inline void store(float x, bf16& out) {
-  const uint32_t u = float_bits(x);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t nan = ((u >> 16) | 0x40u) & 0xFFFFu;
-  out.bits = static_cast<uint16_t>(x != x ? nan : rounded);
+#if defined(__AVX512F__)
+// (a * b) mod 2^32 and (a * b) >> 32 for 16 lanes: two widening multiplies (even and odd
+// lanes) whose 64-bit products' halves one masked pair swap each puts in place.
+inline void mul_lo_hi_x16(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
+  const __m512i even = _mm512_mul_epu32(a, b);
+  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), b);
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
 }
-
-// Stochastic rounding with the element's rounding word r (zo_rng.h); float32 needs none.
-inline void store_stochastic(float x, uint32_t, float& out) { out = x; }
-inline void store_stochastic(float x, uint32_t r, bf16& out) { out.bits = bf16_stochastic(x, r); }
-inline void store_stochastic(float x, uint32_t r, f16& out) {
-  const uint16_t bits = f16_stochastic(x, r);
-  memcpy(&out, &bits, sizeof bits);
-}
-
-constexpr int64_t kGroup = kRademacherPerBlock;
-
-#if defined(__AVX2__)
+#elif defined(__AVX2__)
 // (a * b) mod 2^32 and (a * b) >> 32 for 8 lanes: two widening multiplies and blends;
 // gcc's own vectorisation of the scalar round shuffles far more (and uses vpmulld).
 inline void mul_lo_hi_x8(__m256i a, __m256i b, __m256i& lo, __m256i& hi) {
@@ -65,7 +43,44 @@ inline void mul_lo_hi_x8(__m256i a, __m256i b, __m256i& lo, __m256i& hi) {
 template <int N>
 inline void philox_lanes(uint64_t seed, uint64_t first, uint64_t stream, uint32_t* c0, uint32_t* c1, uint32_t* c2,
                          uint32_t* c3) {
-  static_assert(N % 8 == 0 && (N & (N - 1)) == 0, "N: a power of two, 8 lanes at a time");
+  static_assert(N % 16 == 0 && (N & (N - 1)) == 0, "N: a power of two, 16 lanes at a time");
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__AVX512F__)
+  // The whole state stays in registers (N / 16 independent chains, whose multiply latencies
+  // overlap); three-way XORs are one VPTERNLOGD each.
+  constexpr int V = N / 16;
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i s0[V], s1[V], s2[V], s3[V];
+  for (int v = 0; v < V; ++v) {
+    s0[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + 16u * v)), lanes);
+    s1[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+    s2[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream)));
+    s3[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32)));
+  }
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < V; ++v) {
+      __m512i lo_b, hi_b, lo_a, hi_a;
+      mul_lo_hi_x16(s2[v], mb, lo_b, hi_b);
+      mul_lo_hi_x16(s0[v], ma, lo_a, hi_a);
+      s0[v] = _mm512_ternarylogic_epi32(hi_b, s1[v], key0, 0x96);  // a ^ b ^ c
+      s2[v] = _mm512_ternarylogic_epi32(hi_a, s3[v], key1, 0x96);
+      s1[v] = lo_b;
+      s3[v] = lo_a;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int v = 0; v < V; ++v) {
+    _mm512_storeu_si512(c0 + 16 * v, s0[v]);
+    _mm512_storeu_si512(c1 + 16 * v, s1[v]);
+    _mm512_storeu_si512(c2 + 16 * v, s2[v]);
+    _mm512_storeu_si512(c3 + 16 * v, s3[v]);
+  }
+#else
   // Counters are written whole-vector (no scalar stores that vector loads would stall on).
   for (int i = 0; i < N; ++i) {
     c0[i] = static_cast<uint32_t>(first) + static_cast<uint32_t>(i);
@@ -73,7 +88,6 @@ inline void philox_lanes(uint64_t seed, uint64_t first, uint64_t stream, uint32_
     c2[i] = static_cast<uint32_t>(stream);
     c3[i] = static_cast<uint32_t>(stream >> 32);
   }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__AVX2__)
   const __m256i ma = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i mb = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
@@ -105,7 +119,27 @@ inline void philox_lanes(uint64_t seed, uint64_t first, uint64_t stream, uint32_
     k1 += kPhiloxKeyB;
   }
 #endif
+#endif
 }
+
+// The Rademacher words of the groups of one stream (a group's 128 signs are one Philox block,
+// the block numbered as the group), Philox-ed lane-parallel 16 consecutive groups at a time.
+class SignWords {
+ public:
+  Words at(uint64_t seed, uint64_t stream, int64_t g) {
+    const int64_t batch = g & ~int64_t{15};
+    if (batch != batch_) {
+      batch_ = batch;
+      philox_lanes<16>(seed, static_cast<uint64_t>(batch), stream, w_[0], w_[1], w_[2], w_[3]);
+    }
+    const int j = static_cast<int>(g & 15);
+    return Words{{w_[0][j], w_[1][j], w_[2][j], w_[3][j]}};
+  }
+
+ private:
+  alignas(64) uint32_t w_[4][16];
+  int64_t batch_ = -1;
+};
 
 // The 128 normals of one group: 32 Gaussian blocks whose Philox rounds and Box-Muller
 // run lane-parallel over the 32 blocks, so both loops vectorise.
@@ -138,37 +172,94 @@ inline void gaussian_group(uint64_t seed, uint64_t group, uint64_t stream, float
 // 16 Philox blocks of 8 words each, lane-parallel as gaussian_group's.
 inline void rounding_group(const Rounding& rd, int64_t g, uint32_t* bits) {
   constexpr int kBlocks = kGroup / kRoundingPerBlock;
-  alignas(32) uint32_t c[4][kBlocks];
+  alignas(64) uint32_t c[4][kBlocks];
   philox_lanes<kBlocks>(rd.seed, static_cast<uint64_t>(g) * kBlocks, rd.stream, c[0], c[1], c[2], c[3]);
+#if defined(__AVX512F__)
+  // Element j = 8 b + 2 w + h is half h of word w of block b: block-major order of the words,
+  // read 16 bits at a time. A 4 x 16 transpose (32-bit lanes, then 128-bit lanes) gives it.
+  const __m512i a = _mm512_load_si512(c[0]), b = _mm512_load_si512(c[1]);
+  const __m512i cc = _mm512_load_si512(c[2]), d = _mm512_load_si512(c[3]);
+  const __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
+  const __m512i cd_lo = _mm512_unpacklo_epi32(cc, d), cd_hi = _mm512_unpackhi_epi32(cc, d);
+  // u_k: in 128-bit lane L, the four words of block 4 L + k.
+  const __m512i u0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), u1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+  const __m512i u2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), u3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+  const __m512i p0 = _mm512_shuffle_i32x4(u0, u1, 0x44), p1 = _mm512_shuffle_i32x4(u0, u1, 0xEE);
+  const __m512i p2 = _mm512_shuffle_i32x4(u2, u3, 0x44), p3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  const __m512i blocks[4] = {_mm512_shuffle_i32x4(p0, p2, 0x88), _mm512_shuffle_i32x4(p0, p2, 0xDD),
+                             _mm512_shuffle_i32x4(p1, p3, 0x88), _mm512_shuffle_i32x4(p1, p3, 0xDD)};
+  for (int i = 0; i < 4; ++i) {  // blocks 4 i .. 4 i + 3: elements 32 i .. 32 i + 31
+    _mm512_storeu_si512(bits + 32 * i, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(blocks[i])));
+    _mm512_storeu_si512(bits + 32 * i + 16, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(blocks[i], 1)));
+  }
+#else
   for (int j = 0; j < kGroup; ++j) bits[j] = (c[(j >> 1) & 3][j >> 3] >> (16 * (j & 1))) & 0xFFFFu;
-}
-
-// Groups are numbered by global index: group g holds elements [128 g, 128 g + 128).
-inline int64_t first_group(uint64_t base) { return static_cast<int64_t>(base / kGroup); }
-inline int64_t end_group(uint64_t base, int64_t numel) {
-  return numel == 0 ? first_group(base) : static_cast<int64_t>((base + numel - 1) / kGroup) + 1;
+#endif
 }
 
 // One full group of 128 elements, K terms, one load and one store per element. The
 // fixed trip counts (K is a template argument) let the compiler vectorise over b.
 template <int K, typename T>
 inline void rademacher_full_group(const T* in, T* out, const Words* r, const Terms& t) {
-  for (int q = 0; q < 4; ++q) {
-    for (uint32_t b = 0; b < 32; ++b) {
-      float x = scale(t.alpha, load(in[32 * q + b]));
-      for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
-      store(x, out[32 * q + b]);
+#if defined(__AVX512F__)
+  // Lane l of vector v is element 16 v + l, whose sign is bit 16 (v & 1) + l of word v / 2:
+  // 16 bits of the word are the vector's mask, and c_k's sign is flipped under it.
+  const __m512 alpha = _mm512_set1_ps(t.alpha);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  for (int v = 0; v < kGroup / 16; ++v) {
+    __m512 x = _mm512_mul_ps(alpha, load16(in + 16 * v));
+    for (int k = 0; k < K; ++k) {
+      const auto negative = static_cast<__mmask16>(r[k].w[v >> 1] >> (16 * (v & 1)));
+      const __m512i c = _mm512_set1_epi32(static_cast<int>(float_bits(t.coef[k])));
+      x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_mask_xor_epi32(c, negative, c, sign)));
     }
+    store16(x, out + 16 * v);
   }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    for (int q = 0; q < 4; ++q) {
+      for (uint32_t b = 0; b < 32; ++b) {
+        float x = scale(t.alpha, load(in[32 * q + b]));
+        for (int k = 0; k < K; ++k) x += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
+        store(x, out[32 * q + b]);
+      }
+    }
+  } else {
+    // Half types: loads, terms and stores in separate loops. In place (in == out), gcc cannot
+    // tell the fused loop's 16-bit loads and stores apart and keeps it scalar.
+    alignas(32) float x[kGroup];
+    load_n(in, x, kGroup);
+    for (int j = 0; j < kGroup; ++j) x[j] = scale(t.alpha, x[j]);
+    for (int k = 0; k < K; ++k) {
+      for (int q = 0; q < 4; ++q) {
+        for (uint32_t b = 0; b < 32; ++b) x[32 * q + b] += signed_coef(t.coef[k], (r[k].w[q] >> b) & 1u);
+      }
+    }
+    store_n(x, out, kGroup, nullptr);
+  }
+#endif
 }
 
 template <int K, typename T>
 inline void gaussian_full_group(const T* in, T* out, const float (*z)[kGroup], const Terms& t) {
-  for (int j = 0; j < kGroup; ++j) {
-    float x = scale(t.alpha, load(in[j]));
-    for (int k = 0; k < K; ++k) x = add_term(x, t.coef[k], z[k][j]);
-    store(x, out[j]);
+#if defined(__AVX512F__)
+  const __m512 alpha = _mm512_set1_ps(t.alpha);
+  for (int v = 0; v < kGroup / 16; ++v) {
+    __m512 x = _mm512_mul_ps(alpha, load16(in + 16 * v));
+    for (int k = 0; k < K; ++k) {
+      x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(t.coef[k]), _mm512_loadu_ps(z[k] + 16 * v)));
+    }
+    store16(x, out + 16 * v);
   }
+#else
+  alignas(32) float x[kGroup];  // separate loops, as rademacher_full_group's half types
+  load_n(in, x, kGroup);
+  for (int j = 0; j < kGroup; ++j) x[j] = scale(t.alpha, x[j]);
+  for (int k = 0; k < K; ++k) {
+    for (int j = 0; j < kGroup; ++j) x[j] = add_term(x[j], t.coef[k], z[k][j]);
+  }
+  store_n(x, out, kGroup, nullptr);
+#endif
 }
 
 // The first and last group of a tensor may hold fewer elements: lanes lane0 .. lane0 + len - 1.
@@ -189,6 +280,7 @@ template <int K, typename T>
 void perturb_groups_k(const T* src, T* dst, int64_t numel, uint64_t base, const Terms& t, Dist dist, int64_t g0,
                       int64_t g1) {
   Words r[K];
+  SignWords signs[K];
   float z[K][kGroup];
   for (int64_t g = g0; g < g1; ++g) {
     const uint64_t group_start = static_cast<uint64_t>(g) * kGroup;
@@ -198,7 +290,7 @@ void perturb_groups_k(const T* src, T* dst, int64_t numel, uint64_t base, const 
     T* out = dst + (e0 - base);
     for (int k = 0; k < K; ++k) {
       if (dist == Dist::kRademacher) {
-        r[k] = philox(t.seed, g, t.stream[k]);
+        r[k] = signs[k].at(t.seed, t.stream[k], g);
       } else {
         gaussian_group(t.seed, g, t.stream[k], z[k]);
       }
@@ -234,4 +326,5 @@ void perturb_groups(const T* src, T* dst, int64_t numel, uint64_t base, const Te
   }
 }
 
+}  // namespace ZO_ISA_NAMESPACE
 }  // namespace zo::cpu

@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "ops_cpu.h"
-#include "update_cpu_kernel.h"
 
 namespace zo::cpu {
 namespace {
@@ -33,17 +32,11 @@ void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::I
   const GroupRanges ranges = checked_groups(params, offsets, op);
   const std::vector<State> states = checked_states(params, m, v, r, op);
   const auto c = static_cast<float>(restore);
-  with_rule(r, [&](auto rule_tag) {
-    constexpr Rule R = decltype(rule_tag)::value;
-    if constexpr (rule_zeroth_order(R)) {
-      parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
-        const at::Tensor& t = params[i];
-        with_dtype(t, [&](auto* data) {
-          zo_update_groups<R>(data, states[i], t.numel(), static_cast<uint64_t>(offsets[i]), terms, c, h, d, rd, g0,
-                              g1);
-        });
-      });
-    }
+  const KernelTable& k = kernels();
+  parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
+    const at::Tensor& t = params[i];
+    k.zo_update(r, dtype_of(t), t.data_ptr(), states[i], t.numel(), static_cast<uint64_t>(offsets[i]), terms, c, h,
+                d, rd, g0, g1);
   });
   bump_written(params, m, v, r);
 }
@@ -73,22 +66,17 @@ void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m,
   // (non-negative floats order as their bit patterns; a NaN's bits exceed inf's).
   std::vector<std::atomic<uint32_t>> max_bits(params.size());
   for (auto& b : max_bits) b.store(0);
-  with_rule(r, [&](auto rule_tag) {
-    constexpr Rule R = decltype(rule_tag)::value;
-    parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
-      const at::Tensor& t = params[i];
-      const float s = rule_reads_scales(R) ? scale[i] : 0.0f;
-      with_dtype(t, [&](auto* data) {
-        using T = std::remove_pointer_t<decltype(data)>;
-        const T* grad = rule_reads_grad(R) ? static_cast<const T*>(grads[i].data_ptr()) : nullptr;
-        const float local = grad_update_groups<R>(data, grad, states[i], t.numel(), static_cast<uint64_t>(offsets[i]),
-                                                  s, h, rd, g0, g1);
-        uint32_t seen = max_bits[i].load();
-        const uint32_t bits = float_bits(local);
-        while (bits > seen && !max_bits[i].compare_exchange_weak(seen, bits)) {
-        }
-      });
-    });
+  const KernelTable& k = kernels();
+  parallel_over_groups(ranges, [&](size_t i, int64_t g0, int64_t g1) {
+    const at::Tensor& t = params[i];
+    const float s = rule_reads_scales(r) ? scale[i] : 0.0f;
+    const void* grad = rule_reads_grad(r) ? grads[i].data_ptr() : nullptr;
+    const float local = k.grad_update(r, dtype_of(t), t.data_ptr(), grad, states[i], t.numel(),
+                                      static_cast<uint64_t>(offsets[i]), s, h, rd, g0, g1);
+    uint32_t seen = max_bits[i].load();
+    const uint32_t bits = float_bits(local);
+    while (bits > seen && !max_bits[i].compare_exchange_weak(seen, bits)) {
+    }
   });
   if (rule_writes_scales(r)) {
     for (size_t i = 0; i < params.size(); ++i) scale[i] = bits_float(max_bits[i].load());

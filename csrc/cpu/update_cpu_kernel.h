@@ -14,42 +14,43 @@
 #include "perturb_cpu_kernel.h"
 
 namespace zo::cpu {
+inline namespace ZO_ISA_NAMESPACE {
 
-// Where the rule's state lives; unused state points at a scratch slot.
-struct State {
-  float* m;
-  float* v;
-};
-
-// One group's stores: with stochastic rounding into a half tensor, each element's word.
+// The rounding words of group grp when theta is stored stochastically into a half tensor (null:
+// rounded to nearest), in `words`.
 template <typename T>
-struct GroupStore {
-  static constexpr bool kHalf = !std::is_same_v<T, float>;
-  const Rounding rd;
-  alignas(32) uint32_t bits[kGroup];
+inline const uint32_t* rounding_words(const Rounding& rd, int64_t grp, uint32_t* words) {
+  if (std::is_same_v<T, float> || !rd.stochastic) return nullptr;
+  rounding_group(rd, grp, words);
+  return words;
+}
 
-  GroupStore(const Rounding& rounding, int64_t group) : rd(rounding) {
-    if (kHalf && rd.stochastic) rounding_group(rd, group, bits);
+// theta[j] <- rule(theta[j], g[j], state) for the n elements of one group whose state starts at
+// index i of m and v; |u| into abs_u (kAdamMoments). Arrays in, arrays out: the loop vectorises.
+template <Rule R>
+inline void apply_rule_n(const Hyper& h, float* theta, const float* g, State s, int64_t i, int64_t n, float scale,
+                         float* abs_u) {
+  for (int64_t j = 0; j < n; ++j) {
+    float m = 0.0f, v = 0.0f;
+    if constexpr (rule_uses_m(R)) m = s.m[i + j];
+    if constexpr (rule_uses_v(R)) v = s.v[i + j];
+    theta[j] = apply_rule<R>(h, theta[j], g[j], m, v, scale, abs_u + j);
+    if constexpr (rule_writes_m(R)) s.m[i + j] = m;
+    if constexpr (rule_writes_v(R)) s.v[i + j] = v;
   }
-
-  // Element at lane j (its global index is 128 * group + j).
-  void operator()(float x, int64_t j, T& out) const {
-    if (kHalf && rd.stochastic) {
-      store_stochastic(x, bits[j], out);
-    } else {
-      store(x, out);
-    }
-  }
-};
+}
 
 // The elements of one tensor in global groups [g0, g1): g = sum_k c_k z_k, theta += r z_last, rule.
 template <Rule R, typename T>
 void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Terms& t, float restore,
                       const Hyper& h, Dist dist, const Rounding& rd, int64_t g0, int64_t g1) {
-  alignas(32) float g[kGroup];
-  alignas(32) float shift[kGroup];  // restore * z_last
-  alignas(32) float z[kGroup];
-  float scratch_m = 0.0f, scratch_v = 0.0f;
+  alignas(64) float g[kGroup];
+  alignas(64) float shift[kGroup];  // restore * z_last
+  alignas(64) float z[kGroup];
+  alignas(64) float theta[kGroup];
+  alignas(64) float unused[kGroup];
+  alignas(64) uint32_t words[kGroup];
+  SignWords signs[kMaxTerms];
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint64_t group_start = static_cast<uint64_t>(grp) * kGroup;
     const uint64_t e0 = std::max(group_start, base);
@@ -58,7 +59,7 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
     for (int k = 0; k < t.count; ++k) {
       const bool last = k == t.count - 1;
       if (dist == Dist::kRademacher) {
-        const Words r = philox(t.seed, grp, t.stream[k]);
+        const Words r = signs[k].at(t.seed, t.stream[k], grp);
         for (int q = 0; q < 4; ++q) {
           for (uint32_t b = 0; b < 32; ++b) g[32 * q + b] += signed_coef(t.coef[k], (r.w[q] >> b) & 1u);
           if (last) {
@@ -73,17 +74,14 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
         }
       }
     }
-    const GroupStore<T> store_at(rd, grp);
     const int64_t lane0 = static_cast<int64_t>(e0 - group_start);
     const int64_t i0 = static_cast<int64_t>(e0 - base);
     const int64_t len = static_cast<int64_t>(e1 - e0);
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t i = i0 + j;
-      float& m = rule_uses_m(R) ? s.m[i] : scratch_m;
-      float& v = rule_uses_v(R) ? s.v[i] : scratch_v;
-      const float theta = load(data[i]) + shift[lane0 + j];
-      store_at(apply_rule<R>(h, theta, g[lane0 + j], m, v, 0.0f, nullptr), lane0 + j, data[i]);
-    }
+    load_n(data + i0, theta, len);
+    for (int64_t j = 0; j < len; ++j) theta[j] += shift[lane0 + j];
+    apply_rule_n<R>(h, theta, g + lane0, s, i0, len, 0.0f, unused);
+    const uint32_t* r = rounding_words<T>(rd, grp, words);
+    store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);
   }
 }
 
@@ -92,27 +90,33 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
 template <Rule R, typename T>
 float grad_update_groups(T* data, const T* grad, State s, int64_t numel, uint64_t base, float scale,
                          const Hyper& h, const Rounding& rd, int64_t g0, int64_t g1) {
-  float scratch_m = 0.0f, scratch_v = 0.0f, max_abs_u = 0.0f;
+  alignas(64) float theta[kGroup];
+  alignas(64) float g[kGroup];
+  alignas(64) float abs_u[kGroup];
+  alignas(64) uint32_t words[kGroup];
+  float max_abs_u = 0.0f;
+  for (int j = 0; j < kGroup; ++j) g[j] = 0.0f;
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint64_t group_start = static_cast<uint64_t>(grp) * kGroup;
     const uint64_t e0 = std::max(group_start, base);
     const uint64_t e1 = std::min(group_start + kGroup, base + numel);
-    const GroupStore<T> store_at(R == Rule::kAdamMoments ? Rounding{} : rd, grp);
     const int64_t lane0 = static_cast<int64_t>(e0 - group_start);
-    for (int64_t i = static_cast<int64_t>(e0 - base), end = static_cast<int64_t>(e1 - base); i < end; ++i) {
-      float& m = rule_uses_m(R) ? s.m[i] : scratch_m;
-      float& v = rule_uses_v(R) ? s.v[i] : scratch_v;
-      float abs_u = 0.0f;
-      const float g = rule_reads_grad(R) ? load(grad[i]) : 0.0f;
-      const float theta = apply_rule<R>(h, load(data[i]), g, m, v, scale, &abs_u);
-      if constexpr (R != Rule::kAdamMoments) {
-        store_at(theta, lane0 + (i - static_cast<int64_t>(e0 - base)), data[i]);
-      } else {
-        max_abs_u = abs_u > max_abs_u || abs_u != abs_u ? abs_u : max_abs_u;  // NaN wins, as torch.max
+    const int64_t i0 = static_cast<int64_t>(e0 - base);
+    const int64_t len = static_cast<int64_t>(e1 - e0);
+    load_n(data + i0, theta, len);
+    if constexpr (rule_reads_grad(R)) load_n(grad + i0, g, len);
+    apply_rule_n<R>(h, theta, g, s, i0, len, scale, abs_u);
+    if constexpr (R != Rule::kAdamMoments) {
+      const uint32_t* r = rounding_words<T>(rd, grp, words);
+      store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);
+    } else {
+      for (int64_t j = 0; j < len; ++j) {  // NaN wins, as in torch.max
+        max_abs_u = abs_u[j] > max_abs_u || abs_u[j] != abs_u[j] ? abs_u[j] : max_abs_u;
       }
     }
   }
   return max_abs_u;
 }
 
+}  // namespace ZO_ISA_NAMESPACE
 }  // namespace zo::cpu

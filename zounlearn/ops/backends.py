@@ -8,7 +8,9 @@ called, never falls back silently; an automatic choice skips what cannot run.
 
 The C++ backends register their kernels for the CPU or CUDA dispatch key from C++, so a call
 never re-enters Python; Triton's and the reference's kernels are Python functions registered
-the same way.
+the same way. The cpp backend holds its kernels built for several instruction sets and runs the
+highest the processor supports; `ZOUNLEARN_CPU_CAPABILITY=generic|avx2|avx512|avx512_bf16`
+chooses one for a process, `cpu_capability(name)` for a block.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ BACKENDS = ("cpp", "cuda", "triton", "reference")
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 ENV_VAR = "ZOUNLEARN_BACKEND"
+CPU_CAPABILITY_ENV_VAR = "ZOUNLEARN_CPU_CAPABILITY"  # read by the cpp backend itself (csrc/cpu/capability.h)
 _EXTENSIONS = {"cpp": "_C_cpu", "cuda": "_C_cuda"}
 _DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": ("cpu", "cuda")}
 
@@ -171,11 +174,41 @@ def why_not(name: str, device_type: str) -> str | None:
     return _why_not(name, device_type)
 
 
+def cpu_capabilities() -> dict[str, bool]:
+    """The cpp backend's builds of its kernels, lowest instruction set first: name -> whether this
+    processor runs it."""
+    return dict(_import_extension("cpp").capabilities())
+
+
+@contextlib.contextmanager
+def cpu_capability(name: str) -> Iterator[None]:
+    """Run the cpp backend's kernels of build `name` (a key of cpu_capabilities(), or 'auto': the
+    highest this processor runs) inside the block, as ZOUNLEARN_CPU_CAPABILITY=name does for a
+    whole process. Not thread-safe: the choice is global."""
+    extension = _import_extension("cpp")
+    previous = extension.capability()
+    try:
+        extension.set_capability(name)
+    except RuntimeError as err:
+        raise BackendUnavailable(str(err)) from None
+    try:
+        yield
+    finally:
+        extension.set_capability(previous)
+
+
 def build_info(name: str) -> str:
-    """What a compiled backend was built for, e.g. the CPU op's instruction set."""
-    if name == "cpp" and runs_on("cpp", "cpu"):
-        return f"built for {_import_extension('cpp').isa}"
-    return ""
+    """What a compiled backend runs here, e.g. which build of the CPU kernels (instruction set)."""
+    if name != "cpp" or not runs_on("cpp", "cpu"):
+        return ""
+    extension = _import_extension("cpp")
+    builds = ", ".join(n for n, runs in extension.capabilities() if runs)
+    try:
+        chosen = extension.capability()
+    except RuntimeError as err:  # a ZOUNLEARN_CPU_CAPABILITY this processor cannot run
+        return f"but its ops fail: {err}"
+    how = f"{CPU_CAPABILITY_ENV_VAR}" if os.environ.get(CPU_CAPABILITY_ENV_VAR, "auto") not in ("", "auto") else "cpuid"
+    return f"CPU kernels: {chosen}, chosen by {how}; this processor runs {builds}"
 
 
 for _device_type in _device_types():
