@@ -112,7 +112,8 @@ def _first_order_table(benches) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"first-order": _first_order_table, "perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
+TABLES = {"first-order": _first_order_table,
+          "perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
           "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table,
           "hf": _hf_table}
 

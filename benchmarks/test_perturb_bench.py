@@ -23,7 +23,7 @@ KINDS = {"add_ ceiling": passes.Pass("add_"), MEZO: None}
 BUILDS: dict[str, str] = {}  # kind -> the build of the CPU kernels it runs
 if "cpp" in calls.runnable("cpu"):  # the CPU default, in each build of its kernels this processor runs
     BUILDS.update({f"cpp {dist} [{build}]": build for build, runs in backends.cpu_capabilities().items() if runs
-              for dist in ("rademacher", "gaussian")})
+                   for dist in ("rademacher", "gaussian")})
     KINDS.update({kind: passes.Pass("perturb_", kind.split()[1]) for kind in BUILDS})
 
 
