@@ -67,7 +67,7 @@ class CompressedAdam(FirstOrderOptimizer):
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.zeros(len(params), device=params[0].device)
 
-    def _apply(self, group: dict[str, Any], params, grads, hyper) -> None:
+    def _apply_rule(self, group: dict[str, Any], params, grads, hyper) -> None:
         m, v = self._moments(self.rule, params)
         scales = self._scales(params)
         ops.grad_update_(params, grads, m, v, scales, Rule.ADAM_MOMENTS.value, *hyper)
