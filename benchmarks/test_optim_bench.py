@@ -1,16 +1,11 @@
 """Optimizer steps: the parameter-update part of one ZO-SGD step (3 fused passes) against
-MeZO's own 4-pass loop, and the peak memory of one step of several optimizers on a GPT-2
-sized causal LM, each as a ratio to what was measured in the same run.
+MeZO's own 4-pass loop, as a ratio to what was measured in the same run (peak memory:
+test_memory_bench.py).
 
     make bench     # conftest.py prints the tables that benchmarks/README.md records
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +14,6 @@ from zounlearn import optim
 from zounlearn.ops import backends
 from zounlearn.optim.mezo import mezo_step
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # GPT-2 small's parameter list (124 M parameters in 148 tensors): embeddings, 12 blocks, final norm.
 D = 768
 BLOCK = [(D,), (D,), (D, 3 * D), (3 * D,), (D, D), (D,), (D,), (D,), (D, 4 * D), (4 * D,), (4 * D, D), (D,)]
@@ -51,20 +45,3 @@ def test_zo_sgd_step_passes(benchmark, dtype, kind):
     benchmark.extra_info.update(table="step", case=case, kind=kind)
     benchmark.pedantic(fn, args=(params,), rounds=3 if kind == "MeZO reference" else 10, warmup_rounds=1, iterations=1)
     assert all(torch.isfinite(p.data[:10]).all() for p in params)
-
-
-MEMORY_KINDS = ["inference", "ZOSGD", "MeZO reference", "AdaZO", "AdamW", "HybridFOZO (FO phase)"]
-
-
-@pytest.mark.parametrize("kind", MEMORY_KINDS)
-def test_peak_memory_of_one_step(benchmark, kind):
-    """Each kind in a fresh process (peak_memory.py): the peak RSS during one step."""
-    def measure():
-        out = subprocess.run([sys.executable, os.path.join(HERE, "peak_memory.py"), kind], check=True,
-                             capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    result = benchmark.pedantic(measure, rounds=1, iterations=1)
-    benchmark.group = "peak memory"
-    benchmark.extra_info.update(table="memory", kind=kind, **result)
-    assert result["peak_bytes"] > result["param_bytes"]

@@ -6,6 +6,7 @@
   eval      evaluate a model on forget, retain and holdout data
   attack    relearn, retain-finetune, quantize, noise: attack an unlearned model (diagnose: weight space)
   study     every optimizer grade on the embedded model, attacked and diagnosed
+  memory    the predicted peak memory of each optimizer on a model, and what fits a GPU
 
 Bad input (missing files, unknown names, a model that is not one, a dtype the device cannot
 run) ends with one line on stderr that says what is wrong and how to fix it, exit status 2,
@@ -18,7 +19,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from . import robustness, study, unlearn
+from . import memory, robustness, study, unlearn
 from .info import run_info
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.register(sub)
     robustness.register(sub)
     study.register(sub)
+    memory.register(sub)
     return parser
 
 
