@@ -24,7 +24,8 @@ from .inputs import (
 LOOP_DEFAULTS: dict[str, Any] = {
     "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
     "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
-    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None,
+    "seed": 0, "train_mode": False, "activation_checkpointing": False, "objective_option": None,
+    "optimizer_option": None,
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
@@ -80,6 +81,9 @@ def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     group.add_argument("--seed", default=GIVEN, type=int, help="batch order, ZO directions, dropout (default: 0)")
     group.add_argument("--train-mode", default=GIVEN, action="store_true",
                        help="run the model in train mode (dropout on); default: eval mode")
+    group.add_argument("--activation-checkpointing", default=GIVEN, action="store_true",
+                       help="recompute each layer's activations in first-order backward passes: less memory, one "
+                            "more forward per step (docs/memory.md)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:

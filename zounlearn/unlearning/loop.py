@@ -50,6 +50,7 @@ from ..checks import check_int
 from ..optim import gnb_loss
 from ..optim import step as take_step
 from ..optim.registry import OPTIMIZERS, make_optimizer
+from .activations import activation_checkpointing
 from .batches import Batch, Batches, model_device, model_mode, rng_devices
 from .checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint
 from .data import Example, Split, UnlearningData
@@ -84,6 +85,7 @@ class LoopConfig:
     checkpoint_every: int = 0
     seed: int = 0
     train_mode: bool = False
+    activation_checkpointing: bool = False  # first-order steps recompute each layer in backward (activations.py)
     objective_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +108,8 @@ class LoopConfig:
         if self.optimizer.lower() not in OPTIMIZERS and self.optimizer != CUSTOM:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}, or "
                              f"{CUSTOM!r} with unlearn(..., optimizer_factory=...)")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         make_objective(self.objective, **self.objective_options)  # unknown name or option: fail now
 
     def total_steps(self, forget_batches: int) -> int:
@@ -156,7 +160,8 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
     objective.prepare(model, forget, retain)
     start, history = 0, []
     cuda = rng_devices(model)
-    with torch.random.fork_rng(devices=cuda), model_mode(model, config.train_mode):
+    with torch.random.fork_rng(devices=cuda), model_mode(model, config.train_mode), \
+            activation_checkpointing(model, config.activation_checkpointing):
         torch.manual_seed(config.seed)
         if directory is not None and resume and checkpoint_steps(directory):
             start, state = load_checkpoint(directory, model)
