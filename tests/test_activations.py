@@ -9,8 +9,8 @@ import torch
 from tiny import DATA, tiny_gpt2, tokenizer
 
 from zounlearn.errors import UsageError
-from zounlearn.unlearning.activations import activation_checkpointing
 from zounlearn.unlearning import loop as loop_module
+from zounlearn.unlearning.activations import activation_checkpointing
 from zounlearn.unlearning.loop import LoopConfig, unlearn
 
 

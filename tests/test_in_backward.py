@@ -227,3 +227,12 @@ def test_bad_update_clip_is_named():
     opt = optim.AdamW([{"params": params, "update_clip": -1.0}]).update_in_backward(False)
     with pytest.raises(UsageError, match="invalid update_clip"):
         opt.update_in_backward()
+
+
+def test_data_parallel_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    opt = optim.SignAdam(make_params(torch.float32))
+    with pytest.raises(UsageError, match="under data parallel are not supported"):
+        opt.update_in_backward()
+    assert not opt.updates_in_backward

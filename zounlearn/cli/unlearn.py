@@ -37,8 +37,8 @@ RUN_DEFAULTS: dict[str, Any] = {
 # forget and 16 retain examples, retain weight 8 (SimNPO's TOFU setting), the budget of the
 # optimizer-grade study (docs/study). Learning rates: the study's for NPO (the first of each
 # optimizer's grid to bring forget question accuracy to <= 0.25), except the hybrid's, one grid
-# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd and
-# zo_adam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
+# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd,
+# zo_adam and zo_signadam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
 # zeroth-order ones forget only by wrecking the model at this budget (retain accuracy ~0).
 DEMO_DEFAULTS: dict[str, Any] = {
     **LOOP_DEFAULTS, "model": EMBEDDED, "steps": 120, "retain_batch_size": 16, "eval_every": 20,
@@ -46,8 +46,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 DEMO_RETAIN_WEIGHT = 8.0
 DEMO_LR = {"adamw": 3e-4, "sgd": 3e-3, "signsgd": 3e-4, "signadam": 1e-4, "compressed_adam": 3e-4, "sophia": 1e-4,
-           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "hybrid": 1e-3}
+           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "zo_signadam": 1e-3,
+           "hybrid": 1e-3, "hybrid_adam_shared": 3e-3, "hybrid_signadam": 2e-4, "hybrid_signadam_shared": 1e-3,
+           "hybrid_signsgd": 3e-4}
+# The lean presets (docs/memory.md): the smallest rate of a 2-3x grid that brought forget question
+# accuracy to <= 0.10 (the paper's hybrid: 0.00), with these zeroth-order rates.
 DEMO_HYBRID = {"zo_lr": 1e-4, "block": 10}
+DEMO_ZO_LR = {"hybrid_signadam": 2.5e-5, "hybrid_signadam_shared": 1e-5, "hybrid_signsgd": 2.5e-5}
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -144,8 +149,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if options["objective"] == "rmu":
         objective_options.setdefault("layer", 1)  # the embedded model has 2 blocks
     optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
-    if name == "hybrid":
-        optimizer_options = {**DEMO_HYBRID, **optimizer_options}
+    if OPTIMIZERS[name].grade == "hybrid":
+        optimizer_options = {**DEMO_HYBRID, "zo_lr": DEMO_ZO_LR.get(name, DEMO_HYBRID["zo_lr"]), **optimizer_options}
     if options.get("rebuild"):
         from ..unlearning import embedded_model
         embedded_model(rebuild=True, threads=options.get("threads") or 1)

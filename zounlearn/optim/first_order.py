@@ -13,7 +13,8 @@ is the normal path's, parameter by parameter, so parameters and states are bit-i
 The hooks update only inside step(closure); inside `accumulate()` they keep the gradient
 (micro-batches: the last one goes through step(closure), which updates with the sum); any other
 backward through the parameters raises before anything is written, so neither per-micro-batch
-stepping nor a clip of gradients that are already gone can happen silently.
+stepping nor a clip of gradients that are already gone can happen silently. Data parallel is
+refused (a rank would update from its own gradient before the all-reduce; docs/memory.md).
 
 Per-tensor update clipping (AdaLomo's, legal inside backward because it needs no global norm):
 a param group's `update_clip` c scales the tensor's step by min(1, c / RMS(u)), u the rule's
@@ -73,6 +74,10 @@ class FirstOrderOptimizer(FusedOptimizer):
                 handle.remove()
             self._hooks.clear()
             return self
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise UsageError(f"{type(self).__name__}: updates inside backward under data parallel are not supported: "
+                             f"each rank would update from its own gradient before the all-reduce (docs/memory.md)")
         self._hook_groups(self.param_groups)
         return self
 
