@@ -97,4 +97,9 @@ def run_memory(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
     for r in [header, *table]:
         print("  ".join(str(c).ljust(w) if i in (0, 7) else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    from ..optim.registry import OPTIMIZERS
+
+    presets = [(name, OPTIMIZERS[name].about) for name, _ in estimates if name in OPTIMIZERS and OPTIMIZERS[name].about]
+    if presets:
+        print("\n" + "\n".join(f"{name}: {about}" for name, about in presets))
     return 0

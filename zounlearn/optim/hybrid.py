@@ -45,8 +45,7 @@ class HybridFOZO(torch.optim.Optimizer):
     lambda groups: torch.optim.AdamW(groups, lr=1e-5). Defaults: Adam(lr=lr) and AdaZO(lr=zo_lr,
     seed=seed). The inner optimizers' learning rates are set from the hybrid's groups at every
     step, whatever the factories gave them. shared_state: the ZO optimizer keeps its state in the
-    first-order one's (a pair that keeps the same statistic, else UsageError); `preset` is the
-    registry name it was built from, if any, for reports.
+    first-order one's (a pair that keeps the same statistic, else UsageError).
     """
 
     takes_loss_closure = True
@@ -88,7 +87,6 @@ class HybridFOZO(torch.optim.Optimizer):
         if shared_state:
             share_state(self.fo, self.zo)
         self.shared_state = shared_state
-        self.preset: str | None = None
         self.fo_steps, self.zo_steps, self.total_steps = block, zo_block, total_steps
         self.steps = 0
         self.last_phase: str | None = None

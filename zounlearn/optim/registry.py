@@ -48,15 +48,16 @@ class OptimizerSpec:
 # The hybrid by name: the options each preset fixes. The first-order phase updates inside backward
 # in the lean ones; "shared" ones keep one state for both phases (zounlearn/optim/shared_state.py).
 HYBRID_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
-    "hybrid": ({}, "the paper's: AdamW + AdaZO, each with its own float32 m and v (16 bytes per parameter)"),
+    "hybrid": ({}, "the paper's: torch's AdamW + AdaZO, each with its own m and v (AdamW's in the parameters' dtype, "
+                   "AdaZO's float32)"),
     "hybrid_adam_shared": ({"fo_optimizer": "adamw", "fo_in_backward": True, "zo_optimizer": "zo_adam",
                             "shared_state": True},
-                           "AdamW in backward + ZOAdam, one shared m and v (8 bytes per parameter)"),
+                           "AdamW in backward + ZOAdam, one shared float32 m and v (8 bytes per parameter)"),
     "hybrid_signadam": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
-                        "SignAdam in backward + stateless ZO-SGD (4 bytes per parameter)"),
+                        "SignAdam in backward + stateless ZO-SGD (float32 m: 4 bytes per parameter)"),
     "hybrid_signadam_shared": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_signadam",
                                 "shared_state": True},
-                               "SignAdam in backward + ZO-SignAdam, one shared m (4 bytes per parameter)"),
+                               "SignAdam in backward + ZOSignAdam, one shared float32 m (4 bytes per parameter)"),
     "hybrid_signsgd": ({"fo_optimizer": "signsgd", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
                        "SignSGD in backward + ZO-SGD: no optimizer state"),
 }
@@ -130,9 +131,7 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        hybrid = _hybrid(params, lr, seed, total_steps, {**spec.preset, **options})
-        hybrid.preset = name.lower()
-        return hybrid
+        return _hybrid(params, lr, seed, total_steps, {**spec.preset, **options})
     if spec.seeded:
         options["seed"] = seed
     in_backward, clip = options.pop("in_backward", False), options.pop("update_clip", None)
