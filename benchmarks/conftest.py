@@ -3,8 +3,9 @@ baseline measured in the same run (zounlearn.bench's rows, ratios and tables): t
 pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference; per CPU build), the
 ZO-SGD step (speed-up vs MeZO's loop), the first-order AdamW pass (speed-up vs torch's fused
 AdamW), the steady-state peak memory of a step (x inference, and the excess as a share of the
-parameter bytes), half precision (drift, learning, the exact mode's cost) and the Trainer path
-against our own loop (steps per second and the memory each adds)."""
+parameter bytes), the memory model against it and the memory targets, half precision (drift,
+learning, the exact mode's cost) and the Trainer path against our own loop (steps per second
+and the memory each adds)."""
 
 from __future__ import annotations
 
@@ -101,21 +102,59 @@ def _hf_table(benches) -> str:
     return "\n".join(lines)
 
 
-def _first_order_table(benches) -> str:
-    times = {b.extra_info["kind"]: b.stats.median for b in benches}
-    fused = times.get("torch AdamW (fused)")
-    lines = ["| case | implementation | median ms | speed-up vs torch AdamW (fused) |", "|---|---|---:|---:|"]
+pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference; per CPU build), the
+ZO-SGD step (speed-up vs MeZO's loop), the first-order AdamW pass (speed-up vs torch's fused
+AdamW), the steady-state peak memory of a step (x inference, and the excess as a share of the
+parameter bytes), half precision (drift, learning, the exact mode's cost) and the Trainer path
+against our own loop (steps per second and the memory each adds)."""
+def _steady_memory_table(benches) -> str:
+    M, lines = 2**20, []
+    by_size: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in benches:
-        seconds = times[bench.extra_info["kind"]]
-        speedup = f"{fused / seconds:.2f}" if fused else "-"
-        lines.append(f"| {bench.extra_info['case']} | {bench.extra_info['kind']} | {seconds * 1e3:.2f} | {speedup} |")
+        by_size[bench.extra_info["model"]][bench.extra_info["kind"]] = bench.extra_info
+    for size, rows in by_size.items():
+        base = rows.get("inference")
+        lines.append(f"GPT-2 {size}: steady-state peak (MiB held by the model and the optimizer, runtime excluded)")
+        lines.append("| kind | peak MiB | x inference | excess over inference, % of parameter bytes | state MiB "
+              "| gradients held at once, MiB | saved activations MiB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for kind, info in rows.items():
+            net = info["net_bytes"]
+            ratio = f"{net / base['net_bytes']:.3f}" if base else "-"
+            excess = f"{100 * (net - base['net_bytes']) / info['param_bytes']:.1f}" if base else "-"
+            lines.append(f"| {kind} | {net / M:.0f} | {ratio} | {excess} | {info['state_bytes'] / M:.0f} "
+                  f"| {info['grad_peak_bytes'] / M:.0f} | {info.get('saved_bytes', 0) / M:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _model_table(benches) -> str:
+    M, lines = 2**20, []
+    lines.append("| model | kind | measured MiB | predicted MiB | error |")
+    lines.append("|---|---|---:|---:|---:|")
+    for bench in benches:
+        info = bench.extra_info
+        measured, predicted = info["net_bytes"], info["predicted_bytes"]
+        lines.append(f"| GPT-2 {info['model']} | {info['kind']} | {measured / M:.0f} | {predicted / M:.0f} "
+              f"| {100 * (predicted / measured - 1):+.1f}% |")
+    return "\n".join(lines)
+
+
+def _target_table(benches) -> str:
+    lines = []
+    lines.append("| target | model | value | limit | met |")
+    lines.append("|---|---|---:|---:|---|")
+    for bench in benches:
+        info = bench.extra_info
+        lines.append(f"| {info['target']} | GPT-2 {info['size']} | {info['value']:.3f} | {info['limit']:.2f} "
+              f"| {'yes' if info['value'] <= info['limit'] else 'no'} |")
     return "\n".join(lines)
 
 
 TABLES = {"first-order": _first_order_table,
           "perturb": _perturb_table, "step": _step_table, "memory": _memory_table, "drift": _drift_table,
           "learning": _learning_table, "exact-cost": _exact_cost_table, "memory-rows": _memory_rows_table,
-          "hf": _hf_table}
+          "hf": _hf_table, "steady-memory": _steady_memory_table, "model": _model_table, "target": _target_table}
 
 
 def pytest_terminal_summary(terminalreporter, config):

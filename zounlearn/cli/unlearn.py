@@ -30,7 +30,8 @@ from .inputs import (
 LOOP_DEFAULTS: dict[str, Any] = {
     "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
     "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
-    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None, "backend": "auto",
+    "seed": 0, "train_mode": False, "activation_checkpointing": False, "objective_option": None,
+    "optimizer_option": None, "backend": "auto",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
@@ -47,8 +48,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
 # forget and 16 retain examples, retain weight 8 (SimNPO's TOFU setting), the budget of the
 # optimizer-grade study (docs/study). Learning rates: the study's for NPO (the first of each
 # optimizer's grid to bring forget question accuracy to <= 0.25), except the hybrid's, one grid
-# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd and
-# zo_adam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
+# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd,
+# zo_adam and zo_signadam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
 # zeroth-order ones forget only by wrecking the model at this budget (retain accuracy ~0).
 DEMO_DEFAULTS: dict[str, Any] = {
     **LOOP_DEFAULTS, "model": EMBEDDED, "steps": 120, "retain_batch_size": 16, "eval_every": 20,
@@ -56,8 +57,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 DEMO_RETAIN_WEIGHT = 8.0
 DEMO_LR = {"adamw": 3e-4, "sgd": 3e-3, "signsgd": 3e-4, "signadam": 1e-4, "compressed_adam": 3e-4, "sophia": 1e-4,
-           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "hybrid": 1e-3}
+           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "zo_signadam": 1e-3,
+           "hybrid": 1e-3, "hybrid_adam_shared": 3e-3, "hybrid_signadam": 2e-4, "hybrid_signadam_shared": 1e-3,
+           "hybrid_signsgd": 3e-4}
+# The lean presets (docs/memory.md): the smallest rate of a 2-3x grid that brought forget question
+# accuracy to <= 0.10 (the paper's hybrid: 0.00), with these zeroth-order rates.
 DEMO_HYBRID = {"zo_lr": 1e-4, "block": 10}
+DEMO_ZO_LR = {"hybrid_signadam": 2.5e-5, "hybrid_signadam_shared": 1e-5, "hybrid_signsgd": 2.5e-5}
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -94,6 +100,9 @@ def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     group.add_argument("--backend", default=GIVEN, choices=("auto", *backends.BACKENDS),
                        help="which kernels run the fused ops (default: auto, the fastest for the device; "
                             "`zounlearn info` lists them); one that cannot run here is an error before any work")
+    group.add_argument("--activation-checkpointing", default=GIVEN, action="store_true",
+                       help="recompute each layer's activations in first-order backward passes: less memory, one "
+                            "more forward per step (docs/memory.md)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -163,8 +172,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if options["objective"] == "rmu":
         objective_options.setdefault("layer", 1)  # the embedded model has 2 blocks
     optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
-    if name == "hybrid":
-        optimizer_options = {**DEMO_HYBRID, **optimizer_options}
+    if OPTIMIZERS[name].grade == "hybrid":
+        optimizer_options = {**DEMO_HYBRID, "zo_lr": DEMO_ZO_LR.get(name, DEMO_HYBRID["zo_lr"]), **optimizer_options}
     return _unlearn(options, objective_options, optimizer_options)
 
 

@@ -70,6 +70,7 @@ from ..optim import gnb_loss
 from ..optim import step as take_step
 from ..optim.base import precision
 from ..optim.registry import OPTIMIZERS, make_optimizer
+from .activations import activation_checkpointing
 from .batches import Batches, fit_to_context, model_device, model_mode, rng_devices
 from .callbacks import (
     Callback,
@@ -120,6 +121,7 @@ class LoopConfig:
     checkpoint_every: int = 0
     seed: int = 0
     train_mode: bool = False
+    activation_checkpointing: bool = False  # first-order steps recompute each layer in backward (activations.py)
     objective_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -148,6 +150,8 @@ class LoopConfig:
         for name in ("objective_options", "optimizer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise UsageError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise UsageError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         self.objective_instance()  # unknown name or option: fail now
 
     def objective_instance(self) -> Objective:
@@ -220,7 +224,8 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
         except Interrupted as stop:
             raise run.stopped(stop) from None
         # A checkpoint that a signal calls for is written inside the forked stream, whose state it keeps.
-        with torch.random.fork_rng(devices=rng_devices(model)), model_mode(model, config.train_mode):
+        with torch.random.fork_rng(devices=rng_devices(model)), model_mode(model, config.train_mode), \
+                activation_checkpointing(model, config.activation_checkpointing):
             try:
                 torch.manual_seed(config.seed)
                 if checkpoint is not None:
