@@ -102,11 +102,17 @@ def _hf_table(benches) -> str:
     return "\n".join(lines)
 
 
-pass (GB/s, x the `add_` ceiling, speed-up vs the MeZO-style reference; per CPU build), the
-ZO-SGD step (speed-up vs MeZO's loop), the first-order AdamW pass (speed-up vs torch's fused
-AdamW), the steady-state peak memory of a step (x inference, and the excess as a share of the
-parameter bytes), half precision (drift, learning, the exact mode's cost) and the Trainer path
-against our own loop (steps per second and the memory each adds)."""
+def _first_order_table(benches) -> str:
+    times = {b.extra_info["kind"]: b.stats.median for b in benches}
+    fused = times.get("torch AdamW (fused)")
+    lines = ["| case | implementation | median ms | speed-up vs torch AdamW (fused) |", "|---|---|---:|---:|"]
+    for bench in benches:
+        seconds = times[bench.extra_info["kind"]]
+        speedup = f"{fused / seconds:.2f}" if fused else "-"
+        lines.append(f"| {bench.extra_info['case']} | {bench.extra_info['kind']} | {seconds * 1e3:.2f} | {speedup} |")
+    return "\n".join(lines)
+
+
 def _steady_memory_table(benches) -> str:
     M, lines = 2**20, []
     by_size: dict[str, dict[str, dict]] = defaultdict(dict)
