@@ -11,7 +11,7 @@ BUILT := $(VENV)/.ext-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/* csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench cuda-check gpu-check gpu-check-dry info clean
+.PHONY: demo test test-slow lint bench cuda-check gpu-check gpu-check-dry info clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,14 @@ demo: $(BUILT)
 info: $(BUILT)
 	$(VENV)/bin/zounlearn info
 
-# pytest exits 5 when it collected no test; make treats that as the failure it is.
+# The default suite leaves out the tests marked slow (end-to-end demo and study runs, long
+# interpreter runs); `make test-slow` runs those, and CI runs both. pytest exits 5 when it
+# collected no test; make treats that as the failure it is.
 test: $(BUILT) lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(BUILT)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The linter of pyproject.toml's [tool.ruff]: pyflakes, pycodestyle, import order.
 lint: $(DEPS)
