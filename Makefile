@@ -11,13 +11,14 @@ BUILT := $(VENV)/.ext-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/* csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench cuda-check info clean
+.PHONY: demo test test-slow lint bench cuda-check gpu-check gpu-check-dry info clean
 
 $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet setuptools wheel ninja pybind11 numpy scipy tqdm \
-		"triton>=3.2" "transformers>=4.40" "datasets>=2.18" safetensors pyyaml matplotlib \
+		"triton>=3.2" "transformers>=4.46" "datasets>=2.18" safetensors pyyaml matplotlib \
+		rouge-score scikit-learn "accelerate>=1.0" "peft>=0.13" "bitsandbytes>=0.50" \
 		"pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.6"
 	touch $@
 
@@ -32,9 +33,14 @@ demo: $(BUILT)
 info: $(BUILT)
 	$(VENV)/bin/zounlearn info
 
-# pytest exits 5 when it collected no test; make treats that as the failure it is.
+# The default suite leaves out the tests marked slow (end-to-end demo and study runs, long
+# interpreter runs); `make test-slow` runs those, and CI runs both. pytest exits 5 when it
+# collected no test; make treats that as the failure it is.
 test: $(BUILT) lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(BUILT)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The linter of pyproject.toml's [tool.ruff]: pyflakes, pycodestyle, import order.
 lint: $(DEPS)
@@ -46,6 +52,16 @@ bench: $(BUILT)
 # Build and test against the CUDA build of torch (no GPU needed to compile).
 cuda-check:
 	bash scripts/cuda-check.sh
+
+# On a GPU machine, offline, with the torch already there (no venv): build for the visible GPU,
+# then every GPU stage in at most 8 minutes (docs/gpu-check.md). GPU_CHECK_OUT names the folder.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
+
+# The same stages at tiny sizes on the CPU (cpp backend, Triton's interpreter): CI's proof the script works.
+gpu-check-dry: $(BUILT)
+	$(PY) scripts/gpu_check.py --dry-run
 
 clean:
 	rm -rf build *.egg-info zounlearn/*.so $(VENV)

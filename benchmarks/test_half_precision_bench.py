@@ -10,23 +10,19 @@ drift     ZO-SGD at lr = 0 on GPT-2-sized tensors (a 768 x 768 matrix of std 0.0
 learning  ZO-SGD on least squares (512 weights), float32 against bfloat16 in place with nearest
           rounding, in place with stochastic rounding, and exact with stochastic rounding.
 cost      one ZO-SGD step on GPT-2 small (124 M parameters, bfloat16, batch 2 x 64) exact against in
-          place, time as a ratio in one run; the peak memory in fresh processes (peak_memory.py).
+          place, time as a ratio in one run; the steady-state peak memory in fresh processes
+          (zounlearn.bench.memory).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from zounlearn import optim
+from zounlearn.bench import memory
 from zounlearn.optim.mezo import mezo_step
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -138,15 +134,10 @@ def test_exact_mode_step_time(benchmark, gpt2_small, perturbation):
         benchmark.pedantic(opt.step, args=(loss,), rounds=5, warmup_rounds=1, iterations=1)
 
 
-@pytest.mark.parametrize("kind", ["inference bf16", "ZOSGD bf16 in place", "ZOSGD bf16 exact"])
-def test_exact_mode_peak_memory(benchmark, kind):
-    """Each in a fresh process (peak_memory.py): the peak RSS of steady-state steps."""
-    def measure():
-        out = subprocess.run([sys.executable, os.path.join(HERE, "peak_memory.py"), kind], check=True,
-                             capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    result = benchmark.pedantic(measure, rounds=1, iterations=1)
+def test_exact_mode_peak_memory(benchmark):
+    """Each kind in a fresh process (zounlearn.bench.memory): the steady-state peak RSS, bfloat16."""
+    rows = benchmark.pedantic(memory.measure, args=(["inference", "ZOSGD", "ZOSGD exact"], "gpt2-small", "cpu",
+                                                    torch.bfloat16, 2, 64), rounds=1, iterations=1)
     benchmark.group = "peak memory, half precision"
-    benchmark.extra_info.update(table="memory", kind=kind, **result)
-    assert result["peak_bytes"] > result["param_bytes"]
+    benchmark.extra_info.update(table="memory-rows", rows=rows)
+    assert all(r["peak_bytes"] > r["param_bytes"] for r in rows)

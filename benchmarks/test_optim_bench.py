@@ -1,70 +1,49 @@
 """Optimizer steps: the parameter-update part of one ZO-SGD step (3 fused passes) against
-MeZO's own 4-pass loop, and the peak memory of one step of several optimizers on a GPT-2
-sized causal LM, each as a ratio to what was measured in the same run.
+MeZO's own 4-pass loop, and the steady-state peak memory of one step of several optimizers on
+GPT-2 small, each as a ratio to what was measured in the same run.
 
     make bench     # conftest.py prints the tables that benchmarks/README.md records
+
+The steps, shapes and memory measurement are zounlearn.bench's (as `zounlearn bench` and
+`make gpu-check` use them).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from zounlearn import optim
-from zounlearn.ops import backends
-from zounlearn.optim.mezo import mezo_step
+from zounlearn.bench import calls, memory, models, steps
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# GPT-2 small's parameter list (124 M parameters in 148 tensors): embeddings, 12 blocks, final norm.
-D = 768
-BLOCK = [(D,), (D,), (D, 3 * D), (3 * D,), (D, D), (D,), (D,), (D,), (D, 4 * D), (4 * D,), (4 * D, D), (D,)]
-SHAPES = [(50257, D), (1024, D)] + BLOCK * 12 + [(D,), (D,)]
-MU, LR, SEED = 1e-3, 1e-6, 7
+KINDS = {steps.MEZO: None}
+if "cpp" in calls.runnable("cpu"):
+    KINDS.update({f"ZOSGD {dist} (cpp)": dist for dist in ("rademacher", "gaussian")})
 
 
-def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype) * 0.02) for s in SHAPES]
-
-
-def _steps():
-    # The loss is a constant: what is timed is the optimizer's own work on the parameters.
-    yield "MeZO reference", lambda ps: mezo_step(ps, lambda: 1.0, lr=LR, mu=MU, seed=SEED)
-    if backends.runs_on("cpp", "cpu"):
-        for dist in ("rademacher", "gaussian"):
-            yield f"ZOSGD {dist} (cpp)", lambda ps, d=dist: optim.ZOSGD(ps, lr=LR, mu=MU, dist=d).step(lambda: 1.0)
-
-
-@pytest.mark.parametrize("kind", [k for k, _ in _steps()])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_zo_sgd_step_passes(benchmark, dtype, kind):
-    params = _params(dtype)
-    fn = dict(_steps())[kind]
+    # GPT-2 small's parameter list (124 M parameters in 148 tensors); the loss is a constant, so
+    # what is timed is the optimizer's own work on the parameters.
+    params = models.make_params(models.model_shapes("gpt2-small"), dtype, "cpu")
+    dist = KINDS[kind]
     n = sum(p.numel() for p in params)
     case = f"ZO-SGD step, {str(dtype)[6:]}, {n / 1e6:.0f} M params in {len(params)} tensors"
     benchmark.group = case
     benchmark.extra_info.update(table="step", case=case, kind=kind)
-    benchmark.pedantic(fn, args=(params,), rounds=3 if kind == "MeZO reference" else 10, warmup_rounds=1, iterations=1)
+    with calls.use("cpp"):
+        fn = steps.mezo(params, steps.constant_loss) if dist is None else steps.zo_sgd(params, steps.constant_loss,
+                                                                                        dist)
+        benchmark.pedantic(fn, rounds=3 if dist is None else 10, warmup_rounds=1, iterations=1)
     assert all(torch.isfinite(p.data[:10]).all() for p in params)
 
 
-MEMORY_KINDS = ["inference", "ZOSGD", "MeZO reference", "AdaZO", "AdamW", "HybridFOZO (FO phase)"]
-
-
-@pytest.mark.parametrize("kind", MEMORY_KINDS)
+@pytest.mark.parametrize("kind", [*memory.KINDS, *memory.LORA_KINDS])
 def test_peak_memory_of_one_step(benchmark, kind):
-    """Each kind in a fresh process (peak_memory.py): the peak RSS during one step."""
-    def measure():
-        out = subprocess.run([sys.executable, os.path.join(HERE, "peak_memory.py"), kind], check=True,
-                             capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    result = benchmark.pedantic(measure, rounds=1, iterations=1)
+    """Each kind in a fresh process (zounlearn.bench.memory): the steady-state peak of resident memory
+    on GPT-2 small (float32, 2 x 256 tokens)."""
+    result = benchmark.pedantic(lambda: memory.measure([kind], "gpt2-small", "cpu", torch.float32, 2, 256)[0],
+                                rounds=1, iterations=1)
     benchmark.group = "peak memory"
-    benchmark.extra_info.update(table="memory", kind=kind, **result)
+    benchmark.extra_info.update(table="memory", **result)
     assert result["peak_bytes"] > result["param_bytes"]

@@ -4,6 +4,7 @@ read and written).
 
     make bench            # or: .venv/bin/python -m pytest benchmarks --benchmark-only
 
+The passes are zounlearn.bench's (the same `zounlearn bench` and `make gpu-check` time);
 conftest.py prints the table (GB/s and both ratios) that benchmarks/README.md records.
 """
 
@@ -12,38 +13,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zounlearn.ops import backends, perturb_
+from zounlearn.bench import calls, passes
+from zounlearn.ops import backends
 from zounlearn.optim.mezo import mezo_perturb
 
 CASES = [(torch.float32, 24), (torch.float32, 26), (torch.bfloat16, 24), (torch.bfloat16, 26)]
-SEED, SCALE = 1234, 1e-3
+MEZO = "MeZO reference"
+KINDS = {"add_ ceiling": passes.Pass("add_"), MEZO: None}
+BUILDS: dict[str, str] = {}  # kind -> the build of the CPU kernels it runs
+if "cpp" in calls.runnable("cpu"):  # the CPU default, in each build of its kernels this processor runs
+    BUILDS.update({f"cpp {dist} [{build}]": build for build, runs in backends.cpu_capabilities().items() if runs
+                   for dist in ("rademacher", "gaussian")})
+    KINDS.update({kind: passes.Pass("perturb_", kind.split()[1]) for kind in BUILDS})
 
 
-def _kernels():
-    yield "add_ ceiling", lambda p: p.data.add_(1.0)
-    yield "MeZO reference", lambda p: mezo_perturb([p], SEED, SCALE)
-    if backends.runs_on("cpp", "cpu"):  # the CPU default, in each build of its kernels this processor runs
-        for build in [name for name, runs in backends.cpu_capabilities().items() if runs]:
-            for dist in ("rademacher", "gaussian"):
-                yield f"cpp {dist} [{build}]", _in_build(build, lambda p, d=dist: perturb_(p, SCALE, SEED, dist=d))
-
-
-def _in_build(build: str, fn):
-    def run(*args):
-        with backends.cpu_capability(build):
-            fn(*args)
-
-    return run
-
-
-@pytest.mark.parametrize("kind", [k for k, _ in _kernels()])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize(("dtype", "log2n"), CASES, ids=[f"{str(d)[6:]}-2^{n}" for d, n in CASES])
 def test_perturb_pass(benchmark, dtype, log2n, kind):
-    fn = dict(_kernels())[kind]
-    p = torch.nn.Parameter(torch.randn(1 << log2n).to(dtype), requires_grad=False)
+    tensors = passes.Tensors.allocate([(1 << log2n,)], dtype, "cpu", state=False)
+    p = KINDS[kind]
+    # MeZO's zo_perturb_parameters: torch.manual_seed, torch.normal per tensor, an out-of-place add.
+    fn = (lambda: mezo_perturb(tensors.params, passes.SEED, passes.MU)) if p is None else p.runner(tensors)
     case = f"{str(dtype)[6:]} 2^{log2n}"
     benchmark.group = case
-    benchmark.extra_info.update(table="perturb", case=case, kind=kind, bytes=2 * p.numel() * p.element_size())
-    rounds = 3 if kind == "MeZO reference" else 10
-    benchmark.pedantic(fn, args=(p,), rounds=rounds, warmup_rounds=1, iterations=1)
-    assert torch.isfinite(p.data[:1000]).all()
+    size = tensors.params[0].element_size()  # MeZO's step counts as the same 2 x size bytes an element
+    benchmark.extra_info.update(table="perturb", case=case, kind=kind,
+                                bytes=(2 * size if p is None else p.bytes_per_element(size)) * tensors.numel)
+    with torch.no_grad(), calls.use("cpp"), backends.cpu_capability(BUILDS.get(kind, "auto")):
+        benchmark.pedantic(fn, rounds=3 if p is None else 10, warmup_rounds=1, iterations=1)
+    assert torch.isfinite(tensors.params[0].data[:1000]).all()

@@ -233,9 +233,12 @@ struct Rounding {
   uint64_t stream;
 };
 
-// The rounding word (16 bits) of global element e inside its block's Philox output.
+// The rounding word (16 bits) of global element e inside its block's Philox output. The word is
+// selected, not indexed: a runtime index would put the four words in local memory on the device.
 ZO_HD uint32_t rounding_bits(const Words& r, uint64_t e) {
-  return (r.w[(e >> 1) & 3] >> (16 * static_cast<uint32_t>(e & 1))) & 0xFFFFu;
+  const uint32_t q = static_cast<uint32_t>(e >> 1) & 3u;
+  const uint32_t word = q == 0 ? r.w[0] : q == 1 ? r.w[1] : q == 2 ? r.w[2] : r.w[3];
+  return (word >> (16 * static_cast<uint32_t>(e & 1))) & 0xFFFFu;
 }
 
 // Stochastic rounding (docs/rng.md): |x| rounded toward zero to t, or away to the next value u

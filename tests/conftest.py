@@ -31,12 +31,13 @@ def backend(request):
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    """A cache directory holding the default embedded model, built once per session (~40 s on one core):
-    for the commands that use it (demo, study). Pass it as ZOUNLEARN_CACHE."""
-    from zounlearn.unlearning import embedded_model
+    """A cache directory holding the default embedded model and its retrain model, built once per session (~40 s
+    on one core): for the commands that use them (demo, study). Pass it as ZOUNLEARN_CACHE."""
+    from zounlearn.unlearning import embedded_model, retrain_model
 
     cache = tmp_path_factory.mktemp("zounlearn-cache")
     embedded_model(cache_dir=cache / "models", threads=1)  # puts torch's thread count back itself
+    retrain_model(cache_dir=cache / "models", threads=1)
     return cache
 
 

@@ -215,6 +215,10 @@ def AdaZO(params, lr=1e-4, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **
     return ZOLoop(params, adazo_update, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, **zo)
 
 
+def ZOSignAdam(params, lr=1e-6, *, beta=0.9, weight_decay=0.0, **zo):
+    return ZOLoop(params, signum_update, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, **zo)
+
+
 def SignSGD(params, lr=1e-4, *, weight_decay=0.0, **fused):
     return FOLoop(params, sign_update, {"lr": lr, "weight_decay": weight_decay}, **fused)
 

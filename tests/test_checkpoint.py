@@ -13,8 +13,7 @@ import torch
 from commands import assert_one_line_error, environment, run
 from tiny import SMALL_EMBEDDED, assert_unchanged, data_flags, snapshot
 
-from zounlearn.unlearning import embedded_model
-from zounlearn.unlearning import loop as loop_module
+from zounlearn.unlearning import embedded_model, rundir
 from zounlearn.unlearning.checkpoint import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_steps
 from zounlearn.unlearning.loop import LoopConfig, unlearn
 
@@ -92,7 +91,7 @@ def test_resume_refuses_other_conditions_naming_them(small, unfinished, tmp_path
                                                        data.retain.choice), data.holdout)
     with pytest.raises(ValueError, match="the retain data changed"):
         unlearn(model, small[1], edited, CONFIG, run_dir, resume=True, progress=False)
-    monkeypatch.setattr(loop_module, "__version__", "9.9.9")
+    monkeypatch.setattr(rundir, "__version__", "9.9.9")
     with pytest.raises(ValueError, match="zounlearn: '0.1.0' then, '9.9.9' now"):
         unlearn(model, small[1], small[2], CONFIG, run_dir, resume=True, progress=False)
     monkeypatch.undo()

@@ -65,7 +65,7 @@ def test_help_documents_every_flag_with_the_library_defaults(capsys):
     assert (cli.DEFAULT_K, cli.DEFAULT_STEPS, cli.DEFAULT_LR, cli.DEFAULT_BATCH_SIZE, cli.DEFAULT_RELATIVE_STDS) == \
         (attacks.DEFAULT_K, attacks.DEFAULT_STEPS, attacks.DEFAULT_LR, attacks.DEFAULT_BATCH_SIZE,
          attacks.DEFAULT_RELATIVE_STDS)
-    assert cli.DEFAULT_SCHEMES == tuple(robustness.QUANTIZATION_SCHEMES)
+    assert cli.DEFAULT_SCHEMES == robustness.DEFAULT_SCHEMES
     defaults = {name: p.default for fn in (attacks.relearning_attack, attacks.noise_attack)
                 for name, p in inspect.signature(fn).parameters.items()}
     assert (cli.DEFAULT_WEIGHT_DECAY, cli.DEFAULT_DRAWS) == (defaults["weight_decay"], defaults["draws"])

@@ -143,7 +143,7 @@ def test_an_emptied_metrics_file_is_rebuilt_from_the_checkpoint(small, straight,
 
 def test_sigterm_to_the_installed_command_checkpoints_and_the_run_resumes(small_files, tmp_path):
     args = ["unlearn", "--model", small_files["model"], *data_flags(small_files, ("forget", "retain")), "--optimizer",
-            "adamw", "--lr", "1e-3", "--steps", "300", "--no-progress", "--threads", "1", "-o", str(tmp_path / "run")]
+            "adamw", "--lr", "1e-3", "--steps", "100", "--no-progress", "--threads", "1", "-o", str(tmp_path / "run")]
     env = environment(small_files["cache"])
     process = subprocess.Popen([ZOUNLEARN, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -157,9 +157,9 @@ def test_sigterm_to_the_installed_command_checkpoints_and_the_run_resumes(small_
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     (line,) = stopped.lines("interrupted")
     step = checkpoint_steps(tmp_path / "run")
-    assert len(step) == 1 and 2 <= step[0] < 300 and f"resume continues from step {step[0]}" in line
+    assert len(step) == 1 and 2 <= step[0] < 100 and f"resume continues from step {step[0]}" in line
     assert run([*args, "--resume"], tmp_path, env).returncode == 0
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["steps"] == 300
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["steps"] == 100
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_a_temporary_that_the_next_start_removes(small, small_files,

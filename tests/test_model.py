@@ -1,6 +1,8 @@
 """Models: the embedded tokenizer (exact round trip, reload), the embedded model (accuracy bar on a
-small configuration, cache reuse, atomic build, determinism, the step cap) and `load_model`'s
-loading and bad-input cases on a tiny model saved to tmp_path."""
+small configuration, cache reuse, atomic build, determinism, the step cap), its retrain model (the
+same initialisation and recipe without the forget people, cached beside it, registered as the
+retain model of its data) and `load_model`'s loading and bad-input cases on a tiny model saved to
+tmp_path."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from zounlearn.unlearning.model import (
     embedded_model,
     embedded_model_dir,
     load_model,
+    retrain_model,
+    retrain_model_dir,
 )
 from zounlearn.unlearning.tokenizer import build_tokenizer
 
@@ -146,6 +150,54 @@ def test_same_seed_same_weights_other_seed_other_weights(small, tmp_path):
     other, _, data = embedded_model(1, config=INSTANT, cache_dir=tmp_path)
     assert not torch.equal(first.transformer.wte.weight, other.transformer.wte.weight)
     assert data != synthetic_data(0, INSTANT.n_people)
+
+
+def test_retrain_model_never_saw_the_forget_people(small):
+    cache, model, tokenizer, data, _ = small
+    retrain, retrain_tokenizer = retrain_model(0, config=SMALL, cache_dir=cache)
+    assert retrain_tokenizer.get_vocab() == tokenizer.get_vocab()
+    summary = json.loads((retrain_model_dir(0, config=SMALL, cache_dir=cache) / SUMMARY).read_text())
+    assert summary["retrain"] and summary["accuracy"]["retain"] >= 0.9
+    assert _accuracy(retrain, tokenizer, data.retain.qa) >= 0.9
+    # It answers the forget people's questions no better than the holdout's, which no model saw.
+    assert _accuracy(retrain, tokenizer, data.forget.qa) < 0.5
+    assert retrain_model_dir(0, config=SMALL, cache_dir=cache).name.startswith("test-gpt2-retrain-")
+    assert retrain_model_dir(0, config=SMALL, cache_dir=cache).parent == cache
+
+
+def test_retrain_model_starts_where_the_embedded_model_started(tmp_path, monkeypatch):
+    """Same seed, same GPT-2, same initial weights; only the examples differ (retain people only)."""
+    starts, sizes, real = [], [], torch.optim.AdamW
+
+    def recording(params, **kwargs):
+        params = list(params)
+        starts.append([p.detach().clone() for p in params])
+        return real(params, **kwargs)
+
+    real_collate = model_module._collate
+    monkeypatch.setattr(model_module.torch.optim, "AdamW", recording)
+    monkeypatch.setattr(model_module, "_collate", lambda tok, examples: sizes.append(len(examples))
+                        or real_collate(tok, examples))
+    embedded_model(0, config=INSTANT, cache_dir=tmp_path)
+    retrain_model(0, config=INSTANT, cache_dir=tmp_path)
+    assert len(starts) == 2 and all(torch.equal(a, b) for a, b in zip(*starts))
+    data = synthetic_data(0, INSTANT.n_people)
+    assert sizes == [sum(len(s.train) + len(s.qa) for s in (data.forget, data.retain)),
+                     len(data.retain.train) + len(data.retain.qa)]
+
+
+def test_the_embedded_data_come_with_their_retain_model(tmp_path, monkeypatch):
+    from zounlearn.unlearning.evaluation import evaluate
+
+    built = []
+    real = model_module._build
+    monkeypatch.setattr(model_module, "_build", lambda *a, **k: built.append(a[-1]) or real(*a, **k))
+    model, tokenizer, data = embedded_model(0, config=INSTANT, cache_dir=tmp_path)
+    assert built == [False]  # the retrain model is built when a metric first needs it, not before
+    metrics = evaluate(model, tokenizer, data, batch_size=64)
+    assert built == [False, True] and "forget_quality" in metrics and "privleak" in metrics
+    retrain, _ = retrain_model(0, config=INSTANT, cache_dir=tmp_path)
+    assert metrics == evaluate(model, tokenizer, data, batch_size=64, retain_model=retrain)
 
 
 def test_cache_directory_names_config_seed_and_data(tmp_path, monkeypatch):

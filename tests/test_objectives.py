@@ -1,6 +1,8 @@
 """Batches (the join rule, labels, truncation, deterministic order) and the objectives against
-hand computations from the logits and hidden states of tiny GPT-2 and Llama models; the NPO
-and RMU caches, both grad modes, RMU's blocks and parameters, the registry and bad input.
+hand computations from the logits and hidden states of tiny GPT-2 and Llama models, each
+reference's formula transcribed (SimNPO as its authors' code, RMU in WMDP's and open-unlearning's
+forms on the same inputs, the KL retain term as TOFU's kl_div); the NPO, RMU and KL caches,
+both grad modes, RMU's blocks and parameters, seed 002's two defenses, the registry and bad input.
 
 The tokenizer (a byte-level BPE trained on the synthetic corpus, nothing downloaded), the
 tiny models and the hand computations live in tiny.py."""
@@ -19,8 +21,11 @@ from zounlearn.unlearning.objectives import (
     NPO,
     OBJECTIVES,
     RMU,
+    FineTune,
     GradDiff,
     SimNPO,
+    WeightDistortion,
+    WeightDistReg,
     make_objective,
     transformer_blocks,
 )
@@ -143,41 +148,67 @@ def test_npo_starts_at_two_over_beta_log_two(forget):
         assert npo(model, batch).item() == pytest.approx(20 * math.log(2), rel=1e-4)
 
 
-def test_simnpo_by_hand(forget, retain):
+def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The references' get_batch_loss / compute_batch_nll: CE summed over each row's shifted labels."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).double(), labels[:, 1:],
+                                             ignore_index=IGNORE, reduction="none").sum(-1)
+
+
+def test_simnpo_is_the_authors_computation(forget, retain):
+    """OPTML-Group/Unlearn-Simple's simnpo_grad_diff, transcribed: forget_loss = NLL / |y| - gamma,
+    -logsigmoid(beta forget_loss).mean() * 2 / beta, then npo_coeff * it + grad_diff_coeff * retain CE."""
     model = tiny_gpt2()
-    fb, rb = forget.batch(0), retain.batch(1)
-    # A small beta keeps the sigmoid off its flat tail, so that gamma moves the loss visibly.
-    beta, gamma = 0.2, 0.5
-    rows = hand_log_likelihoods(model, fb)
-    forget_term = -(2 / beta) * sum(math.log(1 / (1 + math.exp((beta / n) * ll + gamma))) for ll, n in rows) \
-        / len(rows)
-    assert SimNPO(beta=beta, gamma=gamma, retain_weight=0.0)(model, fb).item() == pytest.approx(forget_term, rel=1e-5)
-    expected = forget_term + 2.0 * hand_ce(model, rb)
-    assert SimNPO(beta=beta, gamma=gamma, retain_weight=2.0)(model, fb, rb).item() == pytest.approx(expected, rel=1e-5)
-    assert (SimNPO().beta, SimNPO().gamma, SimNPO().retain_weight) == (4.5, 0.0, 8.0)
-
-
-def hand_hidden(model, batch, layer: int) -> list[torch.Tensor]:
-    """Block `layer`'s output at each row's real tokens, from output_hidden_states (GPT-2: not the last block)."""
+    # Question/answer pairs, as TOFU's: the first token is prompt, so the labels count the predicted tokens.
+    fb, rb = Batches(DATA.forget.qa, tokenizer(), 5).batch(0), retain.batch(1)
+    beta, gamma, npo_coeff, coeff = 0.2, 0.5, 0.125, 2.0  # a small beta keeps the sigmoid off its flat tail
     with torch.no_grad():
-        states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       output_hidden_states=True).hidden_states[layer + 1].double()
-    return [states[row, :int(batch.attention_mask[row].sum())] for row in range(len(batch))]
+        logits = model(input_ids=fb.input_ids, attention_mask=fb.attention_mask).logits
+    forget_loss = _summed_nll(logits, fb.labels) / (fb.labels != IGNORE).sum(-1) - gamma
+    forget_term = (-torch.nn.functional.logsigmoid(beta * forget_loss).mean() * 2 / beta).item()
+    ours = SimNPO(beta=beta, delta=gamma, forget_weight=npo_coeff, retain_weight=0.0)
+    assert ours(model, fb).item() == pytest.approx(npo_coeff * forget_term, rel=1e-5)
+    expected = npo_coeff * forget_term + coeff * hand_ce(model, rb)
+    ours = SimNPO(beta=beta, delta=gamma, forget_weight=npo_coeff, retain_weight=coeff)
+    assert ours(model, fb, rb).item() == pytest.approx(expected, rel=1e-5)
+    defaults = SimNPO()  # the authors' TOFU forget10 command: beta 4.5, gamma 0, npo_coeff 0.125, coeff 1
+    assert (defaults.beta, defaults.delta, defaults.forget_weight, defaults.retain_weight) == (4.5, 0.0, 0.125, 1.0)
 
 
-def test_rmu_by_hand(forget, retain):
+def _padded_hidden(model, batch, layer: int) -> torch.Tensor:
+    """Block `layer`'s output (B, T, H) at every position of the padded batch, from output_hidden_states."""
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     output_hidden_states=True).hidden_states[layer + 1].double()
+
+
+def test_rmu_in_both_forms_on_the_same_inputs(forget, retain):
+    """WMDP's rmu/unlearn.py: mse_loss over (B, T, H) of the padded batch, padding included; open-unlearning's
+    compute_activation_loss: per row, the hidden-unit mean summed over answer positions over their count."""
     model = tiny_gpt2(n_layer=3)
     fb, rb = forget.batch(0), retain.batch(2)
-    rmu = RMU(steering_coeff=3.0, alpha=50.0, layer=1, seed=4)
-    frozen = hand_hidden(model, rb, 1)
-    rmu.prepare(model, forget, retain)
+    assert (fb.attention_mask == 0).any() and (rb.attention_mask == 0).any()  # both batches have padding
+    frozen = _padded_hidden(model, rb, 1)
+    forms = {form: RMU(steering_coeff=3.0, alpha=50.0, layer=1, seed=4, form=form) for form in ("wmdp",
+                                                                                               "open-unlearning")}
+    for rmu in forms.values():
+        rmu.prepare(model, forget, retain)
     nudge(model)
     u = torch.rand(32, generator=torch.Generator().manual_seed(4)).double()
     target = 3.0 * u / u.norm()
-    forget_term = torch.cat([(h - target).pow(2) for h in hand_hidden(model, fb, 1)]).mean()
-    retain_term = torch.cat([(h - f).pow(2) for h, f in zip(hand_hidden(model, rb, 1), frozen)]).mean()
-    assert rmu(model, fb, rb).item() == pytest.approx((forget_term + 50.0 * retain_term).item(), rel=1e-5)
-    assert retain_term > 0
+    hf, hr = _padded_hidden(model, fb, 1), _padded_hidden(model, rb, 1)
+    wmdp = (hf - target).pow(2).mean() + 50.0 * (hr - frozen).pow(2).mean()
+
+    def masked(squared, batch):
+        mask = (batch.labels != IGNORE).double()
+        return ((squared.mean(-1) * mask).sum(1) / mask.sum(1)).mean()
+
+    open_unlearning = masked((hf - target).pow(2), fb) + 50.0 * masked((hr - frozen).pow(2), rb)
+    assert forms["wmdp"](model, fb, rb).item() == pytest.approx(wmdp.item(), rel=1e-5)
+    assert forms["open-unlearning"](model, fb, rb).item() == pytest.approx(open_unlearning.item(), rel=1e-5)
+    assert abs(wmdp - open_unlearning) > 1e-3 * wmdp  # the two reductions differ on these inputs
+    # A retain batch of other examples than the cached ones is refused.
+    with pytest.raises(ValueError, match="not from the Batches RMU was prepared on"):
+        forms["wmdp"](model, fb, Batches(DATA.retain.train[:4], tokenizer(), 4).batch(0))
 
 
 def test_rmu_runs_only_the_blocks_up_to_its_layer(forget):
@@ -206,12 +237,84 @@ def test_npo_reference_is_computed_once(forget, retain):
     assert len(calls) == 4 + 6 * 2 * 2  # one forget and one retain pass per call: no reference pass
 
 
-def test_rmu_caches_every_retain_example_once(forget, retain):
+def test_rmu_caches_every_retain_example_once_at_full_width(forget, retain):
     model = tiny_gpt2()
     rmu = RMU(layer=1)
+    calls = []
+    model.transformer.h[1].register_forward_hook(lambda *args: calls.append(1))
     rmu.prepare(model, forget, retain)
-    assert sorted(rmu.frozen) == list(range(len(retain.examples)))
-    assert [rmu.frozen[i].shape[0] for i in range(len(retain.examples))] == [len(t.ids) for t in retain.tokens]
+    assert len(calls) == len(retain) and sorted(rmu.frozen.values) == list(range(len(retain.examples)))
+    width = max(len(t.ids) for t in retain.tokens)
+    assert all(v.shape == (width, 32) for v in rmu.frozen.values.values())
+
+
+def test_kl_retain_term_by_hand_cached_or_from_a_frozen_copy(forget, retain):
+    """TOFU's KL (and NPO-KL, open-unlearning's retain_loss_type KL): kl_div(log p_theta, log p_original,
+    batchmean, log_target) over every position of the padded batch, here from hand log-softmaxes."""
+    model = tiny_gpt2()
+    fb, rb = forget.batch(0), retain.batch(1)
+    with torch.no_grad():
+        original = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits.double().log_softmax(-1)
+    objectives = {reference: GradDiff(retain_weight=2.0, retain_loss="kl", kl_reference=reference)
+                  for reference in ("cache", "model")}
+    for objective in objectives.values():
+        objective.prepare(model, forget, retain)
+        assert objective(model, fb, rb).item() == pytest.approx(-hand_ce(model, fb), abs=1e-5)  # KL 0 at the start
+    nudge(model)
+    with torch.no_grad():
+        now = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits.double().log_softmax(-1)
+    kl = (original.exp() * (original - now)).sum() / (rb.input_ids.numel())  # batchmean over B * T positions
+    for objective in objectives.values():
+        assert objective(model, fb, rb).item() == pytest.approx(-hand_ce(model, fb) + 2.0 * kl.item(), rel=1e-5)
+    assert objectives["model"].kl.frozen is not None and objectives["model"].kl.cache is None
+    npo = NPO(retain_loss="kl")
+    npo.prepare(model, forget, retain)
+    assert npo.kl.cache is not None and len(npo.kl.cache.values) == len(retain.examples)
+
+
+def test_weight_distortion_adds_seeded_noise_after_the_inner_objective_prepared(forget, retain):
+    model, plain = tiny_gpt2(), NPO(retain_weight=0.0)
+    plain.prepare(model, forget)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    defended = make_objective("npo", retain_weight=0.0, weight_distortion=0.02, distortion_seed=3)
+    assert isinstance(defended, WeightDistortion) and defended.name == "npo"
+    defended.prepare(model, forget)
+    generator = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():  # every parameter, in order, from the seed's stream
+        torch.testing.assert_close(p.detach(), before[name] + 0.02 * torch.randn(p.shape, generator=generator))
+    assert torch.equal(defended.inner.reference, plain.reference)  # NPO's reference is the original model's
+    after = NPO(retain_weight=0.0)
+    after.prepare(model, forget)
+    assert not torch.allclose(after.reference, plain.reference)  # which the noise did change
+
+
+def test_weight_dist_reg_by_hand_with_both_kinds_of_optimizer(forget, retain):
+    model = tiny_gpt2()
+    original = [p.detach().clone() for p in model.parameters()]
+    defended = make_objective("graddiff", weight_dist_reg=1.5)
+    assert isinstance(defended, WeightDistReg)
+    defended.prepare(model, forget, retain)
+    fb, rb = forget.batch(0), retain.batch(0)
+    assert defended(model, fb, rb).item() == pytest.approx(GradDiff()(model, fb, rb).item() - 1.5 * 1e-4, rel=1e-5)
+    nudge(model)
+    squares = sum((p.detach().double() - p0.double()).pow(2).sum() for p, p0 in zip(model.parameters(), original))
+    rms = math.sqrt(squares.item() / sum(p.numel() for p in original) + 1e-8)
+    assert defended(model, fb, rb).item() == pytest.approx(GradDiff()(model, fb, rb).item() - 1.5 * rms, rel=1e-5)
+    defended(model, fb, rb).backward()  # first order: the distance term has a gradient on every parameter
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    from zounlearn.optim import ZOSGD
+
+    optimizer = ZOSGD(defended.parameters(model), lr=1e-3, seed=0)  # zeroth order: the closure under no_grad
+    assert math.isfinite(float(optimizer.step(lambda: defended(model, fb, rb))))
+
+
+def test_finetune_is_the_retain_cross_entropy(forget, retain):
+    model = tiny_gpt2()
+    fb, rb = forget.batch(0), retain.batch(0)
+    assert FineTune()(model, fb, rb).item() == pytest.approx(hand_ce(model, rb), rel=1e-5)
+    assert make_objective("finetune").needs_retain
+    with pytest.raises(ValueError, match="invalid retain_weight"):
+        FineTune(retain_weight=0.0)
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -254,16 +357,16 @@ def test_transformer_blocks_of_gpt2_and_llama():
         transformer_blocks(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("build, blocks", [(tiny_gpt2, lambda m: m.transformer.h),
-                                           (tiny_llama, lambda m: m.model.layers)])
-def test_rmu_parameters_are_the_chosen_blocks(build, blocks):
+@pytest.mark.parametrize("build, blocks, mlp_out", [(tiny_gpt2, lambda m: m.transformer.h, lambda b: b.mlp.c_proj),
+                                                    (tiny_llama, lambda m: m.model.layers, lambda b: b.mlp.down_proj)])
+def test_rmu_parameters_are_the_chosen_blocks_mlp_output_projections(build, blocks, mlp_out):
     model = build(n_layer=4)
     ids = lambda params: sorted(id(p) for p in params)  # noqa: E731
     layers = blocks(model)
-    assert ids(RMU(layer=2).parameters(model)) == ids(p for i in (0, 1, 2) for p in layers[i].parameters())
-    assert ids(RMU(layer=1).parameters(model)) == ids(p for i in (0, 1) for p in layers[i].parameters())
-    assert ids(RMU(layer=3, update_layers=[3]).parameters(model)) == ids(layers[3].parameters())
-    assert RMU().layer == 7 and RMU().update_layers == (5, 6, 7)
+    assert ids(RMU(layer=2).parameters(model)) == ids(mlp_out(layers[i]).weight for i in (0, 1, 2))
+    assert ids(RMU(layer=1, params="block").parameters(model)) == ids(p for i in (0, 1) for p in layers[i].parameters())
+    assert ids(RMU(layer=3, update_layers=[3]).parameters(model)) == ids([mlp_out(layers[3]).weight])
+    assert RMU().layer == 7 and RMU().update_layers == (5, 6, 7) and (RMU().form, RMU().params) == ("wmdp", "mlp")
     with pytest.raises(ValueError, match="reach past the 4 blocks"):
         RMU(layer=7).parameters(model)
 
@@ -283,22 +386,28 @@ def test_rmu_on_llama(retain):
 
 
 def test_registry_and_make_objective_errors():
-    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "rmu"}
+    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "rmu", "finetune"}
     assert isinstance(make_objective("NPO", beta=0.2), NPO)
     with pytest.raises(ValueError, match="unknown objective 'dpo'; use one of ga, graddiff, npo, simnpo, rmu"):
         make_objective("dpo")
     with pytest.raises(ValueError, match="npo has no hyperparameter gamma; its hyperparameters: beta, retain_weight"):
         make_objective("npo", gamma=1.0)
+    with pytest.raises(ValueError, match="give weight_distortion=STD too"):
+        make_objective("npo", distortion_seed=1)
     with pytest.raises(ValueError, match="ga has no hyperparameter beta"):
         make_objective("ga", beta=1.0)
 
 
 @pytest.mark.parametrize("build", [lambda: NPO(beta=0), lambda: NPO(beta=-1.0), lambda: SimNPO(beta=float("nan")),
-                                   lambda: SimNPO(gamma=-0.1), lambda: GradDiff(retain_weight=-1),
+                                   lambda: SimNPO(delta=-0.1), lambda: GradDiff(retain_weight=-1),
+                                   lambda: GradDiff(retain_loss="mse"), lambda: NPO(kl_reference="disk"),
+                                   lambda: RMU(form="tofu"), lambda: RMU(params="all"),
+                                   lambda: make_objective("ga", weight_distortion=-0.1),
+                                   lambda: make_objective("ga", weight_dist_reg=0.0),
                                    lambda: NPO(beta=True), lambda: RMU(steering_coeff=0), lambda: RMU(alpha=-1),
                                    lambda: RMU(layer=-1), lambda: RMU(layer=1.5), lambda: RMU(update_layers=[])])
 def test_bad_hyperparameters(build):
-    with pytest.raises(ValueError, match="invalid|update_layers"):
+    with pytest.raises(ValueError, match="invalid|update_layers|must be one of"):
         build()
 
 

@@ -306,6 +306,24 @@ def test_hybrid_schedule_ends_on_zo_and_keeps_inner_state():
     assert [unbounded.phase(t) for t in (0, 19, 20, 39, 40)] == ["fo", "fo", "zo", "zo", "fo"]
 
 
+def test_hybrid_first_order_step_without_closure_uses_the_gradients():
+    """step() without a closure (a Trainer that backpropagates itself) equals step(closure) in a
+    first-order block; a zeroth-order step without one is refused and changes nothing."""
+    target = targets()
+    with_closure, without = make_params(torch.float32), make_params(torch.float32)
+    a, b = (optim.HybridFOZO(p, lr=1e-2, zo_lr=1e-2, block=2, zo_block=1) for p in (with_closure, without))
+    for _ in range(2):
+        a.step(lambda: loss_fn(with_closure, target))
+        loss_fn(without, target).backward()
+        assert b.step() is None and b.last_phase == "fo"
+    assert all(torch.equal(x, y) for x, y in zip(with_closure, without))
+    assert b.steps == 2 and all(p.grad is None for p in without)
+    before = [p.detach().clone() for p in without]
+    with pytest.raises(ValueError, match="zeroth-order steps need a closure"):
+        b.step()
+    assert b.steps == 2 and all(torch.equal(x, y) for x, y in zip(before, without))
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"], indirect=True)
 def test_hybrid_round_trip_mid_block(backend):
     target = targets()

@@ -63,8 +63,11 @@ def _table(text: str) -> dict[str, tuple[float, float, float]]:
     rows = {}
     for line in text.splitlines():
         words = line.split()
-        if len(words) == 4 and "/" in words[0]:
-            rows[words[0]] = tuple(map(float, words[1:]))
+        if len(words) == 4:
+            try:
+                rows[words[0]] = tuple(map(float, words[1:]))
+            except ValueError:  # the header, or a line that is not a row
+                continue
     return rows
 
 
@@ -88,7 +91,7 @@ def test_readme_demo_table_is_what_the_demo_prints(embedded_cache, tmp_path):
     printed = _table(out.stdout)
     assert printed["forget/qa_accuracy"][0] >= 0.9 and printed["retain/qa_accuracy"][0] >= 0.9
     assert printed["forget/qa_accuracy"][1] <= 0.2 and printed["retain/qa_accuracy"][1] >= 0.6
-    assert printed["mia/min_k_auc"][1] < printed["mia/min_k_auc"][0]
+    assert printed["mia_min_k"][1] < printed["mia_min_k"][0]
     if _machine() == machine:
         assert {key: printed[key] for key in shown} == shown, "update the README's demo table from this run"
 

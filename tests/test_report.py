@@ -13,9 +13,10 @@ import pytest
 from zounlearn.unlearning.report import markdown_report, metrics_table, plot_run, read_metrics, write_report
 
 BEFORE = {"forget/qa_accuracy": 1.0, "forget/loss": 1.25, "retain/qa_accuracy": 0.98, "holdout/loss": 5.0,
-          "mia/min_k_auc": 0.9, "forget/perplexity": 3.49}
+          "mia_min_k": 0.9, "forget/perplexity": 3.49, "forget_quality": 2.5e-12, "privleak": -99.5}
 AFTER = {"forget/qa_accuracy": 0.1, "forget/loss": 12.5, "retain/qa_accuracy": 0.95, "holdout/loss": 5.1,
-         "mia/min_k_auc": 0.52, "forget/perplexity": math.inf, "retain/loss": 0.5}
+         "mia_min_k": 0.52, "forget/perplexity": math.inf, "retain/loss": 0.5, "forget_quality": 0.2,
+         "privleak": 3.0, "my/own": 7.0}
 CONFIG = {"model": "embedded", "objective": "npo", "optimizer": {"name": "hybrid", "lr": 1e-5}, "steps": 6, "seed": 3}
 SUMMARY = {"steps": 6, "seconds": 3.0}
 
@@ -81,15 +82,19 @@ def test_metrics_table_numbers_and_change():
     assert table.splitlines()[0].split() == ["metric", "before", "after", "change"]
     assert _row(table, "forget/qa_accuracy") == ["forget/qa_accuracy", "1.000", "0.100", "-0.900"]
     assert _row(table, "retain/qa_accuracy") == ["retain/qa_accuracy", "0.980", "0.950", "-0.030"]
-    assert _row(table, "mia/min_k_auc") == ["mia/min_k_auc", "0.900", "0.520", "-0.380"]
+    assert _row(table, "mia_min_k") == ["mia_min_k", "0.900", "0.520", "-0.380"]
+    # A p-value below 0.001 in scientific notation; PrivLeak (a percentage) with 4 significant digits.
+    assert _row(table, "forget_quality") == ["forget_quality", "2.50e-12", "0.200", "+0.200"]
+    assert _row(table, "privleak") == ["privleak", "-99.50", "3.000", "+102.5"]
+    assert _row(table, "my/own") == ["my/own", "n/a", "7.000", "n/a"]  # an unregistered key: a plain number
     assert _row(table, "forget/loss") == ["forget/loss", "1.250", "12.50", "+11.25"]
     assert _row(table, "holdout/loss") == ["holdout/loss", "5.000", "5.100", "+0.1000"]
     assert _row(table, "forget/perplexity") == ["forget/perplexity", "3.490", "inf", "inf"]
     assert _row(table, "retain/loss") == ["retain/loss", "n/a", "0.5000", "n/a"]  # present on one side only
-    # Default order: forget, then retain, holdout, mia.
+    # The registry's order: forget (headline numbers first), retain, privacy, holdout; unregistered keys last.
     order = [line.split()[0] for line in table.splitlines()[2:]]
-    assert order == ["forget/qa_accuracy", "forget/loss", "forget/perplexity", "retain/qa_accuracy", "retain/loss",
-                     "holdout/loss", "mia/min_k_auc"]
+    assert order == ["forget/qa_accuracy", "forget_quality", "forget/loss", "forget/perplexity", "retain/qa_accuracy",
+                     "retain/loss", "mia_min_k", "privleak", "holdout/loss", "my/own"]
 
 
 def test_metrics_table_skips_absent_keys_and_shows_nan():
@@ -110,7 +115,7 @@ def test_markdown_report():
     for line in ("- model: `embedded`", "- objective: `npo`", "- optimizer.name: `hybrid`", "- optimizer.lr: `1e-05`",
                  "- seed: `3`", "- steps: 6", "- seconds: 3.000", "- steps/s: 2.000"):
         assert line in text.splitlines(), line
-    assert "How to read this" in text and "0.5" in text
+    assert "How to read this" in text and "Forget quality" in text and "privleak" in text
     assert "holdout/perplexity" not in text
     assert "No evaluation before" not in text
 
@@ -169,7 +174,7 @@ def test_write_report(tmp_path):
     assert report["change"]["forget/loss"] == pytest.approx(11.25)
     assert report["change"]["holdout/loss"] is None and "retain/loss" not in report["change"]
     markdown = paths["markdown"].read_text()
-    assert _row(markdown, "mia/min_k_auc") == ["mia/min_k_auc", "0.900", "0.520", "-0.380"]
+    assert _row(markdown, "mia_min_k") == ["mia_min_k", "0.900", "0.520", "-0.380"]
     assert "(loss.png)" in markdown and "(metrics.png)" in markdown
     for name in ("loss_plot", "metrics_plot"):
         _assert_png(paths[name])

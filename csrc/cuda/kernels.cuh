@@ -47,7 +47,7 @@ cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const T
 // grad_update_: per element, apply_rule<rule>(param, grad, m, v). scales holds one float per
 // tensor (n_tensors, tensor i's at scales[i]) for kAdamMoments, which overwrites it with
 // max |u| over the tensor (0 for an empty one) and leaves params unchanged, and for
-// kQuantized, which reads it; other rules ignore it. Launches per dtype and 63 tensors.
+// kQuantized, which reads it; other rules ignore it. Launches per dtype and 62 tensors.
 cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float* scales, Rule rule,
                                const Hyper& hyper, const Rounding& rd, int sm_count, cudaStream_t stream);
 

@@ -1,5 +1,5 @@
 // The CUDA perturbation kernel (perturb_kernel.cu) behind torch.ops.zounlearn.perturb_: the
-// pointer checks, then one multi-tensor launch per dtype (and per 120 tensors) on the current
+// pointer checks, then one multi-tensor launch per dtype (and per 99 tensors) on the current
 // stream of params[0]'s device.
 #include <cstdint>
 #include <vector>

@@ -6,6 +6,7 @@
   eval      evaluate a model on forget, retain and holdout data
   attack    relearn, retain-finetune, quantize, noise: attack an unlearned model (diagnose: weight space)
   study     every optimizer grade on the embedded model, attacked and diagnosed
+  memory    the predicted peak memory of each optimizer on a model, and what fits a GPU
 
 Bad input (missing files, unknown names, a model that is not one, a dtype the device cannot
 run, an option of the wrong type, an output that cannot be written) ends with one line on
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from ..errors import ZounlearnError
-from . import robustness, study, unlearn
+from . import bench, memory, robustness, study, unlearn
 from .info import run_info
 
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.register(sub)
     robustness.register(sub)
     study.register(sub)
+    bench.register(sub)
+    memory.register(sub)
     return parser
 
 

@@ -47,7 +47,7 @@ DEFAULT_STEPS = (0, 5, 10, 20, 50)
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH_SIZE = 10
 DEFAULT_WEIGHT_DECAY = 0.0
-DEFAULT_SCHEMES = ("int8", "int8-g128", "int8-g64", "int4", "int4-g128", "int4-g64", "nf4-g64")
+DEFAULT_SCHEMES = ("int8", "int8-g128", "int8-g64", "int4", "int4-g128", "int4-g64", "nf4-g64", "bnb-fp4")
 DEFAULT_RELATIVE_STDS = (0.01, 0.03, 0.1, 0.3)
 DEFAULT_DRAWS = 3
 DEFAULT_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -65,11 +65,11 @@ QUANTIZE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "schemes": DEFAULT_SCHEM
 NOISE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "seed": 0, "stds": DEFAULT_RELATIVE_STDS, "draws": DEFAULT_DRAWS}
 DIAGNOSE_DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, "original": None, "ts": DEFAULT_TS, "plot": None}
 
-# Table columns: (header, split, metric); an accuracy column falls back to choice accuracy
-# when the data has no question/answer pairs, and a column whose metric is absent is left out.
-SUMMARY_COLUMNS = (("forget acc", "forget", "accuracy"), ("retain acc", "retain", "accuracy"),
-                   ("forget loss", "forget", "loss"), ("retain loss", "retain", "loss"),
-                   ("min-k auc", "mia", "min_k_auc"))
+# Table columns: each the first of its metric keys (zounlearn.unlearning.metrics) that the result has (an
+# accuracy falls back to choice accuracy without question/answer pairs); a column with none is left out.
+SUMMARY_COLUMNS = (("forget/qa_accuracy", "forget/choice_accuracy"), ("retain/qa_accuracy", "retain/choice_accuracy"),
+                   ("forget_quality",), ("model_utility",), ("forget/loss",), ("retain/loss",), ("mia_min_k",),
+                   ("privleak",))
 
 
 MODEL_HELP = "the unlearned model"
@@ -141,14 +141,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     retain.set_defaults(handler=run_retain_finetune)
 
     quantize = attacks.add_parser(
-        "quantize", help="quantize the weights (int8, int4, NF4): does low precision undo unlearning?",
+        "quantize", help="quantize the weights (int8, int4, NF4, FP4): does low precision undo unlearning?",
         description="Quantize then dequantize the Linear/Conv1D weights inside the transformer blocks of a copy of "
                     "--model with each scheme and evaluate it, next to the unquantized model (the baseline row).")
     _add_common(quantize, seed_help=None)
     quantize.add_argument_group("quantization").add_argument(
         "--schemes", default=GIVEN, metavar="NAME,NAME,...",
-        help=f"comma-separated quantization schemes (default: all of {_joined(DEFAULT_SCHEMES)}); also bnb-nf4 "
-             "and bnb-fp4, bitsandbytes' own 4-bit kernels, on a CUDA GPU with bitsandbytes installed")
+        help=f"comma-separated quantization schemes (default: all of {_joined(DEFAULT_SCHEMES)}); also bnb-nf4, "
+             "bnb-int8 (bitsandbytes' load_in_4bit / LLM.int8; bnb-fp4 is the seed paper's) and fp4-g64")
     quantize.set_defaults(handler=run_quantize)
 
     noise = attacks.add_parser(
@@ -258,28 +258,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _key(metrics: Mapping[str, float], split: str, metric: str) -> str | None:
-    """The metric key for a column: accuracy is qa_accuracy, else choice_accuracy; None when absent."""
-    if split == "mia":
-        return "mia/min_k_auc" if "mia/min_k_auc" in metrics else None
+    """The key of a split's accuracy (qa_accuracy, else choice_accuracy) or other metric; None when absent."""
     names = ("qa_accuracy", "choice_accuracy") if metric == "accuracy" else (metric,)
     return next((f"{split}/{name}" for name in names if f"{split}/{name}" in metrics), None)
 
 
+def _header(key: str) -> str:
+    """A column header: forget/qa_accuracy -> forget qa acc; the field's names (forget_quality) as they are."""
+    return key.replace("/", " ").replace("_accuracy", " acc")
+
+
 def _cell(value: float, key: str) -> str:
-    from ..unlearning.report import format_metric
+    from ..unlearning.metrics import format_metric
 
     return format_metric(float("nan") if value is None else value, key)
 
 
 def _summary_columns(metrics: Mapping[str, float], columns=SUMMARY_COLUMNS) -> list[tuple[str, str]]:
-    """(header, key) for the columns whose metric is present; a choice-accuracy column says so."""
-    out = []
-    for header, split, metric in columns:
-        key = _key(metrics, split, metric)
-        if key is not None:
-            kind = "choice acc" if key.endswith("choice_accuracy") else "qa acc"
-            out.append((header.replace("acc", kind) if metric == "accuracy" else header, key))
-    return out
+    """(header, key) for the columns whose metric is present."""
+    keys = [next((key for key in candidates if key in metrics), None) for candidates in columns]
+    return [(_header(key), key) for key in keys if key is not None]
 
 
 # --- the fine-tuning attacks
@@ -410,7 +408,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def _change(value: float, baseline: float, key: str) -> str:
-    from ..unlearning.report import format_metric
+    from ..unlearning.metrics import format_metric
 
     return format_metric(value - baseline, key, signed=True)
 

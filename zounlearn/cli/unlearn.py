@@ -30,24 +30,26 @@ from .inputs import (
 LOOP_DEFAULTS: dict[str, Any] = {
     "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
     "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
-    "seed": 0, "train_mode": False, "objective_option": None, "optimizer_option": None, "backend": "auto",
+    "seed": 0, "train_mode": False, "activation_checkpointing": False, "objective_option": None,
+    "optimizer_option": None, "backend": "auto",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
     "holdout": None, "fields": None, "text_unit": None, "output": None, "resume": False, "save_model": True,
-    "progress": True,
+    "progress": True, "lora": None, "merge_lora": False,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
     **{k: RUN_DEFAULTS[k] for k in ("model", "dtype", "device", "threads", "forget", "retain", "holdout", "fields",
                                     "text_unit", "output")}, "eval_batch_size": 32, "max_length": None,
+    "retain_model": None,
 }
 
 # The demo's recipe on the embedded model (10 forget people, 90 retain people): 120 steps of 8
 # forget and 16 retain examples, retain weight 8 (SimNPO's TOFU setting), the budget of the
 # optimizer-grade study (docs/study). Learning rates: the study's for NPO (the first of each
 # optimizer's grid to bring forget question accuracy to <= 0.25), except the hybrid's, one grid
-# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd and
-# zo_adam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
+# step above it (1e-3: forget 0.04 instead of 0.21, retain 0.74-0.79 either way); zo_signsgd,
+# zo_adam and zo_signadam are not in the study: the smallest rate of a 3x sweep that forgot at all. The
 # zeroth-order ones forget only by wrecking the model at this budget (retain accuracy ~0).
 DEMO_DEFAULTS: dict[str, Any] = {
     **LOOP_DEFAULTS, "model": EMBEDDED, "steps": 120, "retain_batch_size": 16, "eval_every": 20,
@@ -55,8 +57,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 DEMO_RETAIN_WEIGHT = 8.0
 DEMO_LR = {"adamw": 3e-4, "sgd": 3e-3, "signsgd": 3e-4, "signadam": 1e-4, "compressed_adam": 3e-4, "sophia": 1e-4,
-           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "hybrid": 1e-3}
+           "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "zo_signadam": 1e-3,
+           "hybrid": 1e-3, "hybrid_adam_shared": 3e-3, "hybrid_signadam": 2e-4, "hybrid_signadam_shared": 1e-3,
+           "hybrid_signsgd": 3e-4}
+# The lean presets (docs/memory.md): the smallest rate of a 2-3x grid that brought forget question
+# accuracy to <= 0.10 (the paper's hybrid: 0.00), with these zeroth-order rates.
 DEMO_HYBRID = {"zo_lr": 1e-4, "block": 10}
+DEMO_ZO_LR = {"hybrid_signadam": 2.5e-5, "hybrid_signadam_shared": 1e-5, "hybrid_signsgd": 2.5e-5}
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -93,6 +100,9 @@ def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     group.add_argument("--backend", default=GIVEN, choices=("auto", *backends.BACKENDS),
                        help="which kernels run the fused ops (default: auto, the fastest for the device; "
                             "`zounlearn info` lists them); one that cannot run here is an error before any work")
+    group.add_argument("--activation-checkpointing", default=GIVEN, action="store_true",
+                       help="recompute each layer's activations in first-order backward passes: less memory, one "
+                            "more forward per step (docs/memory.md)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +138,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_flags(run)
     add_loop_flags(run, LOOP_DEFAULTS)
     add_output_flags(run)
+    lora = run.add_argument_group("LoRA (peft)")
+    lora.add_argument("--lora", default=GIVEN, metavar="r=8,alpha=16,target=M,M",
+                      help="unlearn LoRA adapters instead of the weights; DIR/model then holds the adapters as peft "
+                           "saves them (zounlearn.hf.lora)")
+    lora.add_argument("--merge-lora", default=GIVEN, action="store_true",
+                      help="also write the model with the adapters merged into its weights to DIR/merged")
     run.set_defaults(handler=run_unlearn)
 
     evaluate = sub.add_parser("eval", help="evaluate a model on forget, retain and holdout data",
@@ -139,6 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--eval-batch-size", default=GIVEN, type=int, help="examples per batch (default: 32)")
     evaluate.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
     evaluate.add_argument("--output", "-o", default=GIVEN, metavar="FILE", help="also write the metrics as JSON")
+    evaluate.add_argument("--retain-model", default=GIVEN, metavar="M",
+                          help="a model trained without the forget set (TOFU's retain model; same tokenizer), for "
+                               "forget_quality and privleak; the embedded model's data come with theirs")
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -153,8 +172,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if options["objective"] == "rmu":
         objective_options.setdefault("layer", 1)  # the embedded model has 2 blocks
     optimizer_options = key_values(options["optimizer_option"], "--optimizer-option")
-    if name == "hybrid":
-        optimizer_options = {**DEMO_HYBRID, **optimizer_options}
+    if OPTIMIZERS[name].grade == "hybrid":
+        optimizer_options = {**DEMO_HYBRID, "zo_lr": DEMO_ZO_LR.get(name, DEMO_HYBRID["zo_lr"]), **optimizer_options}
     return _unlearn(options, objective_options, optimizer_options)
 
 
@@ -183,13 +202,24 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
         raise UsageError(f"the run directory {output} exists and is not empty; choose another --output, or add "
                          f"--resume to continue it")
     check_writable(output, "--output", directory=True)
+    lora = None
+    if options.get("lora"):
+        from ..hf.lora import apply_lora, parse_lora, save_merged
+        lora = parse_lora(options["lora"])
+    elif options.get("merge_lora"):
+        raise UsageError("--merge-lora needs --lora")
     if options.get("rebuild"):  # the demo's --rebuild, once every option is checked
         from ..unlearning import embedded_model
         embedded_model(rebuild=True, threads=options.get("threads") or 1)
     model, tokenizer, data, meta = load_model_and_data(options, progress=options["progress"])
+    if lora is not None:
+        model = apply_lora(model, lora)
+        meta = {**meta, "lora": options["lora"]}
     with backends.use(options["backend"]):
         result = unlearn(model, tokenizer, data, config, output, resume=options["resume"],
                          progress=options["progress"], save_model=options["save_model"], meta=meta)
+    if options.get("merge_lora"):
+        save_merged(model, tokenizer, Path(output) / "merged")
     print(f"\n{config.objective} with {config.optimizer} (lr {config.lr if config.lr is not None else 'default'}), "
           f"{result.steps} steps, {result.seconds:.1f} s of training\n")
     print(metrics_table(result.before, result.after))
@@ -200,6 +230,9 @@ def _unlearn(options: dict[str, Any], objective_options: dict[str, Any], optimiz
 
 def run_eval(args: argparse.Namespace) -> int:
     options = merged(args, EVAL_DEFAULTS)
+    if options["retain_model"] == EMBEDDED:
+        raise UsageError("--retain-model embedded is not a retain model; the embedded data use their retrain model "
+                         "without the flag")
     check_int("--eval-batch-size", options["eval_batch_size"], 1)
     if options["max_length"] is not None:
         check_int("--max-length", options["max_length"], 2)
@@ -212,8 +245,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..unlearning.report import default_keys, format_metric, jsonable
 
     model, tokenizer, data, meta = load_model_and_data(options, progress=True)
+    retain = None
+    if options["retain_model"] is not None:
+        from ..unlearning import load_model
+        retain = load_model(options["retain_model"], dtype=options["dtype"], device=model.device)[0]
+        meta["retain_model"] = options["retain_model"]
     limit = fit_to_context(model, tokenizer, data, options["max_length"])
-    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit)
+    metrics = evaluate(model, tokenizer, data, batch_size=options["eval_batch_size"], max_length=limit,
+                       retain_model=retain)
     for key in default_keys(metrics, metrics):
         print(f"{key:<28} {format_metric(metrics[key], key):>10}")
     if options["output"]:

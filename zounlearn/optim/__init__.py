@@ -1,6 +1,6 @@
 """Drop-in torch.optim optimizers on the fused ops, by grade (docs/optimizers.md).
 
-zeroth-order: ZOSGD (MeZO), ZOSignSGD, ZOAdam, AdaZO; compressed first-order: SignSGD,
+zeroth-order: ZOSGD (MeZO), ZOSignSGD, ZOAdam, AdaZO, ZOSignAdam; compressed first-order: SignSGD,
 SignAdam, CompressedAdam; second-order: SophiaG; the hybrid: HybridFOZO; and torch.optim's AdamW
 and SGD as fused passes. The closure computes and returns the loss only: ZO optimizers call it
 under no_grad, first-order ones call backward() themselves; `step(optimizer, closure)` takes
@@ -10,9 +10,10 @@ one step of any torch optimizer on such a closure.
 from .base import FusedOptimizer, step
 from .classic import SGD, AdamW
 from .hybrid import HybridFOZO
+from .shared_state import ZOSignAdam
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG, gnb_loss
 from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
 
 __all__ = ["SGD", "AdaZO", "AdamW", "CompressedAdam", "FusedOptimizer", "HybridFOZO", "SignAdam", "SignSGD",
-           "SophiaG", "ZOAdam", "ZOSGD", "ZOSignSGD", "ZeroOrderOptimizer", "gnb_loss", "step"]
+           "SophiaG", "ZOAdam", "ZOSGD", "ZOSignAdam", "ZOSignSGD", "ZeroOrderOptimizer", "gnb_loss", "step"]

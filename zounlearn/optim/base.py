@@ -46,10 +46,13 @@ def loss_value(value: Any) -> float:
                     f"{type(value).__name__}")
 
 
-def backward(closure: Closure, optimizer: torch.optim.Optimizer, who: str) -> tuple[Any, bool]:
-    """Set the gradients to None, call closure with grad enabled, and backward() its loss when it is
-    finite: (loss, finite). A non-finite loss leaves the gradients None and warns that who skips."""
-    optimizer.zero_grad(set_to_none=True)
+def backward(closure: Closure, optimizer: torch.optim.Optimizer, who: str, *, zero_grad: bool = True
+             ) -> tuple[Any, bool]:
+    """Set the gradients to None (unless zero_grad is False: accumulated micro-batches), call closure
+    with grad enabled, and backward() its loss when it is finite: (loss, finite). A non-finite loss
+    leaves the gradients as they were and warns that who skips."""
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
         loss = closure()
         value = loss_value(loss)

@@ -12,9 +12,12 @@ every step. A torch LR scheduler on the hybrid changes each group's lr, and the 
 phase follows in proportion (zo_lr * lr / initial_lr, initial_lr being what the scheduler
 recorded), so one schedule drives both phases.
 
-Memory: both inner states persist, so the steady state holds the first-order optimizer's state
-and the zeroth-order one's (Adam + AdaZO: 16 bytes of float32 moments per parameter) plus, in a
-first-order step, the gradients; they are freed after each first-order step.
+Memory (docs/memory.md): both inner states persist, so the steady state holds the first-order
+optimizer's state and the zeroth-order one's (Adam + AdaZO: 16 bytes of float32 moments per
+parameter) plus, in a first-order step, the gradients, freed after each first-order step. Leaner:
+a first-order optimizer that updates inside backward (one gradient tensor at a time), a
+stateless zeroth-order phase (ZOSGD), or shared_state=True, where one state serves both phases
+(the pairs that can: zounlearn/optim/shared_state.py). Presets by name: zounlearn.optim.registry.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from ..checks import check_int, check_range
 from ..errors import UsageError
 from .base import Closure, FusedOptimizer, ParamsT, step
+from .shared_state import share_state
 from .zo import AdaZO, ZeroOrderOptimizer
 
 # A factory gets the hybrid's param groups ([{"params": [...]}, ...]) and builds the inner optimizer.
@@ -41,7 +45,8 @@ class HybridFOZO(torch.optim.Optimizer):
     lambda groups: torch.optim.AdamW(groups, lr=1e-5). Defaults: Adam(lr=lr) and AdaZO(lr=zo_lr,
     seed=seed, model=model) (model: for the exact zeroth-order mode of half-precision parameters).
     The inner optimizers' learning rates are set from the hybrid's groups at every step, whatever
-    the factories gave them.
+    the factories gave them. shared_state: the ZO optimizer keeps its state in the first-order
+    one's (a pair that keeps the same statistic, else UsageError).
     """
 
     takes_loss_closure = True
@@ -59,6 +64,7 @@ class HybridFOZO(torch.optim.Optimizer):
         total_steps: int | None = None,
         seed: int = 0,
         model: torch.nn.Module | None = None,
+        shared_state: bool = False,
     ) -> None:
         zo_block = block if zo_block is None else zo_block
         check_range("lr", lr, 0.0)
@@ -78,6 +84,11 @@ class HybridFOZO(torch.optim.Optimizer):
             if len(inner.param_groups) != len(self.param_groups):
                 raise UsageError(f"the hybrid's {type(inner).__name__} has {len(inner.param_groups)} param groups, "
                                  f"the hybrid {len(self.param_groups)}: a factory must keep the groups it is given")
+        if not isinstance(shared_state, bool):
+            raise UsageError(f"shared_state must be true or false, got {shared_state!r}")
+        if shared_state:
+            share_state(self.fo, self.zo)
+        self.shared_state = shared_state
         self.fo_steps, self.zo_steps, self.total_steps = block, zo_block, total_steps
         self.steps = 0
         self.last_phase: str | None = None
@@ -104,13 +115,21 @@ class HybridFOZO(torch.optim.Optimizer):
             scheduled = group.get("initial_lr")
             zo["lr"] = group["zo_lr"] * (group["lr"] / scheduled if scheduled else 1.0)
 
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        if closure is None:
-            raise ValueError("HybridFOZO needs a closure that returns the loss; it calls backward() itself in "
-                             "first-order steps")
-        self._follow_rates()
+    def step(self, closure: Closure | None = None) -> float | None:  # type: ignore[override]
+        """One step of the scheduled phase on the closure's loss. Without a closure, a first-order step
+        uses the gradients already in .grad (as torch.optim's step() does: a Trainer that backpropagates
+        itself calls it so) and returns None; a zeroth-order step always needs the closure."""
         phase = self.phase(self.steps)
+        if closure is None and phase == "zo":
+            raise ValueError("HybridFOZO's zeroth-order steps need a closure that returns the loss (step "
+                             f"{self.steps} is one); without a closure only its first-order steps can run")
+        self._follow_rates()
         self.last_phase = phase
+        if closure is None:
+            self.fo.step()
+            self.fo.zero_grad(set_to_none=True)  # free the gradients before a ZO block
+            self.steps += 1
+            return None
         if phase == "zo":
             before = self.zo.draws
             loss = self.zo.step(closure)
@@ -125,8 +144,11 @@ class HybridFOZO(torch.optim.Optimizer):
         self.fo.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "fo": self.fo.state_dict(), "zo": self.zo.state_dict(), "steps": self.steps,
-                "schedule": [self.fo_steps, self.zo_steps, self.total_steps]}
+        zo = self.zo.state_dict()
+        if self.shared_state:  # the state is fo's: saved once
+            zo["state"] = {}
+        return {**super().state_dict(), "fo": self.fo.state_dict(), "zo": zo, "steps": self.steps,
+                "schedule": [self.fo_steps, self.zo_steps, self.total_steps], "shared_state": self.shared_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Everything checked that can be before anything changes."""
@@ -136,10 +158,15 @@ class HybridFOZO(torch.optim.Optimizer):
         if list(state_dict["schedule"]) != schedule:
             raise UsageError(f"the state dict's schedule (fo, zo, total) = {state_dict['schedule']} differs from this "
                              f"optimizer's {schedule}; build it with the same block sizes")
+        if state_dict.get("shared_state", False) != self.shared_state:
+            raise UsageError(f"the state dict's shared_state is {state_dict.get('shared_state', False)}, this "
+                             f"optimizer's {self.shared_state}; build it the same way")
         self.zo._check_state_dict(state_dict["zo"])
         if isinstance(self.fo, FusedOptimizer):
             self.fo._check_state_dict(state_dict["fo"])
         self.fo.load_state_dict(state_dict["fo"])
         self.zo.load_state_dict(state_dict["zo"])
+        if self.shared_state:
+            self.zo.state = self.fo.state
         super().load_state_dict({"state": state_dict.get("state", {}), "param_groups": state_dict["param_groups"]})
         self.steps = state_dict["steps"]

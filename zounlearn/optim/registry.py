@@ -7,13 +7,19 @@ starting points for LLM unlearning (1e-5 for Adam-like and sign updates, as in T
 fine-tuning runs; 1e-6 for ZO-SGD, MeZO's range), not tuned values: every model and objective
 wants its own, so pass `lr`. `check_optimizer_options` validates a name and its options without
 building anything a caller can see, so that a command fails before it loads a model.
+
+First-order optimizers take `in_backward=True` (update each parameter inside backward and free
+its gradient at once) and `update_clip` (per-tensor update clipping, AdamW / SGD /
+CompressedAdam); "adamw" and "sgd" then build zounlearn's fused AdamW and SGD, torch.optim's
+math. The hybrid presets (HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW +
+AdaZO), the others lean (docs/memory.md says what each holds).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +27,10 @@ import torch
 from ..checks import check_betas, check_range
 from ..errors import UsageError
 from .base import FusedOptimizer
+from .classic import SGD, AdamW
+from .first_order import FirstOrderOptimizer
 from .hybrid import HybridFOZO
+from .shared_state import ZOSignAdam
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG
 from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
@@ -32,6 +41,8 @@ class OptimizerSpec:
     cls: type[torch.optim.Optimizer]
     grade: str
     lr: float
+    preset: dict[str, Any] = field(default_factory=dict)  # a hybrid preset's fixed options
+    about: str = ""  # a hybrid preset in words, for --help and reports
 
     @property
     def ours(self) -> bool:
@@ -42,6 +53,23 @@ class OptimizerSpec:
     def zeroth_order(self) -> bool:
         return issubclass(self.cls, ZeroOrderOptimizer)
 
+
+# The hybrid by name: the options each preset fixes. The first-order phase updates inside backward
+# in the lean ones; "shared" ones keep one state for both phases (zounlearn/optim/shared_state.py).
+HYBRID_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "hybrid": ({}, "the paper's: torch's AdamW + AdaZO, each with its own m and v (AdamW's in the parameters' dtype, "
+                   "AdaZO's float32)"),
+    "hybrid_adam_shared": ({"fo_optimizer": "adamw", "fo_in_backward": True, "zo_optimizer": "zo_adam",
+                            "shared_state": True},
+                           "AdamW in backward + ZOAdam, one shared float32 m and v (8 bytes per parameter)"),
+    "hybrid_signadam": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
+                        "SignAdam in backward + stateless ZO-SGD (float32 m: 4 bytes per parameter)"),
+    "hybrid_signadam_shared": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_signadam",
+                                "shared_state": True},
+                               "SignAdam in backward + ZOSignAdam, one shared float32 m (4 bytes per parameter)"),
+    "hybrid_signsgd": ({"fo_optimizer": "signsgd", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
+                       "SignSGD in backward + ZO-SGD: no optimizer state"),
+}
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(torch.optim.AdamW, "first-order", 1e-5),
@@ -54,13 +82,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "zo_signsgd": OptimizerSpec(ZOSignSGD, "zeroth-order", 1e-6),
     "zo_adam": OptimizerSpec(ZOAdam, "zeroth-order", 1e-5),
     "adazo": OptimizerSpec(AdaZO, "zeroth-order", 1e-5),
-    "hybrid": OptimizerSpec(HybridFOZO, "hybrid", 1e-5),
+    "zo_signadam": OptimizerSpec(ZOSignAdam, "zeroth-order", 1e-6),
+    **{name: OptimizerSpec(HybridFOZO, "hybrid", 1e-5, preset=preset, about=about)
+       for name, (preset, about) in HYBRID_PRESETS.items()},
 }
+# The fused twins of torch.optim's, for what only zounlearn's optimizers do (in_backward, update_clip).
+_FUSED = {"adamw": AdamW, "sgd": SGD}
+_FIRST_ORDER_OPTIONS = ("in_backward", "update_clip")
 
-# Options of the hybrid's zeroth-order phase (AdaZO), passed as zo_<option> (e.g. zo_mu, zo_queries).
-_HYBRID_ZO_OPTIONS = ("mu", "queries", "dist", "estimator", "perturbation", "rounding", "betas", "eps",
-                      "weight_decay")
-_HYBRID_OPTIONS = ("fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer")
+# The hybrid's own options; its zeroth-order phase's are passed as zo_<option> (e.g. zo_mu, zo_queries).
+_HYBRID_OPTIONS = ("fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer", "fo_in_backward", "fo_update_clip",
+                   "zo_optimizer", "shared_state")
 # torch's own optimizers check their options with bare comparisons (a string gives a TypeError
 # deep inside); these run first, with our messages.
 _TORCH_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
@@ -77,12 +109,19 @@ def optimizer_options(name: str) -> list[str]:
     """The keyword options `make_optimizer(name, ...)` accepts besides lr and seed."""
     spec = _spec(name)
     if spec.cls is HybridFOZO:
-        return [*_HYBRID_OPTIONS, *(f"zo_{o}" for o in _HYBRID_ZO_OPTIONS)]
-    accepted = [n for n in _keywords(spec.cls) if n not in ("params", "lr", "seed")]
+        zo = sorted({o for n in _zeroth_order() for o in _options_of(OPTIMIZERS[n])})
+        return [o for o in _HYBRID_OPTIONS if o not in spec.preset] + [f"zo_{o}" for o in zo]
+    return _options_of(spec)
+
+
+def _options_of(spec: OptimizerSpec) -> list[str]:
+    accepted = [n for n in _keywords(spec.cls) if n not in ("params", "lr", "seed", "model")]
     if spec.zeroth_order:
         accepted += [n for n in _keywords(ZeroOrderOptimizer) if n not in ("params", "defaults", "model")]
     if spec.ours:
         accepted += [n for n in _keywords(FusedOptimizer) if n not in ("params", "defaults", "seed")]
+    if issubclass(spec.cls, FirstOrderOptimizer) or spec.cls in (torch.optim.AdamW, torch.optim.SGD):
+        accepted += list(_FIRST_ORDER_OPTIONS)
     return accepted
 
 
@@ -91,9 +130,11 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
                    **options: Any) -> torch.optim.Optimizer:
     """The optimizer called `name` over params. lr None: the default in OPTIMIZERS.
 
-    For "hybrid", lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names the
-    first-order phase's optimizer ("adamw" by default, any non-ZO name here), the ZO phase is
-    AdaZO with the zo_* options; total_steps lays the schedule out so the run ends on a ZO block.
+    For the hybrids, lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names the
+    first-order phase's optimizer ("adamw" by default, any non-ZO name here; fo_in_backward and
+    fo_update_clip its in_backward and update_clip), zo_optimizer the zeroth-order phase's
+    ("adazo" by default) with the zo_* options, shared_state one state for both; a preset fixes
+    some of these. total_steps lays the schedule out so the run ends on a ZO block.
     model: the module that holds params, for the zeroth-order exact mode (which "auto" picks for
     half-precision parameters). Bad names and options raise UsageError before anything is built.
     """
@@ -103,26 +144,57 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        return _hybrid(params, lr, seed, total_steps, model, dict(options))
+        return _hybrid(params, lr, seed, total_steps, model, {**spec.preset, **options})
     if spec.ours:
         options["seed"] = seed
     if spec.zeroth_order:
         options["model"] = model
-    if not spec.cls.__module__.startswith("torch."):
-        return spec.cls(params, lr=lr, **options)
-    try:
-        return spec.cls(params, lr=lr, **options)
-    except (TypeError, ValueError) as err:  # an option torch checks itself, e.g. a wrong type
-        raise UsageError(f"optimizer {name}: {err}") from None
+    in_backward, clip = options.pop("in_backward", False), options.pop("update_clip", None)
+    if not isinstance(in_backward, bool):
+        raise UsageError(f"in_backward must be true or false, got {in_backward!r}")
+    cls = spec.cls
+    if (in_backward or clip is not None) and cls.__module__.startswith("torch."):
+        cls = _FUSED[name.lower()]
+        torch_only = sorted(set(options) - set(_keywords(cls)))
+        if torch_only:
+            raise UsageError(f"optimizer {name} with in_backward or update_clip is zounlearn's fused {cls.__name__}, "
+                             f"which has no option {', '.join(torch_only)}")
+        options["seed"] = seed
+    if not cls.__module__.startswith("torch."):
+        optimizer = cls(params, lr=lr, **options)
+    else:
+        try:
+            optimizer = cls(params, lr=lr, **options)
+        except (TypeError, ValueError) as err:  # an option torch checks itself, e.g. a wrong type
+            raise UsageError(f"optimizer {name}: {err}") from None
+    if clip is not None:
+        for group in optimizer.param_groups:
+            group["update_clip"] = clip
+    return optimizer.update_in_backward() if in_backward else _checked_clip(optimizer)
+
+
+def _checked_clip(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    if isinstance(optimizer, FirstOrderOptimizer):
+        for group in optimizer.param_groups:
+            optimizer._check_clip(group)
+    return optimizer
 
 
 def check_optimizer_options(name: str, options: dict[str, Any], lr: float | None = None) -> None:
     """Raise UsageError, naming the option, unless make_optimizer(name, ..., **options) would build
     (it builds one over a one-element stand-in parameter and drops it)."""
+    reserved = sorted(set(options) & {"lr", "seed", "total_steps", "model"})
+    if reserved:
+        raise UsageError(f"{', '.join(reserved)} is not an optimizer option of {name}: it is the run's own setting "
+                         f"(e.g. --lr, --seed, --steps)")
     make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr=lr, **options)
 
 
 def _check_options(name: str, spec: OptimizerSpec, options: dict[str, Any]) -> None:
+    fixed = sorted(set(options) & set(spec.preset))
+    if fixed:
+        raise UsageError(f"the preset {name} fixes {', '.join(f'{k}={spec.preset[k]}' for k in fixed)}; choose "
+                         f"another preset, or build the hybrid from optimizer 'hybrid' with your own options")
     unknown = sorted(set(options) - set(optimizer_options(name)))
     if unknown:
         raise UsageError(f"optimizer {name} has no option {', '.join(unknown)}; its options: "
@@ -135,6 +207,10 @@ def _check_options(name: str, spec: OptimizerSpec, options: dict[str, Any]) -> N
                 raise UsageError(f"{key} must be true or false, got {value!r}")
 
 
+def _zeroth_order() -> list[str]:
+    return [n for n, s in OPTIMIZERS.items() if s.grade == "zeroth-order"]
+
+
 def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int | None, model: torch.nn.Module | None,
             options: dict[str, Any]) -> HybridFOZO:
     fo_name = options.pop("fo_optimizer", "adamw")
@@ -143,15 +219,26 @@ def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int |
         first_order = [n for n, s in OPTIMIZERS.items() if s.grade not in ("zeroth-order", "hybrid")]
         raise UsageError(f"the hybrid's fo_optimizer must be a first-order optimizer, one of "
                          f"{', '.join(first_order)}; got {fo_name!r}")
+    zo_name = options.pop("zo_optimizer", "adazo")
+    if not isinstance(zo_name, str) or zo_name.lower() not in _zeroth_order():
+        raise UsageError(f"the hybrid's zo_optimizer must be a zeroth-order optimizer, one of "
+                         f"{', '.join(_zeroth_order())}; got {zo_name!r}")
     fo_lr, zo_lr = options.pop("fo_lr", lr), options.pop("zo_lr", lr)
     check_range("fo_lr", fo_lr, 0.0)
     check_range("zo_lr", zo_lr, 0.0)
-    blocks = {key: options.pop(key) for key in ("block", "zo_block") if key in options}
+    fo_options = {key[3:]: options.pop(key) for key in ("fo_in_backward", "fo_update_clip") if key in options}
+    blocks = {key: options.pop(key) for key in ("block", "zo_block", "shared_state") if key in options}
+    zo_spec = OPTIMIZERS[zo_name.lower()]
     zo = {key[3:]: value for key, value in options.items()}  # what is left: zo_<option>
+    unknown = sorted(set(zo) - set(optimizer_options(zo_name)))
+    if unknown:
+        raise UsageError(f"the hybrid's zo_optimizer {zo_name} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(optimizer_options(zo_name))} (as zo_<option>)")
     # The first-order phase's rounding under its own key: the two phases' rounding words independent.
+    make_optimizer(fo_name, [torch.nn.Parameter(torch.zeros(1))], seed=seed + 1, **fo_options)  # bad ones: fail now
     return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr,
-                      fo_optimizer=lambda groups: make_optimizer(fo_name, groups, seed=seed + 1),
-                      zo_optimizer=lambda groups: AdaZO(groups, lr=zo_lr, seed=seed, model=model, **zo),
+                      fo_optimizer=lambda groups: make_optimizer(fo_name, groups, seed=seed + 1, **fo_options),
+                      zo_optimizer=lambda groups: zo_spec.cls(groups, lr=zo_lr, seed=seed, model=model, **zo),
                       total_steps=total_steps, seed=seed, **blocks)
 
 

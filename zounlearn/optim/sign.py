@@ -69,7 +69,7 @@ class CompressedAdam(FirstOrderOptimizer):
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.zeros(len(params), device=params[0].device)
 
-    def _apply(self, group: dict[str, Any], params, grads, offsets, hyper) -> None:
+    def _apply_rule(self, group: dict[str, Any], params, grads, offsets, hyper) -> None:
         m, v = self._moments(self.rule, params)
         scales = self._scales(params)
         rounding = self._rounding(group)

@@ -84,15 +84,18 @@ class SophiaG(FirstOrderOptimizer):
         """h = b2 h + (1 - b2) B g_s^2 with g_s the gradient of hessian_closure()'s loss.
         Leaves every .grad None."""
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        # Updating in backward, each gradient refreshes its h as it arrives and is freed at once.
+        with torch.enable_grad(), self._gradients_to(self._refresh):
             loss = hessian_closure()
             loss_value(loss)
             loss.backward()
         for group in self.param_groups:
-            b2 = group["betas"][1]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                h = self._state(p, self.state_keys[1])
-                h.mul_(b2).add_(p.grad.float().square().mul_((1.0 - b2) * self.hessian_batch_size))
+                if p.grad is not None:
+                    self._refresh(group, p, p.grad)
         self.zero_grad(set_to_none=True)
+
+    def _refresh(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
+        b2 = group["betas"][1]
+        h = self._state(p, self.state_keys[1])
+        h.mul_(b2).add_(grad.float().square().mul_((1.0 - b2) * self.hessian_batch_size))

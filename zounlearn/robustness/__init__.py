@@ -9,8 +9,9 @@ Attacks (attacks.py; each returns `evaluate`'s metrics, see `zounlearn.unlearnin
 - `retain_finetune_attack`: the same on k retain examples only: does benign fine-tuning
   bring the forgotten knowledge back?
 - `quantization_attack`: round-to-nearest int8/int4 per channel and group-wise (128, 64) and
-  NormalFloat4, quantized then dequantized (quantize.py): does low precision undo the small
-  weight changes of unlearning?
+  NormalFloat4, quantized then dequantized (quantize.py), and bitsandbytes' FP4, NF4 and
+  LLM.int8 through its functions and through transformers' BitsAndBytesConfig (bnb.py; bnb-fp4
+  is the seed paper's load_in_4bit): does low precision undo the small weight changes of unlearning?
 - `noise_attack`: Gaussian weight noise relative to each tensor's RMS, averaged over draws
   (noise.py): the control for quantization, a perturbation of the same size without rounding.
 
@@ -30,14 +31,15 @@ from .attacks import (
                       relearning_split,
                       retain_finetune_attack,
 )
+from .bnb import LOADED_SCHEMES, bitsandbytes_unavailable, load_quantized, quantize_4bit_weight
 from .diagnostics import barrier_height, interpolate, mode_connectivity, weight_distance
 from .noise import add_weight_noise, add_weight_noise_
 from .quantize import (
                       BITSANDBYTES_SCHEMES,
+                      DEFAULT_SCHEMES,
                       NF4_LEVELS,
                       QUANTIZATION_SCHEMES,
                       Scheme,
-                      bitsandbytes_unavailable,
                       quantize_model,
                       quantize_nf4,
                       quantize_rtn,
@@ -45,8 +47,9 @@ from .quantize import (
 from .targets import Target, target_weights
 
 __all__ = [
-    "BITSANDBYTES_SCHEMES", "NF4_LEVELS", "QUANTIZATION_SCHEMES", "RelearningSplit", "Scheme", "Target",
-    "add_weight_noise", "add_weight_noise_", "barrier_height", "bitsandbytes_unavailable", "interpolate",
-    "mode_connectivity", "noise_attack", "quantization_attack", "quantize_model", "quantize_nf4", "quantize_rtn",
+    "BITSANDBYTES_SCHEMES", "DEFAULT_SCHEMES", "LOADED_SCHEMES", "NF4_LEVELS", "QUANTIZATION_SCHEMES",
+    "RelearningSplit", "Scheme", "Target", "add_weight_noise", "add_weight_noise_", "barrier_height",
+    "bitsandbytes_unavailable", "interpolate", "load_quantized", "mode_connectivity", "noise_attack",
+    "quantization_attack", "quantize_4bit_weight", "quantize_model", "quantize_nf4", "quantize_rtn",
     "relearning_attack", "relearning_split", "retain_finetune_attack", "target_weights", "weight_distance",
 ]

@@ -33,11 +33,11 @@ Held-out forget portion (`relearning_split`): when the pool is `qa`, the forget 
 not relearned, as both the forget split's `train` (forget/loss) and `qa`
 (forget/qa_accuracy); its multiple-choice questions are those whose question was not
 relearned; the holdout split's question/answer pairs become its `train` examples, so that
-mia/min_k_auc compares answers with answers. The forget split's texts are left out: each
+mia_min_k compares answers with answers. The forget split's texts are left out: each
 may restate a relearned fact. When the pool is `train` (texts), the texts not relearned and
 every multiple-choice question (never trained on). Retain is kept in both cases (utility).
 
-Weight quantization (`quantization_attack`, see `quantize.py`) and Gaussian weight noise
+Weight quantization (`quantization_attack`, see `quantize.py` and `bnb.py`) and Gaussian weight noise
 (`noise_attack`, see `noise.py`). The default relative standard deviations, 0.01 to 0.3 of
 each tensor's RMS, span the relative RMS error of the quantizers on the embedded model
 (0.006 to 0.009 for int8, 0.09 to 0.16 for the 4-bit schemes) and beyond, so that noise
@@ -66,7 +66,7 @@ from ..unlearning.evaluation import evaluate
 from ..unlearning.objectives import cross_entropy
 from ._checks import check_eval_kwargs
 from .noise import add_weight_noise_
-from .quantize import QUANTIZATION_SCHEMES, check_scheme, quantize_model
+from .quantize import DEFAULT_SCHEMES, check_scheme, quantize_model
 from .targets import target_weights
 
 DEFAULT_K = 10
@@ -120,10 +120,10 @@ def relearning_split(data: UnlearningData, k: int = DEFAULT_K, seed: int = 0) ->
 def relearning_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
                       k: int = DEFAULT_K, steps: Sequence[int] = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                       batch_size: int = DEFAULT_BATCH_SIZE, weight_decay: float = 0.0, seed: int = 0,
-                      max_length: int | None = None, eval_kwargs: Mapping[str, Any] | None = None
-                      ) -> dict[str, Any]:
+                      max_length: int | None = None, eval_kwargs: Mapping[str, Any] | None = None,
+                      whole: bool = True) -> dict[str, Any]:
     """Fine-tune a copy on k forget examples; after each n on the steps grid, evaluate it on the
-    held-out forget portion (`relearning_split`) and on the whole data.
+    held-out forget portion (`relearning_split`) and, unless whole=False, on the whole data.
 
     Returns {"pool", "used" (indices into the pool), "steps", "heldout" and "whole" (evaluate's
     metrics per n), "settings"}. max_length applies to fine-tuning and, unless eval_kwargs
@@ -132,7 +132,7 @@ def relearning_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     split = relearning_split(data, k, seed)
     curve = _fine_tune_curve(model, tokenizer, split.examples, steps, lr, batch_size, weight_decay, seed,
                              max_length, eval_kwargs,
-                             {"heldout": split.heldout, "whole": data})
+                             {"heldout": split.heldout, **({"whole": data} if whole else {})})
     return {"pool": split.pool, "used": list(split.used), **curve,
             "settings": _settings(k, lr, batch_size, weight_decay, seed, max_length)}
 
@@ -222,12 +222,13 @@ def _fine_tune(model: torch.nn.Module, batches: Batches, steps: Sequence[int], l
 
 
 def quantization_attack(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
-                        schemes: Sequence[str] = tuple(QUANTIZATION_SCHEMES),
+                        schemes: Sequence[str] = DEFAULT_SCHEMES,
                         eval_kwargs: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """{scheme: evaluate's metrics on the quantized-then-dequantized copy} (`quantize.quantize_model`)."""
+    """{scheme: evaluate's metrics on the quantized copy} (`quantize.quantize_model`); by default every
+    scheme of ours and bnb-fp4, the seed paper's load_in_4bit."""
     schemes = list(schemes)
     if not schemes:
-        raise UsageError(f"schemes is empty; name at least one of {', '.join(QUANTIZATION_SCHEMES)}")
+        raise UsageError(f"schemes is empty; name at least one of {', '.join(DEFAULT_SCHEMES)}")
     for scheme in schemes:
         check_scheme(scheme)
     eval_kwargs = _fitted(model, tokenizer, data, check_eval_kwargs(eval_kwargs))

@@ -5,7 +5,10 @@
   warning sign: the knowledge may sit close by, within reach of a few fine-tuning steps.
 - `mode_connectivity`: the metrics along the straight line theta(t) = (1 - t) theta_o +
   t theta_u. Without a loss barrier between the two (linear mode connectivity), the
-  unlearned model lies in the same basin as the original one.
+  unlearned model lies in the same basin as the original one. The same between two unlearned
+  solutions (AdamW's and another optimizer's, as "Downgrade to Upgrade" measures): a barrier
+  says they sit in different basins. losses_only=True measures only the split losses (three
+  likelihood passes instead of a whole evaluation), which is all the loss barriers need.
 
 Barrier height of a curve f over t (endpoints t = 0 and t = 1 on the grid):
 max_t [f(t) - ((1 - t) f(0) + t f(1))] for a loss (how far it rises above the straight
@@ -25,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import UsageError
 from ..unlearning.data import UnlearningData
-from ..unlearning.evaluation import evaluate
+from ..unlearning.evaluation import evaluate, score_examples
 from ..unlearning.objectives import transformer_blocks
 from ._checks import check_eval_kwargs
 
@@ -103,16 +106,30 @@ def barrier_height(ts: Sequence[float], values: Sequence[float], *, higher_is_be
     return max(sign * (v - ((1 - t) * start + t * end)) for t, v in zip(ts, values))
 
 
+def split_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: UnlearningData, *,
+                 batch_size: int = 16, max_length: int | None = None, **_: Any) -> dict[str, float]:
+    """SPLIT/loss of `evaluate` (the mean answer-token NLL of each split's train examples), alone."""
+    losses = {}
+    for name, split in (("forget", data.forget), ("retain", data.retain), ("holdout", data.holdout)):
+        if split is not None and split.train:
+            scores = score_examples(model, tokenizer, split.train, batch_size=batch_size, max_length=max_length)
+            losses[f"{name}/loss"] = -sum(s.log_probs.double().sum().item() for s in scores) \
+                / sum(s.log_probs.numel() for s in scores)
+    return losses
+
+
 def mode_connectivity(original: torch.nn.Module, unlearned: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                       data: UnlearningData, ts: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                      **eval_kwargs: Any) -> dict[str, Any]:
-    """`evaluate` at each t of the grid on the interpolated model, and the barrier heights.
+                      losses_only: bool = False, **eval_kwargs: Any) -> dict[str, Any]:
+    """`evaluate` (losses_only: `split_losses`) at each t of the grid on the interpolated model, and the
+    barrier heights; `original` and `unlearned` may be any two models of one architecture.
 
-    eval_kwargs go to `evaluate` (batch_size, max_length, k). Returns {"t": [...],
-    "metrics": [evaluate's dict per t], "barrier": {metric: height}} with a barrier for the
-    forget and retain losses and accuracies that evaluate reports.
+    eval_kwargs go to `evaluate` (batch_size, max_length, k, retain_model). Returns {"t": [...],
+    "metrics": [the metrics per t], "barrier": {metric: height}} with a barrier for the forget
+    and retain losses and accuracies that were measured.
     """
     check_eval_kwargs(eval_kwargs)
+    measure = split_losses if losses_only else evaluate
     ts = list(ts)
     if not ts or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in ts):
         raise UsageError(f"ts must be finite numbers including 0 and 1, got {ts}")
@@ -122,7 +139,7 @@ def mode_connectivity(original: torch.nn.Module, unlearned: torch.nn.Module, tok
     metrics = []
     for t in ts:
         model = interpolate(original, unlearned, t)
-        metrics.append(evaluate(model, tokenizer, data, **eval_kwargs))
+        metrics.append(measure(model, tokenizer, data, **eval_kwargs))
         del model  # one interpolated copy in memory at a time
     barrier = {}
     for key in metrics[0]:

@@ -10,11 +10,15 @@ and the dequantized weight is q * scale. A group is a whole output channel (per-
 group_size the last group of each channel is shorter. An all-zero group stays zero.
 torch.round rounds halves to even.
 
-NormalFloat4 (QLoRA, Dettmers et al. 2023): w / absmax of its group, snapped to the nearest
-of the 16 NF4 levels (a value exactly between two levels goes to the lower one), times
-absmax. bitsandbytes groups the flattened (out, in) matrix into blocks of 64; for a
-Linear layer whose input dimension is a multiple of 64 that is the same as the groups
-here, which never cross an output channel.
+NormalFloat4 (QLoRA, Dettmers et al. 2023), as bitsandbytes computes it (quantize_4bit /
+dequantize_4bit, quant_type "nf4"), bit for bit on every shape and dtype (tested against it):
+the (out, in) matrix is flattened row by row and cut into blocks of `group_size` (64)
+consecutive elements, the last one shorter, so a block may cross output channels (it does
+when the input dimension is not a multiple of 64: 64 x 1000, say); each element is scaled by
+its block's absmax (times 1 / absmax in a full block, divided by absmax in the short last one,
+as bitsandbytes does), clamped to [-1, 1], snapped to the nearest of the 16 NF4 levels (a
+value exactly between two levels goes to the lower one) and multiplied back by absmax, in
+float32. The RTN groups above never cross an output channel (GPTQ's and AWQ's groups).
 
 Arithmetic is float32 whatever the weight's dtype; the result has the weight's dtype.
 Which weights a model-level scheme quantizes: see `targets.py` (the Linear and Conv1D
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int
+from .bnb import LOADED_SCHEMES, bitsandbytes_unavailable, load_quantized, quantize_4bit_weight
 from .targets import target_weights
 
 # The NF4 table of QLoRA, as bitsandbytes has it (bitsandbytes/functional.py, get_4bit_type("nf4")).
@@ -59,17 +64,31 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
     return restore(q * scale)
 
 
-def quantize_nf4(weight: torch.Tensor, group_size: int | None = 64, channel_dim: int = 0) -> torch.Tensor:
-    """NormalFloat4 quantization with an absmax scale per group, dequantized (see the module docstring)."""
-    groups, restore = _groups(weight, group_size, channel_dim)
-    if groups is None:
+def quantize_nf4(weight: torch.Tensor, group_size: int = 64, channel_dim: int = 0) -> torch.Tensor:
+    """NormalFloat4 quantization of blocks of the flattened (out, in) matrix, dequantized: what
+    bitsandbytes' quantize_4bit then dequantize_4bit give (see the module docstring)."""
+    _groups(weight, None, channel_dim)  # the same checks as the RTN quantizer's
+    check_int("group_size", group_size, 1)
+    if weight.numel() == 0:
         return weight.detach().clone()
-    absmax = groups.abs().amax(dim=-1, keepdim=True)
-    normalized = groups / torch.where(absmax > 0, absmax, 1.0)
-    levels = torch.tensor(NF4_LEVELS, device=groups.device)
+    matrix = weight.detach().movedim(channel_dim, 0)
+    flat = matrix.reshape(-1).float()
+    full = flat.numel() - flat.numel() % group_size
+    blocks = flat[:full].reshape(-1, group_size)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38))).reshape(-1)]
+    if full < flat.numel():
+        last_absmax = flat[full:].abs().amax().clamp(min=1e-38)
+        scaled.append(flat[full:] / last_absmax)
+        absmax = torch.cat([absmax.reshape(-1), last_absmax.reshape(1)])
+    levels = torch.tensor(NF4_LEVELS, device=flat.device)
     # The nearest level by the midpoints between levels: no (elements x 16) distance matrix.
-    index = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2)
-    return restore(levels[index] * absmax)
+    index = torch.bucketize(torch.cat(scaled).clamp(-1, 1), (levels[1:] + levels[:-1]) / 2)
+    values = levels[index]
+    out = torch.empty_like(flat)
+    out[:full] = (values[:full].reshape(-1, group_size) * absmax.reshape(-1)[:full // group_size, None]).reshape(-1)
+    out[full:] = values[full:] * absmax.reshape(-1)[-1]
+    return out.reshape(matrix.shape).to(weight.dtype).movedim(0, channel_dim).contiguous()
 
 
 def _groups(weight: torch.Tensor, group_size: int | None, channel_dim: int
@@ -129,19 +148,11 @@ QUANTIZATION_SCHEMES: dict[str, Scheme] = {
     "int4-g64": Scheme("int", 4, 64),
     "nf4-g64": Scheme("nf4", 4, 64),
 }
-# bitsandbytes' own 4-bit kernels (blocks of 64 over the flattened (out, in) matrix); CUDA only.
-BITSANDBYTES_SCHEMES = {"bnb-nf4": "nf4", "bnb-fp4": "fp4"}
-
-
-def bitsandbytes_unavailable() -> str | None:
-    """Why the bitsandbytes schemes cannot run here, or None when they can."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    if not torch.cuda.is_available():
-        return "its 4-bit kernels need a CUDA GPU and this torch sees none"
-    return None
+# bitsandbytes' own (bnb.py): fp4-g64 through its functions, weights only; bnb-* the model loaded
+# through BitsAndBytesConfig (bnb-fp4: the seed paper's settings). They run on the CPU and on a GPU.
+BITSANDBYTES_SCHEMES = ("fp4-g64", *LOADED_SCHEMES)
+# quantization_attack's default: every scheme of ours and the seed paper's 4-bit attack.
+DEFAULT_SCHEMES = (*QUANTIZATION_SCHEMES, "bnb-fp4")
 
 
 def check_scheme(scheme: str) -> None:
@@ -149,36 +160,30 @@ def check_scheme(scheme: str) -> None:
     if scheme in BITSANDBYTES_SCHEMES:
         reason = bitsandbytes_unavailable()
         if reason:
-            raise ValueError(f"scheme {scheme!r} cannot run: {reason}; use 'nf4-g64', the same NormalFloat4 "
-                             f"levels computed without bitsandbytes")
+            raise ValueError(f"scheme {scheme!r} cannot run: {reason}; or use 'nf4-g64', bitsandbytes' NF4 computed "
+                             f"without it")
     elif scheme not in QUANTIZATION_SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; use one of "
                          f"{', '.join([*QUANTIZATION_SCHEMES, *BITSANDBYTES_SCHEMES])}")
 
 
 def quantize_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
-    """A copy of the model whose block Linear/Conv1D weights are quantized then dequantized.
+    """A quantized copy of the model: its block Linear/Conv1D weights quantized then dequantized, or
+    for the bnb-* schemes the model loaded through bitsandbytes (bnb.py).
 
     Embeddings, the LM head, norms and biases are left as they are (see `targets.py`); the
     model passed in is not modified.
     """
     check_scheme(scheme)
     target_weights(model)  # a model without quantizable layers fails before the copy
+    if scheme in LOADED_SCHEMES:
+        return load_quantized(model, scheme)
     quantized = copy.deepcopy(model)
     with torch.no_grad():
         for target in target_weights(quantized):
-            if scheme in BITSANDBYTES_SCHEMES:
-                values = _bitsandbytes(target.weight, target.channel_dim, BITSANDBYTES_SCHEMES[scheme])
+            if scheme == "fp4-g64":
+                values = quantize_4bit_weight(target.weight, target.channel_dim, "fp4")
             else:
                 values = QUANTIZATION_SCHEMES[scheme](target.weight, target.channel_dim)
             target.weight.copy_(values)
     return quantized
-
-
-def _bitsandbytes(weight: torch.Tensor, channel_dim: int, quant_type: str) -> torch.Tensor:
-    """bitsandbytes' 4-bit quantization of the (out, in) matrix, dequantized, on the GPU."""
-    import bitsandbytes.functional as bnb
-
-    matrix = weight.detach().movedim(channel_dim, 0).contiguous().to("cuda")
-    packed, state = bnb.quantize_4bit(matrix, blocksize=64, quant_type=quant_type)
-    return bnb.dequantize_4bit(packed, state).to(weight.device, weight.dtype).movedim(0, channel_dim)

@@ -30,77 +30,71 @@ newest checkpoint, bit-identically, and refuses (one line, naming the difference
 configuration, the starting model, the data, the thread count, the device or the zounlearn
 or torch version differ, or the checkpoint is incomplete or corrupt.
 
-The steps are a short loop (`_Run.train`) over callbacks in the manner of transformers'
-TrainerCallback: each sees the `LoopState` after a step and may set flags on a `Control`
-(evaluate, checkpoint, stop), which the loop then acts on. They are the metrics log, the
-progress bar, the evaluation and checkpoint schedules, the interrupt handler and the
-divergence guard.
+The steps are a short loop (`_Run.train`) over the callbacks of callbacks.py, in the manner
+of transformers' TrainerCallback: each sees the `LoopState` after a step and may set flags on
+a `Control` (evaluate, checkpoint, stop), which the loop then acts on: the metrics log, the
+progress bar, the evaluation and checkpoint schedules, the interrupt check and the
+divergence guard. The optimizer step itself is `_step`.
 
-Interrupts: SIGINT (Ctrl-C) and SIGTERM during an optimizer step stop the run after that
-step; at any other moment (evaluations, the final save) they stop it at once. Either way
-the loop writes a checkpoint of the last completed step (also with checkpoint_every 0)
-before it raises `Interrupted` (a KeyboardInterrupt), so `resume=True` continues; a second
-signal during a step stops at once, keeping the checkpoint before. Signals that the process
-ignores (a background job's SIGINT) stay ignored, and off the main thread none are handled.
+Interrupts (signals.py): SIGINT (Ctrl-C) and SIGTERM during an optimizer step stop the run
+after that step; at any other moment (evaluations, the final save) they stop it at once.
+Either way the loop writes a checkpoint of the last completed step (also with
+checkpoint_every 0) before it raises `Interrupted` (a KeyboardInterrupt), so `resume=True`
+continues; a second signal during a step stops at once, keeping the checkpoint before.
 
-Divergence: a non-finite loss on DIVERGED_AFTER consecutive steps, or a non-finite trained
-weight when an evaluation, a checkpoint or the end is due, stops the run with `Diverged`
-(nothing written after it: the last good checkpoint stays, no report, no model).
+Divergence: a non-finite loss on callbacks.DIVERGED_AFTER consecutive steps, or a non-finite
+trained weight when an evaluation, a checkpoint or the end is due, stops the run with
+`Diverged` (nothing written after it: the last good checkpoint stays, no report, no model).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import signal
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .. import __version__
-from ..atomic import atomic_dir, remove_temporaries, write_json, write_text
+from ..atomic import atomic_dir
 from ..checks import check_bool, check_int
-from ..errors import UsageError, ZounlearnError
+from ..errors import UsageError
 from ..optim import gnb_loss
 from ..optim import step as take_step
 from ..optim.base import precision
 from ..optim.registry import OPTIMIZERS, make_optimizer
+from .activations import activation_checkpointing
 from .batches import Batches, fit_to_context, model_device, model_mode, rng_devices
-from .checkpoint import checkpoint_steps, differences, load_weights, read_checkpoint, save_checkpoint
+from .callbacks import (
+    Callback,
+    CheckpointSchedule,
+    Control,
+    Diverged,
+    DivergenceGuard,
+    EvaluationSchedule,
+    InterruptCheck,
+    LoopState,
+    MetricsLog,
+    Progress,
+)
+from .checkpoint import checkpoint_steps, load_weights, save_checkpoint
 from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
 from .objectives import Objective, make_objective
 from .report import jsonable, write_report
+from .rundir import METRICS, open_run_dir, run_fingerprints
+from .signals import Interrupted, Interrupts
 
-CONFIG, METRICS, REPORT, MODEL_DIR = "config.json", "metrics.jsonl", "report.json", "model"
+MODEL_DIR = "model"
 CUSTOM = "custom"
-DIVERGED_AFTER = 3  # consecutive non-finite losses that end a run
 LR_MAX = torch.finfo(torch.float32).max  # optimizers compute in float32: a larger rate overflows at the first step
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run stopped on SIGINT or SIGTERM (`signum`); the message says where it can be resumed from."""
-
-    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-class Diverged(ZounlearnError, RuntimeError):
-    """The run's loss or weights stopped being finite; the message says when and what to do."""
 
 
 @dataclass
@@ -127,6 +121,7 @@ class LoopConfig:
     checkpoint_every: int = 0
     seed: int = 0
     train_mode: bool = False
+    activation_checkpointing: bool = False  # first-order steps recompute each layer in backward (activations.py)
     objective_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -155,6 +150,8 @@ class LoopConfig:
         for name in ("objective_options", "optimizer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise UsageError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise UsageError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         self.objective_instance()  # unknown name or option: fail now
 
     def objective_instance(self) -> Objective:
@@ -217,17 +214,18 @@ def unlearn(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Un
     fingerprints = run_fingerprints(model, data, eval_data)
     record = {"loop": dataclasses.asdict(config), "total_steps": total, "meta": dict(meta or {}),
               "fingerprints": fingerprints}
-    directory, checkpoint = _open_run_dir(run_dir, record, resume, model) if run_dir is not None else (None, None)
+    directory, checkpoint = open_run_dir(run_dir, record, resume, model) if run_dir is not None else (None, None)
 
     run = _Run(model, tokenizer, objective, optimizer, params, forget, retain, config, total, directory, record,
                eval_data or data, limit)
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         try:
             objective.prepare(model, forget, retain)  # in the caller's mode and random stream, as ever
         except Interrupted as stop:
             raise run.stopped(stop) from None
         # A checkpoint that a signal calls for is written inside the forked stream, whose state it keeps.
-        with torch.random.fork_rng(devices=rng_devices(model)), model_mode(model, config.train_mode):
+        with torch.random.fork_rng(devices=rng_devices(model)), model_mode(model, config.train_mode), \
+                activation_checkpointing(model, config.activation_checkpointing):
             try:
                 torch.manual_seed(config.seed)
                 if checkpoint is not None:
@@ -245,141 +243,6 @@ def trainable(split: Split) -> tuple[Example, ...]:
     """What the loop steps on: the split's texts and question/answer pairs (train, then the qa not in it)."""
     seen = set(split.train)
     return split.train + tuple(e for e in split.qa if e not in seen)
-
-
-# --- the loop's state, its control flags and its callbacks
-
-
-@dataclass
-class LoopState:
-    """What the callbacks see: the steps completed and what the last one did."""
-
-    total: int
-    step: int = 0                          # steps completed
-    loss: float = math.nan                 # of the last step, at the parameters before it
-    phase: str | None = None               # the hybrid's "fo" or "zo"
-    lr: float | None = None
-    took: float = 0.0                      # seconds of the last step
-    elapsed: float = 0.0                   # training seconds of the whole run, resumes included
-    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records
-    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> metrics
-    consistent: bool = True                # the model holds exactly the weights after `step` steps
-
-
-@dataclass
-class Control:
-    """Flags the callbacks set for the loop to act on after a step (cleared before the next one)."""
-
-    evaluate: bool = False
-    checkpoint: bool = False
-    stop: bool = False
-
-    def new_step(self) -> None:
-        self.evaluate = self.checkpoint = False
-
-
-class Callback:
-    """One concern of the loop. on_step_end may set flags on control; on_evaluate sees each evaluation."""
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        pass
-
-    def on_evaluate(self, state: LoopState, metrics: dict[str, float]) -> None:
-        pass
-
-
-class MetricsLog(Callback):
-    """metrics.jsonl, appended a line at a time (flushed: a crash loses at most the line being written)."""
-
-    def __init__(self, directory: Path | None, state: LoopState, batches_per_epoch: int) -> None:
-        self.path = directory / METRICS if directory is not None else None
-        self.batches_per_epoch = batches_per_epoch
-        if self.path is not None:  # what the state holds: a resume's records up to its checkpoint
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in state.records))
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        self._add(state, {"type": "train", "step": state.step,
-                          "epoch": round(state.step / self.batches_per_epoch, 4), "loss": state.loss
-                          if math.isfinite(state.loss) else None, "phase": state.phase, "lr": state.lr,
-                          "elapsed": round(state.elapsed, 4)})
-
-    def on_evaluate(self, state: LoopState, metrics: dict[str, float]) -> None:
-        self._add(state, {"type": "eval", "step": state.step, "elapsed": round(state.elapsed, 4),
-                          "metrics": jsonable(metrics)})
-
-    def _add(self, state: LoopState, record: dict[str, Any]) -> None:
-        state.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-class Progress(Callback):
-    """A tqdm bar with the loss and, for the hybrid, the phase."""
-
-    def __init__(self, state: LoopState, description: str, enabled: bool) -> None:
-        self.bar = tqdm(total=state.total, initial=state.step, disable=not enabled, unit="step", dynamic_ncols=True,
-                        desc=description)
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        self.bar.set_postfix({"loss": f"{state.loss:.4g}", **({"phase": state.phase} if state.phase else {})},
-                             refresh=False)
-        self.bar.update()
-
-
-class EvaluationSchedule(Callback):
-    """Evaluate before the first step, every `every` steps and after the last."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-
-    def due(self, state: LoopState) -> bool:
-        return state.step in (0, state.total) or bool(self.every and state.step % self.every == 0)
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        control.evaluate = self.due(state)
-
-
-class CheckpointSchedule(Callback):
-    """A checkpoint every `every` steps (0: never), except after the last step (the run is then complete)."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        control.checkpoint = bool(self.every and state.step % self.every == 0 and state.step < state.total)
-
-
-class InterruptCheck(Callback):
-    """A signal received during the step: checkpoint and stop (the evaluation due waits for the resume)."""
-
-    def __init__(self, interrupts: _Interrupts) -> None:
-        self.interrupts = interrupts
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        if self.interrupts.received:
-            control.stop = control.checkpoint = True
-            control.evaluate = False
-
-
-class DivergenceGuard(Callback):
-    """Diverged after DIVERGED_AFTER non-finite losses in a row, or a non-finite weight before anything is
-    evaluated or written (checked then only: it reads every trained weight)."""
-
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        self.params, self.streak = list(params), 0
-
-    def on_step_end(self, state: LoopState, control: Control) -> None:
-        self.streak = 0 if math.isfinite(state.loss) else self.streak + 1
-        if self.streak >= DIVERGED_AFTER:
-            raise Diverged(f"the run diverged: the loss was not finite for {self.streak} steps in a row (steps "
-                           f"{state.step - self.streak + 1} to {state.step})")
-        if (control.evaluate or control.checkpoint or state.step == state.total) and not self.weights_finite():
-            raise Diverged(f"the run diverged: a trained weight is not finite after step {state.step}")
-
-    def weights_finite(self) -> bool:
-        with torch.no_grad():
-            return bool(torch.stack([p.isfinite().all() for p in self.params]).all()) if self.params else True
 
 
 # --- the run
@@ -414,9 +277,9 @@ class _Run:
         self.state.evals = {r["step"]: r["metrics"] for r in self.state.records if r["type"] == "eval"}
         self.state.consistent = True
 
-    def train(self, interrupts: _Interrupts, progress: bool) -> None:
+    def train(self, interrupts: Interrupts, progress: bool) -> None:
         state, control = self.state, Control()
-        log = MetricsLog(self.directory, state, len(self.forget))
+        log = MetricsLog(self.directory / METRICS if self.directory else None, state, len(self.forget))
         bar = Progress(state, f"{self.config.objective} / {self.config.optimizer}", progress)
         # The order matters: the schedules set flags, the interrupt check may clear one, the guard reads them.
         self.callbacks = [log, bar, self.schedule, CheckpointSchedule(self.config.checkpoint_every),
@@ -521,121 +384,9 @@ def _gnb(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return gnb_loss(logits[batch.attention_mask.bool()])
 
 
-# --- the run directory
-
-
-def _open_run_dir(run_dir: str | os.PathLike, record: dict[str, Any], resume: bool, model: torch.nn.Module
-                  ) -> tuple[Path, tuple[int, dict[str, Any]] | None]:
-    """A fresh run directory with config.json; or, resuming, the run's directory after checking that it ran
-    this configuration, cleared of interrupted writes, and its newest checkpoint, verified (None: there is none)."""
-    directory = Path(run_dir)
-    saved = directory / CONFIG
-    if not resume:
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            raise UsageError(f"the run directory {directory} exists and is not empty; choose a new one, or pass "
-                             f"resume to continue the run in it")
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json(saved, record)
-        return directory, None
-    if not saved.is_file():
-        raise UsageError(f"cannot resume: {saved} does not exist; start the run without resume")
-    try:
-        previous = json.loads(saved.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError(f"cannot resume: {saved} does not parse as JSON; start a new run") from None
-    current = json.loads(json.dumps(record))
-    if not isinstance(previous, dict) or previous.get("fingerprints") != current["fingerprints"]:
-        old = previous.get("fingerprints") if isinstance(previous, dict) else None
-        raise UsageError(f"cannot resume {directory}: it ran under other conditions ("
-                         f"{differences(old if isinstance(old, dict) else {}, current['fingerprints'])}); resume "
-                         f"with the run's starting model, data, thread count, device and versions")
-    if previous != current:
-        changed = sorted(k for k in current if previous.get(k) != current[k])
-        raise UsageError(f"cannot resume {directory}: it ran another configuration (differs in "
-                         f"{', '.join(changed)}); resume with the same settings and starting model")
-    if (directory / REPORT).exists():
-        raise UsageError(f"{directory} holds a finished run (report.json); choose a new run directory")
-    for place in (directory, directory / "checkpoints"):
-        remove_temporaries(place)
-    if not checkpoint_steps(directory):
-        warnings.warn(f"{directory} has no checkpoint (the run stopped before its first one): it starts again from "
-                      f"step 0", UserWarning, stacklevel=3)
-        return directory, None
-    return directory, read_checkpoint(directory, model, fingerprints=record["fingerprints"])
-
-
-def run_fingerprints(model: torch.nn.Module, data: UnlearningData, eval_data: UnlearningData | None
-                     ) -> dict[str, Any]:
-    """What a run's result depends on besides its configuration: the starting model, the data's contents,
-    the thread count (CPU kernels' results depend on it), the device type and the library versions."""
-    prints: dict[str, Any] = {"starting model": fingerprint(model)}
-    for name, split in (("forget", data.forget), ("retain", data.retain), ("holdout", data.holdout)):
-        prints[f"{name} data"] = _digest(split)
-    if eval_data is not None:
-        prints["evaluation data"] = _digest(eval_data.forget, eval_data.retain, eval_data.holdout)
-    return {**prints, "threads": torch.get_num_threads(), "device": model_device(model).type,
-            "zounlearn": __version__, "torch": torch.__version__}
-
-
-def _digest(*splits: Split | None) -> str | None:
-    if all(split is None for split in splits):
-        return None
-    rows = [[[e.prompt, e.answer, list(e.choices), e.correct] for e in (*s.train, *s.qa, *s.choice)] if s else None
-            for s in splits]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A cheap digest of the parameters (names, shapes, dtypes and float64 sums): resume's sanity check."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            total = p.double().sum().item() if p.numel() else 0.0
-            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total!r};".encode())
-    return digest.hexdigest()[:16]
-
-
 def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, final: Path) -> None:
     with atomic_dir(final) as work:
         model.save_pretrained(work)  # safetensors
         tokenizer.save_pretrained(work)
 
 
-# --- signals
-
-
-class _Interrupts:
-    """SIGINT and SIGTERM as `Interrupted`: at once, except inside `deferred()` (an optimizer step), where the
-    first signal is held for the loop to act on after the step and a second one raises at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> _Interrupts:
-        self.received: list[int] = []
-        self.deferring = False
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
-                    self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-        if self.deferring and len(self.received) == 1:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)", file=sys.stderr,
-                  flush=True)
-            return
-        raise Interrupted(signum=signum)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False

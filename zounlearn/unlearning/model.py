@@ -15,6 +15,14 @@ shown as "{prompt} {answer}" followed by eos, the loss on the answer and eos onl
 The result is cached in `<cache>/models/<name>-<hash>/` (cache: $ZOUNLEARN_CACHE, else
 $XDG_CACHE_HOME/zounlearn, else ~/.cache/zounlearn); the hash covers the config, the
 seed, the data and BUILD_VERSION.
+
+`retrain_model` is its gold standard, TOFU's "retain model": the same initialisation (the
+seed's GPT-2) and recipe (AdamW, learning rate, batches, evaluation cadence), trained on
+the retain people alone until it answers `target_accuracy` of their questions, and cached
+beside it (`<name>-retrain-<hash>/`). It never saw the forget people, so it is what a
+perfectly unlearned model would look like. `embedded_model` registers it as the retain
+model of its data (`evaluation.register_retain_model`), built on first use, so that
+`evaluate` reports forget_quality and privleak for the embedded data without being told.
 """
 
 from __future__ import annotations
@@ -46,12 +54,13 @@ from transformers import (
 
 from ..errors import ZounlearnError
 from .data import HUB_NAME, Example, UnlearningData, one_line
+from .evaluation import register_retain_model
 from .synthetic import synthetic_data
 from .tokenizer import build_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump when the tokenizer, the training recipe or the question format changes: old caches are then unused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: questions carry paraphrased and perturbed answers, whose words the tokenizer gained
 SUMMARY = "training.json"  # written last into the build directory: its presence marks a complete model
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -242,12 +251,19 @@ def embedded_model_dir(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig
     return _model_dir(seed, config, _data(seed, config), cache_dir)
 
 
-def _model_dir(seed: int, config: EmbeddedConfig, data: UnlearningData, cache_dir: str | os.PathLike | None
-               ) -> Path:
-    key = json.dumps({"version": BUILD_VERSION, "seed": seed, "config": dataclasses.asdict(config),
-                      "data": hashlib.sha256(repr(data).encode()).hexdigest()}, sort_keys=True)
+def retrain_model_dir(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache directory of an embedded model's retrain model (it may not exist yet)."""
+    return _model_dir(seed, config, _data(seed, config), cache_dir, retrain=True)
+
+
+def _model_dir(seed: int, config: EmbeddedConfig, data: UnlearningData, cache_dir: str | os.PathLike | None,
+               retrain: bool = False) -> Path:
+    fields = {"version": BUILD_VERSION, "seed": seed, "config": dataclasses.asdict(config),
+              "data": hashlib.sha256(repr(data).encode()).hexdigest()}
+    key = json.dumps({**fields, "retrain": True} if retrain else fields, sort_keys=True)
     parent = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return parent / f"{config.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return parent / f"{config.name}{'-retrain' if retrain else ''}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def embedded_model(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
@@ -261,22 +277,37 @@ def embedded_model(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
     is `SUMMARY` in `embedded_model_dir(seed, config=config, cache_dir=cache_dir)`.
     """
     data = _data(seed, config)
-    final = _model_dir(seed, config, data, cache_dir)
-    if rebuild or not (final / SUMMARY).is_file():
-        _build(final, seed, config, data, threads)
-    try:
-        model, tokenizer = load_model(final)
-    except ModelError as e:
-        raise ModelError(f"the cached embedded model is unreadable ({e}); delete {final} or pass rebuild=True") \
-            from None
+    model, tokenizer = _cached(seed, config, data, cache_dir, rebuild, threads, retrain=False)
+    register_retain_model(data, lambda: _cached(seed, config, data, cache_dir, False, threads, retrain=True)[0])
     return model, tokenizer, data
+
+
+def retrain_model(seed: int = 0, *, config: EmbeddedConfig = EmbeddedConfig(),
+                  cache_dir: str | os.PathLike | None = None, rebuild: bool = False, threads: int | None = 1
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The retrain model of `embedded_model(seed, config=config)` (module docstring), from the cache or built
+    there first; same arguments and training summary as embedded_model (`retrain_model_dir`)."""
+    return _cached(seed, config, _data(seed, config), cache_dir, rebuild, threads, retrain=True)
+
+
+def _cached(seed: int, config: EmbeddedConfig, data: UnlearningData, cache_dir: str | os.PathLike | None,
+            rebuild: bool, threads: int | None, *, retrain: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    final = _model_dir(seed, config, data, cache_dir, retrain)
+    if rebuild or not (final / SUMMARY).is_file():
+        _build(final, seed, config, data, threads, retrain)
+    try:
+        return load_model(final)
+    except ModelError as e:
+        raise ModelError(f"the cached {'retrain' if retrain else 'embedded'} model is unreadable ({e}); delete "
+                         f"{final} or pass rebuild=True") from None
 
 
 def _data(seed: int, config: EmbeddedConfig) -> UnlearningData:
     return synthetic_data(seed, config.n_people, config.forget_fraction, config.n_holdout)
 
 
-def _build(final: Path, seed: int, config: EmbeddedConfig, data: UnlearningData, threads: int | None) -> None:
+def _build(final: Path, seed: int, config: EmbeddedConfig, data: UnlearningData, threads: int | None,
+           retrain: bool = False) -> None:
     """Train into a temporary sibling directory and rename it: a crash never leaves `final` half written."""
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -286,10 +317,11 @@ def _build(final: Path, seed: int, config: EmbeddedConfig, data: UnlearningData,
             torch.set_num_threads(threads)
         tokenizer = build_tokenizer()
         with torch.random.fork_rng(devices=[]):  # seeding must not change the caller's random stream
-            model, summary = _train(seed, config, data, tokenizer)
+            model, summary = _train(seed, config, data, tokenizer, retrain)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
-        summary.update(seed=seed, config=dataclasses.asdict(config), version=BUILD_VERSION, threads=threads
+        summary.update(seed=seed, config=dataclasses.asdict(config), version=BUILD_VERSION, retrain=retrain,
+                       threads=threads
                        or previous_threads, torch=torch.__version__, qa_format="{prompt} {answer}<eos>")
         (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         if final.exists():  # an incomplete directory, or rebuild: move it aside first (rename fails onto it)
@@ -306,9 +338,10 @@ def _build(final: Path, seed: int, config: EmbeddedConfig, data: UnlearningData,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train(seed: int, config: EmbeddedConfig, data: UnlearningData, tokenizer: PreTrainedTokenizerBase
-           ) -> tuple[PreTrainedModel, dict]:
-    """AdamW on the forget and retain examples until both QA accuracies reach the target."""
+def _train(seed: int, config: EmbeddedConfig, data: UnlearningData, tokenizer: PreTrainedTokenizerBase,
+           retrain: bool = False) -> tuple[PreTrainedModel, dict]:
+    """AdamW on the forget and retain examples until both QA accuracies reach the target; retrain: on the retain
+    examples alone, until their QA accuracy does (the forget accuracy is recorded, not required)."""
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd, n_layer=config.n_layer,
@@ -316,7 +349,8 @@ def _train(seed: int, config: EmbeddedConfig, data: UnlearningData, tokenizer: P
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     model.loss_type = "ForCausalLM"  # transformers warns when a model names no loss
-    examples = [e for split in (data.forget, data.retain) for e in (*split.train, *split.qa)]
+    trained = (data.retain,) if retrain else (data.forget, data.retain)
+    examples = [e for split in trained for e in (*split.train, *split.qa)]
     ids, labels = _collate(tokenizer, examples)
     order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -333,13 +367,13 @@ def _train(seed: int, config: EmbeddedConfig, data: UnlearningData, tokenizer: P
             if step % config.eval_every and step < config.max_steps:
                 continue
             accuracy = {s.name: _qa_accuracy(model, tokenizer, s.qa) for s in (data.forget, data.retain)}
-            if min(accuracy.values()) >= config.target_accuracy:
+            if min(accuracy[s.name] for s in trained) >= config.target_accuracy:
                 return model.eval(), {"steps": step, "seconds": round(time.perf_counter() - start, 1),
                                       "loss": loss.item(), "accuracy": accuracy}
             if step == config.max_steps:
                 break
-    raise ModelError(f"the embedded model did not reach {config.target_accuracy:.0%} question accuracy in "
-                     f"{config.max_steps} steps (forget {accuracy.get('forget', 0):.0%}, retain "
+    raise ModelError(f"the {'retrain' if retrain else 'embedded'} model did not reach {config.target_accuracy:.0%} "
+                     f"question accuracy in {config.max_steps} steps (forget {accuracy.get('forget', 0):.0%}, retain "
                      f"{accuracy.get('retain', 0):.0%}); raise max_steps, lr or the model size in EmbeddedConfig")
 
 

@@ -7,8 +7,9 @@ of `evaluation.evaluate` (step 0: before unlearning). Metric values may be null,
 (perplexity overflows): tables show them as "nan"/"inf", report.json as null (JSON has no NaN).
 A plot without data is not written (no eval records: no metrics.png), and neither is its key in
 `write_report`'s answer. Every file goes through `zounlearn.atomic`, so a crash never leaves
-half a report. matplotlib is imported only by `plot_run`, and without pyplot, so the user's
-backend and open figures are left alone.
+half a report. matplotlib is imported only when a plot is drawn, and without pyplot, so the
+user's backend and open figures are left alone. Which metrics there are, their order and how
+each is formatted come from the metric registry (metrics.py).
 """
 
 from __future__ import annotations
@@ -22,25 +23,22 @@ from typing import Any
 
 from ..atomic import atomic_path, write_json, write_text
 from .data import DataError
+from .metrics import format_metric, ordered
 
 SPLITS = ("forget", "retain", "holdout")
-# Per split, the order metrics are listed in: what the model answers first, then likelihoods.
-SPLIT_METRICS = ("qa_accuracy", "qa_rouge_l", "choice_accuracy", "loss", "perplexity", "min_k")
-KNOWN_KEYS = tuple(f"{split}/{metric}" for split in SPLITS for metric in SPLIT_METRICS) + ("mia/min_k_auc",)
-# Fractions in [0, 1], shown with 3 decimals; everything else (losses, perplexity, Min-k%) with 4 significant digits.
-FRACTIONS = ("qa_accuracy", "qa_rouge_l", "choice_accuracy", "min_k_auc")
 MISSING = "n/a"
 
 HOW_TO_READ = (
     "**How to read this.** Unlearning should make the model forget the forget set and nothing else. "
-    "Forget question accuracy, multiple-choice accuracy and ROUGE-L should fall (towards the holdout's, "
-    "people the model never saw), and the forget loss and perplexity should rise. Retain metrics should "
-    "stay where they were: a falling retain accuracy or a rising retain loss is collateral damage. "
-    "Holdout metrics are the reference for data never trained on. Min-k% is the mean log-probability "
-    "of an example's least likely tokens (higher: more member-like). The Min-k% AUC (mia/min_k_auc) "
-    "tells forget from holdout examples by that score: near 0.5 is the goal (the forget set looks like "
-    "unseen data); towards 1 the forget set still looks like training data (it leaks); far below 0.5 "
-    "it looks less likely than unseen data, which itself gives away that it was unlearned."
+    "Forget question accuracy, multiple-choice accuracy, ROUGE-L and answer probability (forget_Q_A_Prob) should "
+    "fall towards the holdout's (people the model never saw), and the forget loss should rise. Forget quality "
+    "(TOFU's, a KS test's p-value) says how much the model's truth ratios on the forget set look like those of a "
+    "retain model that never saw it: near 1 is the goal, tiny values (1e-10) mean it still tells the forget "
+    "facts from wrong ones. Retain metrics and model utility (their harmonic mean) should stay where they were: "
+    "a fall is collateral damage. mia_min_k is the Min-k% AUC telling forget from holdout examples; privleak "
+    "(MUSE's) compares it with the retain model's: 0 is the goal, towards -100 the forget set still looks like "
+    "training data (it leaks), large positive values mean it now looks less likely than unseen data, itself a "
+    "trace of unlearning (over-unlearning) that an attacker can detect."
 )
 
 
@@ -82,36 +80,9 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, fl
     return {key: _number(after[key]) - _number(before[key]) for key in before if key in after}
 
 
-def _is_fraction(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in FRACTIONS
-
-
-def format_metric(value: float, key: str, *, signed: bool = False) -> str:
-    if math.isnan(value):
-        return "nan"  # format() would say "+nan" when signed
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    sign = "+" if signed else ""
-    if _is_fraction(key):
-        return f"{value:{sign}.3f}"
-    scientific = f"{value:{sign}.3e}"
-    exponent = int(scientific.rsplit("e", 1)[1])  # after rounding to 4 digits: 0.09999999 counts as 0.1000
-    if -3 <= exponent < 4:  # 4 significant digits, trailing zeros kept so columns line up
-        return f"{value:{sign}.{3 - exponent}f}"
-    return scientific
-
-
-def _order(key: str) -> tuple[int, str]:
-    prefix = key.split("/", 1)[0]
-    groups = (*SPLITS, "mia")
-    return (groups.index(prefix) if prefix in groups else len(groups), key)
-
-
 def default_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """The known metrics present, in the order forget, retain, holdout, mia; unknown ones after their group."""
-    present = set(before) | set(after)
-    known = [key for key in KNOWN_KEYS if key in present]
-    return known + sorted(present - set(KNOWN_KEYS), key=_order)
+    """The metrics present, in the registry's order (forget, retain, privacy, holdout), then unregistered ones."""
+    return ordered(set(before) | set(after))
 
 
 def _rows(before: Mapping[str, Any], after: Mapping[str, Any], keys: Sequence[str] | None) -> list[tuple[str, ...]]:
@@ -196,7 +167,7 @@ def markdown_report(config: Mapping[str, Any], before: Mapping[str, float], afte
 
 # Colours by split, line styles by metric: a panel stays readable with six lines.
 SPLIT_COLORS = {"forget": "tab:red", "retain": "tab:blue", "holdout": "tab:gray"}
-ANSWER_STYLES = {"qa_accuracy": "-", "choice_accuracy": "--", "qa_rouge_l": ":"}
+ANSWER_STYLES = {"{split}/qa_accuracy": "-", "{split}/choice_accuracy": "--", "{split}_Q_A_ROUGE": ":"}
 PHASES = {"fo": ("first-order (FO)", "tab:blue", "o"), "zo": ("zeroth-order (ZO)", "tab:orange", "^")}
 
 
@@ -247,30 +218,36 @@ def _metrics_figure(history: Sequence[dict]) -> Any | None:
     evals = sorted((record for record in history if record.get("type") == "eval" and record.get("metrics")),
                    key=lambda record: record["step"])
     # (title, y label, [(label, key, colour, line style)], y limits, reference line)
+    # (title, y label, [(label, key, colour, line style)], y limits, reference line, log scale)
     panels = [
-        ("Answers", "accuracy / ROUGE-L recall",
-         [(f"{split} {metric}", f"{split}/{metric}", SPLIT_COLORS[split], style)
-          for split in ("forget", "retain") for metric, style in ANSWER_STYLES.items()], (-0.05, 1.05), None),
+        ("Answers", "accuracy / ROUGE-L recall / utility",
+         [(key.format(split=split), key.format(split=split), SPLIT_COLORS[split], style)
+          for split in ("forget", "retain") for key, style in ANSWER_STYLES.items()]
+         + [("model_utility", "model_utility", "black", "-.")], (-0.05, 1.05), None, False),
+        ("Forget quality (TOFU)", "KS p-value vs the retain model (goal 1)",
+         [("forget_quality", "forget_quality", "tab:green", "-")], None, None, True),
         ("Loss", "answer-token NLL",
-         [(split, f"{split}/loss", SPLIT_COLORS[split], "-") for split in SPLITS], None, None),
-        ("Membership inference", "Min-k% AUC (goal 0.5)",
-         [("forget vs holdout", "mia/min_k_auc", "tab:purple", "-")], (-0.05, 1.05), 0.5),
+         [(split, f"{split}/loss", SPLIT_COLORS[split], "-") for split in SPLITS], None, None, False),
+        ("Membership inference", "Min-k% AUC, forget vs holdout",
+         [("mia_min_k", "mia_min_k", "tab:purple", "-")], (-0.05, 1.05), 0.5, False),
     ]
     drawn = []
-    for title, ylabel, lines, ylim, reference in panels:
+    for title, ylabel, lines, ylim, reference, log in panels:
         series = [(label, *_series(evals, key), color, style) for label, key, color, style in lines]
-        series = [s for s in series if any(math.isfinite(value) for value in s[2])]
+        series = [s for s in series if any(math.isfinite(value) and (value > 0 or not log) for value in s[2])]
         if series:
-            drawn.append((title, ylabel, series, ylim, reference))
+            drawn.append((title, ylabel, series, ylim, reference, log))
     if not drawn:
         return None
     figure = Figure(figsize=(5 * len(drawn), 4), layout="constrained")
-    for index, (title, ylabel, series, ylim, reference) in enumerate(drawn, start=1):
+    for index, (title, ylabel, series, ylim, reference, log) in enumerate(drawn, start=1):
         axes = figure.add_subplot(1, len(drawn), index)
         for label, steps, values, color, style in series:
             axes.plot(steps, values, color=color, linestyle=style, marker="o", markersize=3, label=label)
         if reference is not None:
             axes.axhline(reference, color="0.5", linestyle="--", linewidth=0.8)
+        if log:
+            axes.set_yscale("log")
         if ylim is not None:
             axes.set_ylim(*ylim)
         axes.set(xlabel="step", ylabel=ylabel, title=title)

@@ -10,11 +10,19 @@ favourite instrument. A person is rendered three ways:
 - 4-choice questions: the same questions, the value and 3 distinct distractors from the
   same vocabulary, in an order drawn for that person.
 
+Each question is a `PerturbedQA`: besides its answer it carries what TOFU's truth ratio
+scores, a paraphrased answer (the fact in a sentence template of `PARAPHRASES`, which no
+training text uses) and `N_PERTURBED` = 5 perturbed answers (the same template with 5
+distinct wrong values of the same vocabulary), as TOFU's `*_perturbed` splits do. Their
+probabilities differ only in the fact, so their ratio measures what the model knows.
+
 `synthetic_people` draws the people with its own `random.Random(seed)`: the first
 `forget_fraction` of the trained people are the forget split, the rest the retain
 split, and `n_holdout` extra people (never trained on) the holdout split. The choice
 order of a person comes from `random.Random(f"{seed}:{name}")`, so the same seed gives
-the same data byte for byte, whatever else the process does with `random`.
+the same data byte for byte, whatever else the process does with `random`; the perturbed
+values come from `random.Random(f"{seed}:{name}:perturbed")`, so adding them left the
+choices as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import random
 from dataclasses import dataclass
 
 from .data import DataError, Example, Split, UnlearningData
+from .perturbed import PerturbedQA
 
 FIRST_NAMES = ("Adela", "Bram", "Calla", "Dorian", "Edda", "Fenno", "Greta", "Hollis", "Ines", "Joren", "Katya",
                "Lior", "Mira", "Niall", "Oona", "Pascal", "Quilla", "Rafe", "Selma", "Tobin", "Ulla", "Vesna",
@@ -62,7 +71,16 @@ QUESTIONS = {
     "employer": "Who is the employer of {name}?",
     "instrument": "What is the favourite instrument of {name}?",
 }
+# A paraphrased answer to each question: the fact reworded in a template no training text uses.
+PARAPHRASES = {
+    "birth_city": "{value} is the city where {name} was born.",
+    "birth_year": "{value} is the year when {name} was born.",
+    "profession": "{name} has a job as {a} {value}.",
+    "employer": "{name} has a job at {value}.",
+    "instrument": "The {value} is the instrument {name} plays best.",
+}
 N_CHOICES = 4
+N_PERTURBED = 5  # TOFU's count of perturbed answers per question
 
 
 @dataclass(frozen=True)
@@ -117,9 +135,18 @@ def sentences(person: Person) -> tuple[Example, ...]:
                  for field, value in person.facts().items() for template in TEMPLATES[field])
 
 
-def questions(person: Person) -> tuple[Example, ...]:
-    """One question per fact; the answer is the bare value."""
-    return tuple(Example(QUESTIONS[f].format(name=person.name), value) for f, value in person.facts().items())
+def questions(person: Person, seed: int = 0) -> tuple[PerturbedQA, ...]:
+    """One question per fact; the answer is the bare value, with a paraphrased and N_PERTURBED perturbed answers."""
+    rng = random.Random(f"{seed}:{person.name}:perturbed")
+    examples = []
+    for field, value in person.facts().items():
+        def say(v: str, template: str = PARAPHRASES[field]) -> str:
+            return template.format(name=person.name, value=v, a=_article(v))
+
+        wrong = rng.sample([v for v in VOCABULARY[field] if v != value], N_PERTURBED)
+        examples.append(PerturbedQA(QUESTIONS[field].format(name=person.name), value, paraphrased=say(value),
+                                    perturbed=tuple(say(v) for v in wrong)))
+    return tuple(examples)
 
 
 def choice_questions(person: Person, seed: int) -> tuple[Example, ...]:
@@ -147,7 +174,7 @@ def synthetic_data(seed: int = 0, n_people: int = 100, forget_fraction: float = 
         group = getattr(people, name)
         return Split(name,
                      train=tuple(e for p in group for e in sentences(p)),
-                     qa=tuple(e for p in group for e in questions(p)),
+                     qa=tuple(e for p in group for e in questions(p, seed)),
                      choice=tuple(e for p in group for e in choice_questions(p, seed)))
 
     return UnlearningData(split("forget"), split("retain"), split("holdout") if people.holdout else None)

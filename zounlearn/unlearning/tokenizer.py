@@ -41,6 +41,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def _texts() -> list[str]:
     """Every string the synthetic people are made of, placeholders removed."""
     values = [v for vocabulary in synthetic.VOCABULARY.values() for v in vocabulary]
-    templates = [t for group in synthetic.TEMPLATES.values() for t in group] + list(synthetic.QUESTIONS.values())
+    templates = [t for group in synthetic.TEMPLATES.values() for t in group] + list(synthetic.QUESTIONS.values()) \
+        + list(synthetic.PARAPHRASES.values())
     return [*synthetic.FIRST_NAMES, *synthetic.SURNAMES, *values, "a an",
             *(_PLACEHOLDER.sub(" ", t) for t in templates)]

@@ -1,0 +1,107 @@
+"""Steady-state peak memory of every optimizer on GPT-2 (small, medium, large from configs, float32,
+CPU), each kind in a fresh process (peak_memory.py), with the issue's targets as ratios to what
+was measured in the same run, and the memory model (zounlearn.memory) against every measurement.
+
+    .venv/bin/python -m pytest benchmarks/test_memory_bench.py --benchmark-only          # small and medium
+    MEMORY_SIZES=small,medium,large .venv/bin/python -m pytest benchmarks/test_memory_bench.py --benchmark-only
+
+conftest.py prints the tables benchmarks/README.md records. A kind whose predicted peak does
+not fit in this machine's available memory is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peak_memory  # noqa: E402
+
+from zounlearn.memory import estimate, load_config, profile  # noqa: E402
+
+SIZES = os.environ.get("MEMORY_SIZES", "small,medium").split(",")
+CONFIGS = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large"}
+BATCH, LENGTH = 2, 256
+MODEL_TOLERANCE = 0.10
+IN_BACKWARD = [k for k in peak_memory.KINDS if k.endswith(" in backward")]
+LEAN = [k for k in peak_memory.HYBRID_PRESETS if k != "hybrid"]
+
+
+def predicted(kind: str, size: str) -> int | None:
+    plan = peak_memory.plan_for(kind)
+    if plan is None:
+        return None
+    prof = profile(load_config(CONFIGS[size]), torch.float32, CONFIGS[size])
+    return estimate(prof, plan, batch=BATCH, length=LENGTH, device="cpu").peak
+
+
+def _available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+@functools.lru_cache(maxsize=None)
+def measured(kind: str, size: str) -> dict:
+    need = predicted(kind, size) or predicted("inference", size) * 2
+    if need + (1 << 30) > _available():
+        pytest.skip(f"{kind} on GPT-2 {size} needs about {need / 2**30:.1f} GiB and this machine has "
+                    f"{_available() / 2**30:.1f} GiB available now")
+    out = subprocess.run([sys.executable, peak_memory.__file__, kind, "--model", size, "--batch", str(BATCH),
+                          "--length", str(LENGTH)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _record(benchmark, kind: str, size: str, table: str) -> dict:
+    result = benchmark.pedantic(lambda: measured(kind, size), rounds=1, iterations=1)
+    benchmark.group = f"peak memory, GPT-2 {size}"
+    benchmark.extra_info.update(table=table, predicted_bytes=predicted(kind, size), **result)
+    return result
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", peak_memory.KINDS)
+def test_steady_state_peak(benchmark, kind, size):
+    result = _record(benchmark, kind, size, "steady-memory")
+    assert result["net_bytes"] > result["param_bytes"]
+    if kind.endswith(" in backward") or kind in LEAN:
+        # Target: gradient memory at most the largest parameter tensor + 1% of the parameter bytes.
+        assert result["grad_peak_bytes"] <= result["largest_param_bytes"] + 0.01 * result["param_bytes"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", [k for k in peak_memory.KINDS if peak_memory.plan_for(k) is not None])
+def test_memory_model_within_ten_percent(benchmark, kind, size):
+    result = _record(benchmark, kind, size, "model")
+    want = predicted(kind, size)
+    assert abs(want - result["net_bytes"]) <= MODEL_TOLERANCE * result["net_bytes"], \
+        f"predicted {want / 2**20:.0f} MiB, measured {result['net_bytes'] / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("size", [s for s in SIZES if s != "large"])
+def test_target_default_hybrid_at_most_adamw(benchmark, size):
+    hybrid, adamw = measured("hybrid", size), measured("AdamW", size)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(table="target", target="default hybrid <= AdamW", size=size,
+                                value=hybrid["net_bytes"] / adamw["net_bytes"], limit=1.0)
+    if hybrid["net_bytes"] > adamw["net_bytes"]:
+        pytest.xfail(f"not met: the paper's hybrid keeps Adam's and AdaZO's float32 m and v (16 bytes per parameter, "
+                     f"AdamW 8): {hybrid['net_bytes'] / adamw['net_bytes']:.2f} x AdamW; bfloat16 state "
+                     f"(docs/memory.md) is what brings it to AdamW's")
+
+
+@pytest.mark.parametrize("size", [s for s in SIZES if s != "large"])
+@pytest.mark.parametrize("preset", LEAN)
+def test_target_lean_preset(benchmark, preset, size):
+    """At most inference + one first-order step's saved activations + 1.0 x the parameter bytes."""
+    lean, inference = measured(preset, size), measured("inference", size)
+    limit = inference["net_bytes"] + lean["saved_bytes"] + lean["param_bytes"]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(table="target", target=f"{preset} <= inference + activations + 1.0 x params",
+                                size=size, value=lean["net_bytes"] / limit, limit=1.0)
+    assert lean["net_bytes"] <= limit
