@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
+from . import tables
+
 MAX_TERMS = 8
 DISTRIBUTIONS = ("rademacher", "gaussian")
 RADEMACHER_GROUP = 128  # elements served by one Philox call
@@ -131,14 +133,13 @@ def _sum_terms(acc, seed, block, col,
 
 
 @triton.jit
-def _tile(numel, lead, first_group, GROUP_SIZE: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr):
-    """This program's tile of one tensor: (local element offsets, mask, Philox blocks, columns).
+def _tile(pid, numel, lead, first_group, GROUP_SIZE: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr):
+    """Tile pid (int64) of one tensor: (local element offsets, mask, Philox blocks, columns).
 
     The tile's rows are GROUPS_PER_PROGRAM whole groups of the global index space; the first and
     last tiles overhang the tensor and are masked. Per-program scalars are int64; offsets inside
     the tile fit int32."""
     TILE: tl.constexpr = GROUP_SIZE * GROUPS_PER_PROGRAM
-    pid = tl.program_id(0).to(tl.int64)
     tile_start = pid * TILE - lead  # local index of the tile's first element (negative for the first tile)
     row = tl.arange(0, GROUPS_PER_PROGRAM)
     col = tl.arange(0, GROUP_SIZE)
@@ -201,35 +202,49 @@ def _round_to(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
-@triton.jit(do_not_specialize=["first_group", "seed", "stream0", "stream1", "stream2", "stream3", "stream4",
-                               "stream5", "stream6", "stream7"])
+@triton.jit
+def _tensor_of(table_ptr, count, ALIGNED: tl.constexpr):
+    """This program's tensor in a launch over many (kernels/tables.py): (column, tile within the
+    tensor, numel, lead, first group), with the alignment the launcher checked made known."""
+    column, pid = tables.find_tensor(table_ptr, count, tl.program_id(0).to(tl.int64))
+    numel = tables.entry(table_ptr, count, tables.NUMEL, column)
+    lead = tables.entry(table_ptr, count, tables.LEAD, column)
+    if ALIGNED:
+        numel = tl.multiple_of(numel, 16)
+        lead = tl.multiple_of(lead, 16)
+    return column, pid, numel, lead, tables.entry(table_ptr, count, tables.FIRST_GROUP, column)
+
+
+@triton.jit(do_not_specialize=["count", "seed", "stream0", "stream1", "stream2", "stream3", "stream4", "stream5",
+                               "stream6", "stream7"])
 def _perturb_kernel(
-    param_ptr,
-    out_ptr,  # param_ptr itself in place
-    numel,
-    lead,  # base offset mod GROUP_SIZE: the tensor starts `lead` elements into its first group
-    first_group: tl.int64,  # base offset // GROUP_SIZE
+    table_ptr,  # kernels/tables.py: the launch's tensors, param and out (param itself in place)
+    count,
     alpha: tl.float32,
     seed: tl.int64,
-    # The terms are scalar arguments, unused ones 0: no device buffer to fill (and no
-    # host-to-device copy) per call, and NUM_TERMS drops the unused ones at compile time.
-    # The int64 annotations and do_not_specialize keep one compiled kernel per dtype/K/dist
-    # whatever the seed and stream values.
+    # The terms are scalar arguments, unused ones 0: NUM_TERMS drops the unused ones at compile
+    # time. The int64 annotations and do_not_specialize keep one compiled kernel per
+    # dtype/alignment/K/dist whatever the seed and stream values.
     coef0: tl.float32, coef1: tl.float32, coef2: tl.float32, coef3: tl.float32,
     coef4: tl.float32, coef5: tl.float32, coef6: tl.float32, coef7: tl.float32,
     stream0: tl.int64, stream1: tl.int64, stream2: tl.int64, stream3: tl.int64,
     stream4: tl.int64, stream5: tl.int64, stream6: tl.int64, stream7: tl.int64,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     NUM_TERMS: tl.constexpr,
     GAUSSIAN: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
-    offs, mask, block, col = _tile(numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
+    column, pid, numel, lead, first_group = _tensor_of(table_ptr, count, ALIGNED)
+    param_ptr = tables.pointer(table_ptr, count, tables.PARAM, column, DTYPE, ALIGNED)
+    out_ptr = tables.pointer(table_ptr, count, tables.OTHER, column, DTYPE, ALIGNED)
+    offs, mask, block, col = _tile(pid, numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
     theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     acc, _ = _sum_terms(tl.cast(alpha, tl.float32) * theta, seed, block, col,
                         coef0, coef1, coef2, coef3, coef4, coef5, coef6, coef7,
                         stream0, stream1, stream2, stream3, stream4, stream5, stream6, stream7, NUM_TERMS, GAUSSIAN)
-    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _round_to(acc, DTYPE), mask=mask)
 
 
 def term_args(coefs: list[float], streams: list[int]) -> list[float | int]:
@@ -254,7 +269,8 @@ def perturb_(params: list[torch.Tensor], offsets: list[int], coefs: list[float],
 
     The caller has validated the tensors: contiguous float32/bfloat16/float16. seed and
     streams arrive as signed int64 (zounlearn.ops.validation.as_int64); the kernel reads
-    their bits as uint64. One launch per non-empty tensor, on the current stream.
+    their bits as uint64. One launch per dtype (two where some tensors are misaligned) over
+    all the tensors (kernels/tables.py), on the current stream.
     """
     _perturb(params, params, offsets, coefs, streams, seed, dist, alpha)
 
@@ -270,21 +286,16 @@ def _perturb(params, out, offsets, coefs, streams, seed, dist, alpha) -> None:
     terms = term_args(coefs, streams)
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
-    for param, target, offset in zip(params, out, offsets):
-        numel = param.numel()
-        if numel == 0:
-            continue
-        lead = offset % group_size
-        grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
-        _perturb_kernel[grid](
-            param,
-            target,
-            numel,
-            lead,
-            offset // group_size,
+    pointers = [(p, o, None, None) for p, o in zip(params, out)]
+    for launch in tables.launches(pointers, offsets, group_size, group_size * groups_per_program):
+        _perturb_kernel[(launch.tiles,)](
+            launch.table,
+            launch.count,
             float(alpha),
             seed,
             *terms,
+            DTYPE=launch.dtype,
+            ALIGNED=launch.aligned,
             NUM_TERMS=len(coefs),
             GAUSSIAN=gaussian,
             GROUP_SIZE=group_size,

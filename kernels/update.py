@@ -18,6 +18,7 @@ import triton.language as tl
 
 from zounlearn.ops.rules import Hyper, Rule
 
+from . import tables
 from .perturb import (
     GAUSSIAN_GROUP,
     LAUNCH_OPTIONS,
@@ -28,6 +29,7 @@ from .perturb import (
     _round_to,
     _rounding_bits,
     _sum_terms,
+    _tensor_of,
     _tile,
     check_dist,
     term_args,
@@ -71,18 +73,12 @@ def _quantize(u, scale, levels):
     return q
 
 
-@triton.jit(do_not_specialize=["first_group", "index", "seed", "stream0", "stream1", "stream2", "stream3",
-                               "stream4", "stream5", "stream6", "stream7", "rounding_stream"])
+@triton.jit(do_not_specialize=["count", "seed", "stream0", "stream1", "stream2", "stream3", "stream4", "stream5",
+                               "stream6", "stream7", "rounding_stream"])
 def _update_kernel(
-    param_ptr,
-    grad_ptr,  # read when NUM_TERMS == 0
-    m_ptr,  # float32 state; any pointer when not HAS_M (same for v)
-    v_ptr,
+    table_ptr,  # kernels/tables.py: the launch's tensors, param, grad (read when NUM_TERMS == 0), m and v
+    count,  # (float32 state, read when HAS_M / HAS_V)
     scales_ptr,  # float32, one per tensor: written by ADAM_MOMENTS (zeroed beforehand), read by QUANTIZED
-    index,  # this tensor's slot in scales
-    numel,
-    lead,  # as in _perturb_kernel
-    first_group: tl.int64,
     seed: tl.int64,
     coef0: tl.float32, coef1: tl.float32, coef2: tl.float32, coef3: tl.float32,
     coef4: tl.float32, coef5: tl.float32, coef6: tl.float32, coef7: tl.float32,
@@ -94,6 +90,8 @@ def _update_kernel(
     lr: tl.float32, decay: tl.float32, weight_decay: tl.float32, beta1: tl.float32,
     one_minus_beta1: tl.float32, beta2: tl.float32, one_minus_beta2: tl.float32, eps: tl.float32,
     bias_correction1: tl.float32, sqrt_bias_correction2: tl.float32, levels: tl.float32, rho: tl.float32,
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     RULE: tl.constexpr,
     NUM_TERMS: tl.constexpr,
     GAUSSIAN: tl.constexpr,
@@ -105,7 +103,13 @@ def _update_kernel(
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
-    offs, mask, block, col = _tile(numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
+    column, pid, numel, lead, first_group = _tensor_of(table_ptr, count, ALIGNED)
+    param_ptr = tables.pointer(table_ptr, count, tables.PARAM, column, DTYPE, ALIGNED)
+    grad_ptr = tables.pointer(table_ptr, count, tables.OTHER, column, DTYPE, ALIGNED)
+    m_ptr = tables.pointer(table_ptr, count, tables.M, column, tl.float32, ALIGNED)
+    v_ptr = tables.pointer(table_ptr, count, tables.V, column, tl.float32, ALIGNED)
+    index = tables.entry(table_ptr, count, tables.INDEX, column)  # the tensor's slot in scales
+    offs, mask, block, col = _tile(pid, numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
     theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     # The interpreter ignores the float32 annotations (Python floats stay float64): cast once here.
     lr = tl.cast(lr, tl.float32)
@@ -176,40 +180,41 @@ def _update_kernel(
         if STOCHASTIC:
             e = block[:, None] * GROUP_SIZE + col[None, :]  # the elements' global indices
             bits = _rounding_bits(seed, rounding_stream, e)
-            tl.store(param_ptr + offs, _round_stochastic(theta, bits, param_ptr.dtype.element_ty), mask=mask)
+            tl.store(param_ptr + offs, _round_stochastic(theta, bits, DTYPE), mask=mask)
         else:
-            tl.store(param_ptr + offs, _round_to(theta, param_ptr.dtype.element_ty), mask=mask)
+            tl.store(param_ptr + offs, _round_to(theta, DTYPE), mask=mask)
     if WRITES_M:
         tl.store(m_ptr + offs, m, mask=mask)
     if WRITES_V:  # not SOPHIA, whose h is read only
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def _launch(param, grad, m, v, scales, index, offset, seed, terms, restore, rule: Rule, rounding: str,
+def _launch(params, grads, m, v, scales, offsets, seed, terms, restore, rule: Rule, rounding: str,
             rounding_stream: int, hyper, num_terms, gaussian) -> None:
-    """One tensor; grad, m, v and scales are None where unused (the kernel gets param in their place)."""
-    numel = param.numel()
-    if numel == 0:
-        return
+    """All tensors, one launch per dtype and alignment (kernels/tables.py); grads, m and v are
+    empty where unused, scales None."""
     group_size = GAUSSIAN_GROUP if gaussian else RADEMACHER_GROUP
     groups_per_program = GAUSSIAN_GROUPS_PER_PROGRAM if gaussian else RADEMACHER_GROUPS_PER_PROGRAM
-    lead = offset % group_size
-    grid = (triton.cdiv(lead + numel, group_size * groups_per_program),)
-    _update_kernel[grid](
-        param, *(param if t is None else t for t in (grad, m, v, scales)), index, numel, lead,
-        offset // group_size, seed, *terms, float(restore), rounding_stream, **hyper._asdict(),
-        RULE=rule.index,
-        NUM_TERMS=num_terms,
-        GAUSSIAN=gaussian,
-        HAS_M=m is not None,
-        HAS_V=v is not None,
-        WRITES_M=rule.info.writes_m,
-        WRITES_V=rule.info.writes_v,
-        STOCHASTIC=rounding == "stochastic" and param.dtype != torch.float32,
-        GROUP_SIZE=group_size,
-        GROUPS_PER_PROGRAM=groups_per_program,
-        **LAUNCH_OPTIONS,
-    )
+    pointers = [(p, grads[i] if grads else None, m[i] if m else None, v[i] if v else None)
+                for i, p in enumerate(params)]
+    for launch in tables.launches(pointers, offsets, group_size, group_size * groups_per_program):
+        _update_kernel[(launch.tiles,)](
+            launch.table, launch.count, launch.table if scales is None else scales, seed, *terms, float(restore),
+            rounding_stream, **hyper._asdict(),
+            DTYPE=launch.dtype,
+            ALIGNED=launch.aligned,
+            RULE=rule.index,
+            NUM_TERMS=num_terms,
+            GAUSSIAN=gaussian,
+            HAS_M=bool(m),
+            HAS_V=bool(v),
+            WRITES_M=rule.info.writes_m,
+            WRITES_V=rule.info.writes_v,
+            STOCHASTIC=rounding == "stochastic" and launch.dtype != tl.float32,
+            GROUP_SIZE=group_size,
+            GROUPS_PER_PROGRAM=groups_per_program,
+            **LAUNCH_OPTIONS,
+        )
 
 
 def _rule(name: str, zeroth_order: bool) -> Rule:
@@ -224,27 +229,25 @@ def zo_update_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.
                rounding: str, rounding_stream: int, *hyper: float) -> None:
     """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor
     (torch.ops.zounlearn.zo_update_'s arguments, validated by the caller: m and v are given,
-    float32 like params, exactly when the rule uses them, else empty). One launch per tensor."""
+    float32 like params, exactly when the rule uses them, else empty). One launch per dtype
+    and alignment over all the tensors."""
     gaussian = check_dist(dist)
     terms = term_args(coefs, streams)
     rule, h = _rule(rule, True), Hyper(*hyper)
-    for i, (param, offset) in enumerate(zip(params, offsets)):
-        _launch(param, None, m[i] if m else None, v[i] if v else None, None, 0, offset, seed, terms, restore, rule,
-                rounding, rounding_stream, h, len(coefs), gaussian)
+    _launch(params, [], m, v, None, offsets, seed, terms, restore, rule, rounding, rounding_stream, h, len(coefs),
+            gaussian)
     torch.autograd.graph.increment_version([*params, *m, *v])
 
 
 def grad_update_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
                  scales: torch.Tensor | None, offsets: list[int], seed: int, rule: str, rounding: str,
                  rounding_stream: int, *hyper: float) -> None:
-    """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass per tensor
+    """`rule` with each tensor's gradient (grads[i] has params[i]'s dtype), in one pass
     (torch.ops.zounlearn.grad_update_'s arguments). scales: float32, one per tensor, for
     ADAM_MOMENTS (overwritten with max |u|, 0 for an empty tensor) and QUANTIZED (read)."""
     rule, h = _rule(rule, False), Hyper(*hyper)
     if rule.info.scales == "write":
         scales.zero_()  # the kernel max-es into it
     no_terms = term_args([0.0] * MAX_TERMS, [0] * MAX_TERMS)
-    for i, (param, grad, offset) in enumerate(zip(params, grads, offsets)):
-        _launch(param, grad, m[i] if m else None, v[i] if v else None, scales, i, offset, seed, no_terms, 0.0, rule,
-                rounding, rounding_stream, h, 0, False)
+    _launch(params, grads, m, v, scales, offsets, seed, no_terms, 0.0, rule, rounding, rounding_stream, h, 0, False)
     torch.autograd.graph.increment_version([*params, *m, *v, *([scales] if scales is not None else [])])

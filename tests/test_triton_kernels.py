@@ -20,10 +20,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+import zounlearn.kernels  # noqa: E402
 from zounlearn import rng  # noqa: E402
 from zounlearn.kernels import perturb as perturb_module  # noqa: E402
+from zounlearn.kernels import tables  # noqa: E402
 from zounlearn.kernels import update as update_module  # noqa: E402
-from zounlearn.ops import reference  # noqa: E402
+from zounlearn.ops import backends, reference  # noqa: E402
 from zounlearn.ops.rules import Hyper, Rule  # noqa: E402
 
 perturb_ = perturb_module.perturb_
@@ -258,6 +260,189 @@ def test_update_spans_several_tiles(dist, dtype):
         assert all(torch.equal(g.cpu(), w) for g, w in zip(sum(got, []), sum(want, []))), rule
 
 
+# One call over many tensors (kernels/tables.py): (dtype, numel, at an address one element past
+# a buffer's start, so not 16-byte aligned). Laid end to end from MIXED_BASE, across 2^32: the
+# first six start at offsets that are multiples of 16, the rest (after 4097) do not; the fifth
+# has numel and lead multiples of 16 but a misaligned pointer.
+MIXED = [
+    (torch.float32, 256, False), (torch.float32, 2048, False), (torch.bfloat16, 4096, False),
+    (torch.float16, 512, False), (torch.float32, 256, True), (torch.bfloat16, 16, False),
+    (torch.float32, 4097, False), (torch.bfloat16, 1, False), (torch.float16, 129, True), (torch.float32, 0, False),
+    (torch.float32, 407, True), (torch.bfloat16, 300, False), (torch.float16, 105, False),
+    (torch.float16, 2500, False), (torch.float32, 1, False), (torch.bfloat16, 33, True),
+]
+MIXED_BASE = 2**32 - 4096
+MIXED_ALIGNED = {0, 1, 2, 3, 5}
+MIXED_H = Hyper.make(0.05, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-6, step=4, bits=3)
+MIXED_COEFS = [0.3, -0.2, 0.1]
+OPS = ["perturb_", "perturb_into", "zo_update_", "grad_update_"]
+
+
+def end_to_end(numels: list[int], base: int = MIXED_BASE) -> list[int]:
+    return [base + sum(numels[:i]) for i in range(len(numels))]
+
+
+def mixed_state(cases) -> dict:
+    """CPU tensors for every op: params, out, grads (the params' dtypes), float32 m and v >= 0, scales."""
+    generator = torch.Generator().manual_seed(17)
+    params = [torch.randn(numel, generator=generator).to(dtype) for dtype, numel, _ in cases]
+    return {
+        "params": params,
+        "out": [torch.zeros_like(p) for p in params],
+        "grads": [torch.randn(p.shape, generator=generator).to(p.dtype) for p in params],
+        "m": [torch.randn(p.shape, generator=generator) for p in params],
+        "v": [torch.rand(p.shape, generator=generator) for p in params],
+        "scales": torch.full((len(params),), 9.0),
+    }
+
+
+def placed(state: dict, cases) -> tuple[dict, list[torch.Tensor]]:
+    """state's tensors on DEVICE, a misaligned case's one element into a zeroed buffer; and those buffers."""
+    buffers, out = [], {"scales": state["scales"].to(DEVICE, copy=True)}
+    for kind in ("params", "out", "grads", "m", "v"):
+        out[kind] = []
+        for t, (_, _, misaligned) in zip(state[kind], cases):
+            buffer = torch.zeros(t.numel() + misaligned, dtype=t.dtype, device=DEVICE)
+            out[kind].append(buffer[int(misaligned):])
+            out[kind][-1].copy_(t)
+            if misaligned:
+                buffers.append(buffer)
+    return out, buffers
+
+
+def run_op(ops, op: str, dist: str, s: dict, offsets: list[int], rules=(Rule.ADAM_MOMENTS, Rule.QUANTIZED)) -> None:
+    """op through ops (the reference module or zounlearn.kernels); grad_update_ once per rule."""
+    streams, seed = FUSED_STREAMS[:len(MIXED_COEFS)], -1
+    if op == "perturb_":
+        ops.perturb_(s["params"], offsets, MIXED_COEFS, streams, seed, dist, 0.999)
+    elif op == "perturb_into":
+        ops.perturb_into(s["params"], s["out"], offsets, MIXED_COEFS, streams, seed, dist, 0.999)
+    elif op == "zo_update_":
+        ops.zo_update_(s["params"], s["m"], s["v"], offsets, MIXED_COEFS, streams, seed, dist, 1e-3, Rule.ADAM.value,
+                       "stochastic", 3, *MIXED_H)
+    else:
+        for rule in rules:
+            ops.grad_update_(s["params"], s["grads"], s["m"], s["v"], s["scales"], offsets, seed, rule.value,
+                             "stochastic", 4, *MIXED_H)
+
+
+@pytest.mark.parametrize(("op", "dist"), [("perturb_", "rademacher"), ("perturb_", "gaussian"),
+                                          ("perturb_into", "rademacher"), ("zo_update_", "rademacher"),
+                                          ("zo_update_", "gaussian"), ("grad_update_", None)])
+def test_one_call_over_mixed_tensors(op, dist):
+    """Every dtype, aligned and misaligned tensors, odd sizes, tensors smaller than a tile and of
+    several tiles, an empty one, in one call: the reference's bits (Rademacher; Gaussian z within
+    1e-6), and nothing written outside the tensors."""
+    want = mixed_state(MIXED)
+    got, buffers = placed(want, MIXED)
+    offsets = end_to_end([numel for _, numel, _ in MIXED])
+    run_op(zounlearn.kernels, op, dist, got, offsets)
+    run_op(reference, op, dist, want, offsets)
+    for kind in ("params", "out", "m", "v"):
+        for i, (g, w) in enumerate(zip(got[kind], want[kind])):
+            if dist == "gaussian":  # a value may land one unit of its dtype the other way
+                torch.testing.assert_close(g.cpu().float(), w.float(), rtol=torch.finfo(g.dtype).eps, atol=1e-5)
+            else:
+                assert torch.equal(g.cpu(), w), (kind, i, MIXED[i])
+    assert torch.equal(got["scales"].cpu(), want["scales"])
+    assert all(buffer[0] == 0 for buffer in buffers)
+
+
+class CountedLaunches:
+    """Stands in for a JITFunction and records the grid of each launch it passes on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def counted(monkeypatch, op: str) -> CountedLaunches:
+    """The launches of op's kernel from now on."""
+    module, name = (perturb_module, "_perturb_kernel") if op.startswith("perturb") else (update_module,
+                                                                                         "_update_kernel")
+    counter = CountedLaunches(getattr(module, name))
+    monkeypatch.setattr(module, name, counter)
+    return counter
+
+
+def tiles(op: str, numels: list[int], offsets: list[int]) -> int:
+    """Programs of all the tensors' tiles (Rademacher layout)."""
+    groups = (perturb_module if op.startswith("perturb") else update_module).RADEMACHER_GROUPS_PER_PROGRAM
+    tile = perturb_module.RADEMACHER_GROUP * groups
+    return sum(triton.cdiv(o % perturb_module.RADEMACHER_GROUP + n, tile) for n, o in zip(numels, offsets) if n)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_one_launch_per_dtype_and_alignment(op, monkeypatch):
+    """N tensors of one dtype and alignment: one launch whose grid covers all their tiles; the
+    mixed call: one launch per (dtype, alignment) group, six."""
+    cases = [(torch.float32, 16 * k, False) for k in (1, 2, 3, 8, 64, 129, 256, 300, 5, 7, 1, 40)]
+    numels = [numel for _, numel, _ in cases]
+    offsets = end_to_end(numels)
+    launches = counted(monkeypatch, op)
+    run_op(zounlearn.kernels, op, "rademacher", placed(mixed_state(cases), cases)[0], offsets, rules=[Rule.ADAM])
+    assert launches.grids == [(tiles(op, numels, offsets),)]
+    launches.grids.clear()
+    offsets = end_to_end([numel for _, numel, _ in MIXED])
+    run_op(zounlearn.kernels, op, "rademacher", placed(mixed_state(MIXED), MIXED)[0], offsets, rules=[Rule.ADAM])
+    assert len(launches.grids) == 6
+    assert sum(g for g, in launches.grids) == tiles(op, [numel for _, numel, _ in MIXED], offsets)
+
+
+def test_table_groups_by_dtype_and_alignment():
+    """The launches' tensors and rows: a misaligned pointer goes with the other tensors, whatever
+    its numel and lead; empty tensors are left out; TILE_START counts each launch's tiles."""
+    s, _ = placed(mixed_state(MIXED), MIXED)
+    offsets = end_to_end([numel for _, numel, _ in MIXED])
+    group, tile = perturb_module.RADEMACHER_GROUP, perturb_module.RADEMACHER_GROUP * 16
+    launches = list(tables.launches([(p, None, None, None) for p in s["params"]], offsets, group, tile))
+    seen = []
+    for launch in launches:
+        table = launch.table.cpu()
+        indices = table[tables.INDEX.value].tolist()
+        seen += indices
+        assert launch.count == len(indices) and table.shape == (tables.ROWS, launch.count)
+        assert all(MIXED[i][0] == s["params"][i].dtype and tables.TRITON_DTYPES[MIXED[i][0]] == launch.dtype
+                   for i in indices)
+        assert launch.aligned == (indices[0] in MIXED_ALIGNED)
+        assert all((i in MIXED_ALIGNED) == launch.aligned for i in indices)
+        assert table[tables.PARAM.value].tolist() == [s["params"][i].data_ptr() for i in indices]
+        assert table[tables.NUMEL.value].tolist() == [MIXED[i][1] for i in indices]
+        assert table[tables.LEAD.value].tolist() == [offsets[i] % group for i in indices]
+        assert table[tables.FIRST_GROUP.value].tolist() == [offsets[i] // group for i in indices]
+        counts = [triton.cdiv(offsets[i] % group + MIXED[i][1], tile) for i in indices]
+        assert table[tables.TILE_START.value].tolist() == [sum(counts[:j]) for j in range(len(counts))]
+        assert launch.tiles == sum(counts)
+    assert sorted(seen) == [i for i, (_, numel, _) in enumerate(MIXED) if numel]
+
+
+def test_launches_split_at_the_grid_limit(monkeypatch):
+    """More programs than one grid takes: more launches, the same bits; a tensor that alone needs
+    more is refused."""
+    monkeypatch.setattr(tables, "MAX_GRID", 3)
+    launches = counted(monkeypatch, "perturb_")
+    want = mixed_state(MIXED)
+    got, _ = placed(want, MIXED)
+    offsets = end_to_end([numel for _, numel, _ in MIXED])
+    run_op(zounlearn.kernels, "perturb_", "rademacher", got, offsets)
+    run_op(reference, "perturb_", "rademacher", want, offsets)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got["params"], want["params"]))
+    assert len(launches.grids) > 6 and all(g <= 3 for g, in launches.grids)
+    with pytest.raises(ValueError, match="more than 3 programs"):
+        perturb_([torch.zeros(3 * 2048 + 1, device=DEVICE)], [0], [1.0], [0], 0, "rademacher", 1.0)
+
+
+def test_interpreter_refuses_cuda_tensors(monkeypatch):
+    """The interpreter copies only a kernel's tensor arguments to the host, not the tensors behind
+    a table's addresses: with it on, the triton backend is not offered for CUDA tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "interpreter" in backends._why_not.__wrapped__("triton", "cuda")
+
+
 # Compiles the kernels for sm_90 with a fresh cache, in a process where TRITON_INTERPRET
 # is unset (under the interpreter @triton.jit gives an interpreter object, not a compiler one).
 COMPILE_SCRIPT = r"""
@@ -280,8 +465,8 @@ perturb = sys.modules["kernels_under_compile.perturb"]
 update = sys.modules["kernels_under_compile.update"]
 if not all(isinstance(k, triton.runtime.JITFunction) for k in (perturb._perturb_kernel, update._update_kernel)):
     sys.exit("the kernels are not JITFunctions: TRITON_INTERPRET is still set")
-types = {"numel": "i32", "lead": "i32", "index": "i32", "first_group": "i64", "alpha": "fp32", "restore": "fp32",
-         "seed": "i64", "m_ptr": "*fp32", "v_ptr": "*fp32", "scales_ptr": "*fp32"}
+types = {"table_ptr": "*i64", "count": "i32", "alpha": "fp32", "restore": "fp32", "seed": "i64",
+         "rounding_stream": "i64", "scales_ptr": "*fp32"}
 types.update({f"coef{k}": "fp32" for k in range(perturb.MAX_TERMS)})
 types.update({f"stream{k}": "i64" for k in range(perturb.MAX_TERMS)})
 types.update({name: "fp32" for name in update.Hyper._fields})
@@ -296,14 +481,19 @@ def layout(module, dist):
     }
 
 
-def build(kernel, dtype, constexprs, num_terms):
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "*" + dtype) for name in kernel.arg_names}
-    # What the launcher's specialization gives aligned tensors: 16-divisible pointers, numel and lead.
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name in kernel.arg_names if name.endswith("_ptr") or name in ("numel", "lead")}
+DTYPES = {"fp32": triton.language.float32, "bf16": triton.language.bfloat16, "fp16": triton.language.float16}
+
+
+def build(kernel, dtype, constexprs, num_terms, aligned=True):
+    # The kernel of one launch over many tensors of `dtype` (kernels/tables.py), all aligned or not.
+    constexprs = {**constexprs, "DTYPE": DTYPES[dtype], "ALIGNED": aligned}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    # What the launcher's specialization gives the table and the scales: 16-byte aligned tensors.
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in kernel.arg_names if name.endswith("_ptr")}
     try:
         compiled = triton.compile(
-            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", 90, 32),
             options=perturb.LAUNCH_OPTIONS,
         )
@@ -329,6 +519,9 @@ for dtype, dist, num_terms in [("fp32", "rademacher", 3), ("bf16", "rademacher",
                                ("fp32", "gaussian", 1), ("bf16", "gaussian", 2)]:
     constexprs = {"NUM_TERMS": num_terms, **layout(perturb, dist)}
     _, results[f"{dtype}-{dist}-{num_terms}"] = build(perturb._perturb_kernel, dtype, constexprs, num_terms)
+# The launch of the tensors that are not all aligned: it compiles, without vector loads.
+_, results["bf16-rademacher-1-misaligned"] = build(perturb._perturb_kernel, "bf16",
+                                                  {"NUM_TERMS": 1, **layout(perturb, "rademacher")}, 1, aligned=False)
 # zo_update_ (num_terms > 0) and grad_update_ (num_terms = 0, Rademacher layout).
 for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16", "ADAZO", "rademacher", 1),
                                      ("bf16", "ADAM", "gaussian", 2), ("fp32", "ADAM_MOMENTS", "rademacher", 0),

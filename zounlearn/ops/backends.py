@@ -62,8 +62,13 @@ def _why_not(name: str, device_type: str) -> str | None:
             _triton_kernels()
     except BackendUnavailable as err:
         return str(err)
-    if name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "triton" and device_type == "cpu" and not interpreted:
         return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing zounlearn"
+    if name == "triton" and device_type == "cuda" and interpreted:
+        # The interpreter copies a kernel's tensor arguments to the host, not the tensors whose
+        # addresses the kernels read from their tables (kernels/tables.py).
+        return "Triton's interpreter cannot run CUDA tensors through zounlearn's kernels: unset TRITON_INTERPRET"
     return None
 
 
