@@ -49,12 +49,7 @@ def perturb_(
     tensor is modified. The backend is the device's (zounlearn.ops.backends; `zounlearn info`).
     """
     params = [params] if isinstance(params, torch.Tensor) else list(params)
-    coefs = [float(c) for c in ([coefs] if isinstance(coefs, (int, float)) else coefs)]
-    if streams is None:
-        streams = list(range(len(coefs)))
-    streams = [as_int64(s, f"streams[{k}]") for k, s in enumerate([streams] if isinstance(streams, int) else streams)]
-    seed = as_int64(seed, "seed")
-    offsets = flat_offsets(params) if offsets is None else list(offsets)
+    offsets, coefs, streams, seed = _terms(params, coefs, seed, streams, offsets)
     args = (params, offsets, coefs, streams, seed, dist, float(alpha))
     if not torch.compiler.is_compiling():  # a trace runs the same checks as the op's fake
         check_perturb(*args)
@@ -78,17 +73,25 @@ def perturb_into(
     pass written to other tensors of the same shapes and dtypes (the exact zeroth-order mode
     perturbs copies this way, so that theta itself is never rounded)."""
     params, out = list(params), list(out)
-    coefs = [float(c) for c in ([coefs] if isinstance(coefs, (int, float)) else coefs)]
-    if streams is None:
-        streams = list(range(len(coefs)))
-    streams = [as_int64(s, f"streams[{k}]") for k, s in enumerate([streams] if isinstance(streams, int) else streams)]
-    offsets = flat_offsets(params) if offsets is None else list(offsets)
-    args = (params, out, offsets, coefs, streams, as_int64(seed, "seed"), dist, float(alpha))
+    offsets, coefs, streams, seed = _terms(params, coefs, seed, streams, offsets)
+    args = (params, out, offsets, coefs, streams, seed, dist, float(alpha))
     if not torch.compiler.is_compiling():
         check_perturb_into(*args)
     if params:
         with torch.no_grad():
             ops.perturb_into(*args)
+
+
+def _terms(params: list[torch.Tensor], coefs: float | Sequence[float], seed: int,
+           streams: int | Sequence[int] | None, offsets: Sequence[int] | None
+           ) -> tuple[list[int], list[float], list[int], int]:
+    """The perturbation's arguments as the ops take them: (offsets, coefs, streams, seed)."""
+    coefs = [float(c) for c in ([coefs] if isinstance(coefs, (int, float)) else coefs)]
+    if streams is None:
+        streams = list(range(len(coefs)))
+    streams = [as_int64(s, f"streams[{k}]") for k, s in enumerate([streams] if isinstance(streams, int) else streams)]
+    offsets = flat_offsets(params) if offsets is None else list(offsets)
+    return offsets, coefs, streams, as_int64(seed, "seed")
 
 
 def sample(
