@@ -84,16 +84,26 @@ inline void check_like(const at::Tensor& t, const at::Tensor& p, at::ScalarType 
               " with as many elements as params[", i, "]");
 }
 
-// m or v, when the rule uses it (one float32 tensor per parameter, checked): each tensor's data;
+// The one dtype of a call's m and v: float32, or bfloat16 (the lean state); float32 when the
+// rule keeps none or nothing is given (checked_state then refuses a missing tensor).
+inline at::ScalarType checked_state_dtype(at::TensorList m, at::TensorList v, Rule r, const char* op) {
+  const at::TensorList first = rule_uses_m(r) ? m : v;
+  if (!(rule_uses_m(r) || rule_uses_v(r)) || first.empty()) return at::kFloat;
+  const at::ScalarType type = first[0].scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, op, ": state must be float32 or bfloat16, got ", type);
+  return type;
+}
+
+// m or v, when the rule uses it (one `dtype` tensor per parameter, checked): each tensor's data;
 // null pointers when the rule keeps no such state.
-inline std::vector<float*> checked_state(at::TensorList state, at::TensorList params, bool used, const char* op,
-                                         const char* kind) {
-  std::vector<float*> data(params.size(), nullptr);
+inline std::vector<void*> checked_state(at::TensorList state, at::TensorList params, bool used, at::ScalarType dtype,
+                                        const char* op, const char* kind) {
+  std::vector<void*> data(params.size(), nullptr);
   if (!used) return data;
   TORCH_CHECK(state.size() == params.size(), op, ": ", kind, ": one tensor per parameter");
   for (size_t i = 0; i < params.size(); ++i) {
-    check_like(state[i], params[i], at::kFloat, op, kind, i);
-    data[i] = static_cast<float*>(state[i].data_ptr());
+    check_like(state[i], params[i], dtype, op, kind, i);
+    data[i] = state[i].data_ptr();
   }
   return data;
 }

@@ -233,6 +233,14 @@ struct Rounding {
   uint64_t stream;
 };
 
+// Lean state (bfloat16 m and v) rounds with the parameters' stream with bit 62 (m) or 61 (v)
+// flipped: independent of the parameters' words and of each other (docs/rng.md).
+constexpr uint64_t kStateStreamM = uint64_t{1} << 62;
+constexpr uint64_t kStateStreamV = uint64_t{1} << 61;
+ZO_HD Rounding state_rounding(const Rounding& rd, uint64_t flip) {
+  return Rounding{rd.stochastic, rd.seed, rd.stream ^ flip};
+}
+
 // The rounding word (16 bits) of global element e inside its block's Philox output. The word is
 // selected, not indexed: a runtime index would put the four words in local memory on the device.
 ZO_HD uint32_t rounding_bits(const Words& r, uint64_t e) {

@@ -7,7 +7,8 @@ One kernel serves both (NUM_TERMS = 0 reads g from the gradient), on the tile la
 random stream of kernels/perturb.py. The rules are csrc/update_rules.h one float32
 operation at a time in its order: no FMA (enable_fp_fusion=False) and IEEE division and
 square root (div_rn, sqrt_rn; on a GPU `/` and tl.sqrt are approximate), so every backend
-computes the same bits. theta is rounded once, at the store.
+computes the same bits. theta is rounded once, at the store; bfloat16 (lean) state m, v is
+loaded to float32 and stored back rounded with its own streams (zounlearn.rng.state_rounding_stream).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from zounlearn.ops.rules import Hyper, Rule
+from zounlearn.rng import STATE_STREAM_BITS
 
 from . import tables
 from .perturb import (
@@ -40,6 +42,7 @@ SGD, SIGN, ADAM, ADAZO, SIGN_ADAM, ADAM_MOMENTS, QUANTIZED, SOPHIA, DESCENT = (
     tl.constexpr(Rule[name].index)
     for name in ("SGD", "SIGN", "ADAM", "ADAZO", "SIGN_ADAM", "ADAM_MOMENTS", "QUANTIZED", "SOPHIA", "DESCENT")
 )
+M_STREAM_BIT, V_STREAM_BIT = tl.constexpr(STATE_STREAM_BITS["m"]), tl.constexpr(STATE_STREAM_BITS["v"])
 # Half perturb_'s tiles (8 and 4 elements per thread at 4 warps): with m and v in flight too,
 # Adam at K = 8 took all 255 registers on sm_90 and spilled; now ~100 and ~150.
 RADEMACHER_GROUPS_PER_PROGRAM = 8
@@ -73,11 +76,24 @@ def _quantize(u, scale, levels):
     return q
 
 
+@triton.jit
+def _state_out(x, dtype: tl.constexpr, seed, stream, block, col, STOCHASTIC: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """float32 state x as a dtype tensor stores it: as it is, or rounded to bfloat16 (lean state)
+    to nearest or with stream's rounding words."""
+    if dtype == tl.float32:
+        out = x
+    elif STOCHASTIC:
+        out = _round_stochastic(x, _rounding_bits(seed, stream, block[:, None] * GROUP_SIZE + col[None, :]), dtype)
+    else:
+        out = _round_to(x, dtype)
+    return out
+
+
 @triton.jit(do_not_specialize=["count", "seed", "stream0", "stream1", "stream2", "stream3", "stream4", "stream5",
                                "stream6", "stream7", "rounding_stream"])
 def _update_kernel(
     table_ptr,  # kernels/tables.py: the launch's tensors, param, grad (read when NUM_TERMS == 0), m and v
-    count,  # (float32 state, read when HAS_M / HAS_V)
+    count,  # (float32 or bfloat16 state, read when HAS_M / HAS_V)
     scales_ptr,  # float32, one per tensor: written by ADAM_MOMENTS (zeroed beforehand), read by QUANTIZED
     seed: tl.int64,
     coef0: tl.float32, coef1: tl.float32, coef2: tl.float32, coef3: tl.float32,
@@ -100,14 +116,15 @@ def _update_kernel(
     WRITES_M: tl.constexpr,
     WRITES_V: tl.constexpr,
     STOCHASTIC: tl.constexpr,  # stochastic rounding of theta (a half-precision parameter)
+    STOCHASTIC_STATE: tl.constexpr,  # rounding="stochastic": of bfloat16 state too
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
 ):
     column, pid, numel, lead, first_group = _tensor_of(table_ptr, count, ALIGNED)
     param_ptr = tables.pointer(table_ptr, count, tables.PARAM, column, DTYPE, ALIGNED)
     grad_ptr = tables.pointer(table_ptr, count, tables.OTHER, column, DTYPE, ALIGNED)
-    m_ptr = tables.pointer(table_ptr, count, tables.M, column, tl.float32, ALIGNED)
-    v_ptr = tables.pointer(table_ptr, count, tables.V, column, tl.float32, ALIGNED)
+    m_ptr = tables.pointer(table_ptr, count, tables.M, column, STATE_DTYPE, ALIGNED)
+    v_ptr = tables.pointer(table_ptr, count, tables.V, column, STATE_DTYPE, ALIGNED)
     index = tables.entry(table_ptr, count, tables.INDEX, column)  # the tensor's slot in scales
     offs, mask, block, col = _tile(pid, numel, lead, first_group, GROUP_SIZE, GROUPS_PER_PROGRAM)
     theta = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
@@ -138,9 +155,9 @@ def _update_kernel(
         # z_last again: LLVM folds the repeated Philox into the last term's (tests/test_triton_kernels.py).
         theta = _add_term(theta, restore, last, seed, block, col, GAUSSIAN)
     if HAS_M:
-        m = tl.load(m_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     if HAS_V:
-        v = tl.load(v_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
 
     # apply_rule of csrc/update_rules.h
     if RULE == SGD:
@@ -183,10 +200,15 @@ def _update_kernel(
             tl.store(param_ptr + offs, _round_stochastic(theta, bits, DTYPE), mask=mask)
         else:
             tl.store(param_ptr + offs, _round_to(theta, DTYPE), mask=mask)
+    # The interpreter may hand a small stream over as int32: widen it before the high bit goes in.
+    m_stream = tl.cast(rounding_stream, tl.int64) ^ M_STREAM_BIT
+    v_stream = tl.cast(rounding_stream, tl.int64) ^ V_STREAM_BIT
     if WRITES_M:
-        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(m_ptr + offs, _state_out(m, STATE_DTYPE, seed, m_stream, block, col,
+                                          STOCHASTIC_STATE, GROUP_SIZE), mask=mask)
     if WRITES_V:  # not SOPHIA, whose h is read only
-        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(v_ptr + offs, _state_out(v, STATE_DTYPE, seed, v_stream, block, col,
+                                          STOCHASTIC_STATE, GROUP_SIZE), mask=mask)
 
 
 def _launch(params, grads, m, v, scales, offsets, seed, terms, restore, rule: Rule, rounding: str,
@@ -211,6 +233,8 @@ def _launch(params, grads, m, v, scales, offsets, seed, terms, restore, rule: Ru
             WRITES_M=rule.info.writes_m,
             WRITES_V=rule.info.writes_v,
             STOCHASTIC=rounding == "stochastic" and launch.dtype != tl.float32,
+            STATE_DTYPE=tables.TRITON_DTYPES[m[0].dtype] if m else tl.float32,
+            STOCHASTIC_STATE=rounding == "stochastic",
             GROUP_SIZE=group_size,
             GROUPS_PER_PROGRAM=groups_per_program,
             **LAUNCH_OPTIONS,
@@ -229,7 +253,7 @@ def zo_update_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.
                rounding: str, rounding_stream: int, *hyper: float) -> None:
     """g = sum_k coefs[k] * z_k, theta += restore * z_last, then `rule`, in one pass per tensor
     (torch.ops.zounlearn.zo_update_'s arguments, validated by the caller: m and v are given,
-    float32 like params, exactly when the rule uses them, else empty). One launch per dtype
+    float32 or bfloat16, exactly when the rule uses them, else empty). One launch per dtype
     and alignment over all the tensors."""
     gaussian = check_dist(dist)
     terms = term_args(coefs, streams)

@@ -34,6 +34,7 @@ OTHERS = [pytest.param(name, marks=pytest.mark.skipif(name not in RUNNABLE, reas
 SHAPES = [(37, 11), (129,), (0,), (1000,), (5, 3, 7), (1,), (3, 300)]
 START = 2**32 - 333
 ROUNDING_STREAM = -(2**62) - 5
+STATE_DTYPES = [torch.float32, torch.bfloat16]  # bfloat16: the lean state
 # float32 values that every store must round the same way (as float32, bfloat16 or float16).
 SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-39, -3e-40, 1.1e-38,
             3.38e38, -3.4e38, 65504.0, 65519.0, -70000.0, 3e-6, -6e-8, 1e-8, 1.0 + 2**-9, -(1.0 + 3 * 2**-9)]
@@ -50,8 +51,8 @@ def with_specials(t: torch.Tensor, every: int) -> torch.Tensor:
     return t
 
 
-def inputs(dtype: torch.dtype, seed: int, state: bool = True):
-    """params (with specials), grads (with specials), m, v (v >= 0) of SHAPES."""
+def inputs(dtype: torch.dtype, seed: int, state: bool = True, state_dtype: torch.dtype = torch.float32):
+    """params (with specials), grads (with specials), m, v (v >= 0) of SHAPES, m and v in state_dtype."""
     gen = torch.Generator().manual_seed(seed)
     params = [with_specials(torch.randn(s, generator=gen), 13).to(dtype) for s in SHAPES]
     grads = [with_specials(torch.randn(s, generator=gen), 17).to(dtype) for s in SHAPES]
@@ -60,7 +61,7 @@ def inputs(dtype: torch.dtype, seed: int, state: bool = True):
     if v:
         v[3][::23] = 0.0
         v[3][1::29] = float("inf")
-    return params, grads, m, v
+    return params, grads, [t.to(state_dtype) for t in m], [t.to(state_dtype) for t in v]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -133,9 +134,10 @@ def hyper(rule: Rule) -> Hyper:
 @pytest.mark.parametrize("rounding", rng.ROUNDINGS)
 @pytest.mark.parametrize("dist", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zo_update_same_bits_in_every_build(build, dtype, dist, rounding):
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_zo_update_same_bits_in_every_build(build, dtype, dist, rounding, state_dtype):
     for rule in ZO_RULES:
-        params, _, m, v = inputs(dtype, 2)
+        params, _, m, v = inputs(dtype, 2, state_dtype=state_dtype)
         m, v = (m if rule.uses_m else []), (v if rule.uses_v else [])
         offsets = flat_offsets(params, start=START)
         for count, (coefs, streams) in TERMS.items():
@@ -151,9 +153,10 @@ def test_zo_update_same_bits_in_every_build(build, dtype, dist, rounding):
 @pytest.mark.parametrize("build", OTHERS)
 @pytest.mark.parametrize("rounding", rng.ROUNDINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_update_same_bits_in_every_build(build, dtype, rounding):
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_grad_update_same_bits_in_every_build(build, dtype, rounding, state_dtype):
     for rule in RULES:
-        params, grads, m, v = inputs(dtype, 3)
+        params, grads, m, v = inputs(dtype, 3, state_dtype=state_dtype)
         m, v = (m if rule.uses_m else []), (v if rule.uses_v else [])
         offsets = flat_offsets(params, start=77)
         scales = torch.rand(len(params)) if rule in (Rule.QUANTIZED, Rule.ADAM_MOMENTS) else None

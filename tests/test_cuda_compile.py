@@ -36,10 +36,14 @@ DISTS = ("(zo::Dist)0", "(zo::Dist)1")
 # From the rule registry: zo_update_ is instantiated for the zeroth-order rules only.
 ZO_RULES = tuple(f"(zo::Rule){r.index}" for r, info in RULES.items() if info.zeroth_order)
 ALL_RULES = tuple(f"(zo::Rule){r.index}" for r in RULES)
+# State types per rule: float, and __nv_bfloat16 (the lean state) for the rules that keep state.
+STATES = {f"(zo::Rule){r.index}": ("float", "__nv_bfloat16") if info.reads_m or info.reads_v else ("float",)
+          for r, info in RULES.items()}
 EXPECTED = {
     "perturb_kernel.cu": {("Perturb", t, d) for t in DTYPES for d in DISTS},
-    "zo_update_kernel.cu": {("ZoUpdate", t, d, r) for t in DTYPES for d in DISTS for r in ZO_RULES},
-    "grad_update_kernel.cu": {("GradUpdate", t, r) for t in DTYPES for r in ALL_RULES},
+    "zo_update_kernel.cu": {("ZoUpdate", t, d, r, s) for t in DTYPES for d in DISTS for r in ZO_RULES
+                            for s in STATES[r]},
+    "grad_update_kernel.cu": {("GradUpdate", t, r, s) for t in DTYPES for r in ALL_RULES for s in STATES[r]},
 }
 
 _ENTRY = re.compile(

@@ -20,14 +20,15 @@ def fresh_seed() -> int:
     return int(torch.randint(2**31, ()).item())
 
 
-def make(dtype: torch.dtype, rule: Rule, seed: int):
-    """Params, gradients and state of odd sizes with state values a few steps in could have."""
+def make(dtype: torch.dtype, rule: Rule, seed: int, state_dtype: torch.dtype = torch.float32):
+    """Params, gradients and state (float32, or bfloat16: the lean state) of odd sizes with state
+    values a few steps in could have."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s, scale=1.0: (torch.randn(s, generator=gen) * scale).to(DEVICE)  # noqa: E731
     params = [rand(s).to(dtype) for s in SHAPES]
     grads = [rand(s).to(dtype) for s in SHAPES]
-    m = [rand(s, 0.3) for s in SHAPES] if rule.uses_m else []
-    v = [rand(s, 0.3).square() for s in SHAPES] if rule.uses_v else []
+    m = [rand(s, 0.3).to(state_dtype) for s in SHAPES] if rule.uses_m else []
+    v = [rand(s, 0.3).square().to(state_dtype) for s in SHAPES] if rule.uses_v else []
     return params, grads, m, v
 
 
@@ -53,6 +54,7 @@ def assert_same(got, want, exact: bool, dtype: torch.dtype, max_flips: int = 0, 
 
 
 ROUNDING_STREAM = -(2**62) - 5  # any int64 stream; the optimizers' are 2^63 + n
+STATE_DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
@@ -60,9 +62,10 @@ ROUNDING_STREAM = -(2**62) - 5  # any int64 stream; the optimizers' are 2^63 + n
 @pytest.mark.parametrize("rule", ZO_RULES, ids=lambda r: r.name)
 @pytest.mark.parametrize("dist", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("rounding", rng.ROUNDINGS)
-def test_zo_update_equals_reference(backend, dtype, rule, dist, rounding):
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_zo_update_equals_reference(backend, dtype, rule, dist, rounding, state_dtype):
     seed = fresh_seed()
-    params, _, m, v = make(dtype, rule, seed)
+    params, _, m, v = make(dtype, rule, seed, state_dtype)
     offsets = flat_offsets(params, start=2**32 - 333)
     coefs, streams = [0.7, -0.4, 0.2], [3, 2**40 + 1, 9]
     h = hyper(rule)
@@ -74,16 +77,17 @@ def test_zo_update_equals_reference(backend, dtype, rule, dist, rounding):
     exact = dist == "rademacher"
     flips = 0 if exact else 3 * (rule in (Rule.SIGN, Rule.SIGN_ADAM))
     for g, w in zip(got, want):
-        assert_same(g, w, exact, dtype if g is got[0] else torch.float32, flips, seed)
+        assert_same(g, w, exact, dtype if g is got[0] else state_dtype, flips, seed)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", list(RULES), ids=lambda r: r.name)
 @pytest.mark.parametrize("rounding", rng.ROUNDINGS)
-def test_grad_update_equals_reference(backend, dtype, rule, rounding):
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_grad_update_equals_reference(backend, dtype, rule, rounding, state_dtype):
     seed = fresh_seed()
-    params, grads, m, v = make(dtype, rule, seed)
+    params, grads, m, v = make(dtype, rule, seed, state_dtype)
     offsets = flat_offsets(params, start=77)
     h = hyper(rule)
     scales = None

@@ -24,6 +24,9 @@ RADEMACHER_PER_BLOCK = 128
 GAUSSIAN_PER_BLOCK = 4
 ROUNDING_PER_BLOCK = 8  # 16 random bits per element
 ROUNDING_STREAM_BASE = 1 << 63  # rounding streams are 2^63 + n; the optimizers draw directions below
+# Lean state (bfloat16 m and v) rounds with the parameters' rounding stream with one bit flipped,
+# so that the three roundings of an element are independent (docs/rng.md).
+STATE_STREAM_BITS = {"m": 1 << 62, "v": 1 << 61}
 DISTRIBUTIONS = ("rademacher", "gaussian")
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -120,6 +123,12 @@ def rounding_bits(seed: int, stream: int, offset: int, numel: int, device: torch
     halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)  # element e: word (e>>1)&3, half e&1
     start = offset - first * ROUNDING_PER_BLOCK
     return halves[start : start + numel]
+
+
+def state_rounding_stream(stream: int, kind: str) -> int:
+    """The rounding stream of state `kind` ("m" or "v") stored in bfloat16, for an update whose
+    parameters round with `stream` (an int64 or uint64 value; the result has its sign)."""
+    return stream ^ STATE_STREAM_BITS[kind]
 
 
 _HALF_MAX = {torch.bfloat16: torch.finfo(torch.bfloat16).max, torch.float16: torch.finfo(torch.float16).max}

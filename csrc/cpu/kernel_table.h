@@ -13,10 +13,12 @@ namespace zo::cpu {
 
 enum class DType : int { kFloat, kBFloat16, kHalf };
 
-// Where one tensor's rule state lives; null where the rule keeps none.
+// Where one tensor's rule state lives (null where the rule keeps none), as float32 or as bfloat16
+// (the lean state, stored with its own rounding words: zo_rng.h's state_rounding).
 struct State {
-  float* m;
-  float* v;
+  void* m;
+  void* v;
+  DType dtype;  // kFloat or kBFloat16
 };
 
 // Groups are numbered by global index: group g holds elements [128 g, 128 g + 128).

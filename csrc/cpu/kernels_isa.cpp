@@ -20,6 +20,16 @@ void with_type(DType dtype, const void* ptr, const F& fn) {
   }
 }
 
+// fn(S*) with S the storage type of a rule's state: bfloat16 (lean) or float32; only float32 for
+// the rules that keep none, which need no second copy.
+template <Rule R, typename F>
+void with_state_type(DType dtype, const F& fn) {
+  if constexpr (rule_uses_m(R) || rule_uses_v(R)) {
+    if (dtype == DType::kBFloat16) return fn(static_cast<bf16*>(nullptr));
+  }
+  fn(static_cast<float*>(nullptr));
+}
+
 void perturb(DType dtype, const void* src, void* dst, int64_t numel, uint64_t base, const Terms& terms, Dist dist,
              int64_t g0, int64_t g1) {
   with_type(dtype, src, [&](auto* in) {
@@ -34,7 +44,11 @@ void zo_update(Rule rule, DType dtype, void* data, State state, int64_t numel, u
     constexpr Rule R = decltype(rule_tag)::value;
     if constexpr (rule_zeroth_order(R)) {
       with_type(dtype, data, [&](auto* p) {
-        zo_update_groups<R>(p, state, numel, base, terms, restore, hyper, dist, rounding, g0, g1);
+        with_state_type<R>(state.dtype, [&](auto* s) {
+          using S = std::remove_pointer_t<decltype(s)>;
+          zo_update_groups<R, std::remove_pointer_t<decltype(p)>, S>(p, state, numel, base, terms, restore, hyper,
+                                                                     dist, rounding, g0, g1);
+        });
       });
     }
   });
@@ -47,8 +61,11 @@ float grad_update(Rule rule, DType dtype, void* data, const void* grad, State st
     constexpr Rule R = decltype(rule_tag)::value;
     with_type(dtype, data, [&](auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
-      max_abs_u = grad_update_groups<R>(p, static_cast<const T*>(grad), state, numel, base, scale, hyper, rounding,
-                                        g0, g1);
+      with_state_type<R>(state.dtype, [&](auto* s) {
+        using S = std::remove_pointer_t<decltype(s)>;
+        max_abs_u = grad_update_groups<R, T, S>(p, static_cast<const T*>(grad), state, numel, base, scale, hyper,
+                                                rounding, g0, g1);
+      });
     });
   });
   return max_abs_u;

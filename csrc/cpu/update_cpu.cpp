@@ -8,12 +8,14 @@
 namespace zo::cpu {
 namespace {
 
-// Where each parameter's m and v live (null when the rule keeps none), checked.
+// Where each parameter's m and v live (null when the rule keeps none) and their one dtype, checked.
 std::vector<State> checked_states(at::TensorList params, at::TensorList m, at::TensorList v, Rule r, const char* op) {
-  const std::vector<float*> pm = checked_state(m, params, rule_uses_m(r), op, "m");
-  const std::vector<float*> pv = checked_state(v, params, rule_uses_v(r), op, "v");
+  const at::ScalarType type = checked_state_dtype(m, v, r, op);
+  const std::vector<void*> pm = checked_state(m, params, rule_uses_m(r), type, op, "m");
+  const std::vector<void*> pv = checked_state(v, params, rule_uses_v(r), type, op, "v");
+  const DType dtype = type == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat;
   std::vector<State> states;
-  for (size_t i = 0; i < params.size(); ++i) states.push_back({pm[i], pv[i]});
+  for (size_t i = 0; i < params.size(); ++i) states.push_back({pm[i], pv[i], dtype});
   return states;
 }
 

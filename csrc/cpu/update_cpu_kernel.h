@@ -2,7 +2,8 @@
 // Both walk a tensor's 128-element groups of the global index space: zo_update_groups
 // regenerates the directions of a group once per term, as perturb_groups does, then applies the
 // rule element by element; grad_update_groups reads the gradient instead. State m, v is
-// float32; theta is rounded once at the store, to nearest or stochastically (Rounding).
+// float32, or bfloat16 (StateGroup); theta is rounded once at the store, to nearest or
+// stochastically (Rounding).
 #pragma once
 
 #include <stdint.h>
@@ -25,23 +26,64 @@ inline const uint32_t* rounding_words(const Rounding& rd, int64_t grp, uint32_t*
   return words;
 }
 
-// theta[j] <- rule(theta[j], g[j], state) for the n elements of one group whose state starts at
-// index i of m and v; |u| into abs_u (kAdamMoments). Arrays in, arrays out: the loop vectorises.
+// theta[j] <- rule(theta[j], g[j], m[j], v[j]) for the n elements of one group (m and v: its
+// float32 state, unused when the rule keeps none); |u| into abs_u (kAdamMoments). Arrays in,
+// arrays out: the loop vectorises.
 template <Rule R>
-inline void apply_rule_n(const Hyper& h, float* theta, const float* g, State s, int64_t i, int64_t n, float scale,
+inline void apply_rule_n(const Hyper& h, float* theta, const float* g, float* pm, float* pv, int64_t n, float scale,
                          float* abs_u) {
   for (int64_t j = 0; j < n; ++j) {
     float m = 0.0f, v = 0.0f;
-    if constexpr (rule_uses_m(R)) m = s.m[i + j];
-    if constexpr (rule_uses_v(R)) v = s.v[i + j];
+    if constexpr (rule_uses_m(R)) m = pm[j];
+    if constexpr (rule_uses_v(R)) v = pv[j];
     theta[j] = apply_rule<R>(h, theta[j], g[j], m, v, scale, abs_u + j);
-    if constexpr (rule_writes_m(R)) s.m[i + j] = m;
-    if constexpr (rule_writes_v(R)) s.v[i + j] = v;
+    if constexpr (rule_writes_m(R)) pm[j] = m;
+    if constexpr (rule_writes_v(R)) pv[j] = v;
   }
 }
 
+// One group's m and v as the rule sees them, stored as S: float32 state is used in place;
+// bfloat16 (lean) state is loaded into float32 scratch and stored back rounded with its own
+// rounding words (state_rounding: independent of the parameters').
+template <Rule R, typename S>
+struct StateGroup {
+  alignas(64) float m_buf[kGroup];
+  alignas(64) float v_buf[kGroup];
+  float* m = nullptr;
+  float* v = nullptr;
+
+  // The n elements from index i of the tensor's state.
+  void load(State s, int64_t i, int64_t n) {
+    if constexpr (std::is_same_v<S, float>) {
+      if constexpr (rule_uses_m(R)) m = static_cast<float*>(s.m) + i;
+      if constexpr (rule_uses_v(R)) v = static_cast<float*>(s.v) + i;
+    } else {
+      m = m_buf;
+      v = v_buf;
+      if constexpr (rule_uses_m(R)) load_n(static_cast<const S*>(s.m) + i, m_buf, n);
+      if constexpr (rule_uses_v(R)) load_n(static_cast<const S*>(s.v) + i, v_buf, n);
+    }
+  }
+
+  // Lean state back, for the elements of group grp from lane lane0 (words: scratch).
+  void store(State s, int64_t i, int64_t n, const Rounding& rd, int64_t grp, int64_t lane0, uint32_t* words) {
+    if constexpr (!std::is_same_v<S, float>) {
+      if constexpr (rule_writes_m(R)) store_state(m_buf, static_cast<S*>(s.m) + i, n, state_rounding(rd, kStateStreamM),
+                                                  grp, lane0, words);
+      if constexpr (rule_writes_v(R)) store_state(v_buf, static_cast<S*>(s.v) + i, n, state_rounding(rd, kStateStreamV),
+                                                  grp, lane0, words);
+    }
+  }
+
+  static void store_state(const float* x, S* out, int64_t n, const Rounding& rd, int64_t grp, int64_t lane0,
+                          uint32_t* words) {
+    const uint32_t* r = rounding_words<S>(rd, grp, words);
+    store_n(x, out, n, r == nullptr ? nullptr : r + lane0);
+  }
+};
+
 // The elements of one tensor in global groups [g0, g1): g = sum_k c_k z_k, theta += r z_last, rule.
-template <Rule R, typename T>
+template <Rule R, typename T, typename S>
 void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Terms& t, float restore,
                       const Hyper& h, Dist dist, const Rounding& rd, int64_t g0, int64_t g1) {
   alignas(64) float g[kGroup];
@@ -50,6 +92,7 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
   alignas(64) float theta[kGroup];
   alignas(64) float unused[kGroup];
   alignas(64) uint32_t words[kGroup];
+  StateGroup<R, S> state;
   SignWords signs[kMaxTerms];
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint64_t group_start = static_cast<uint64_t>(grp) * kGroup;
@@ -79,21 +122,24 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
     const int64_t len = static_cast<int64_t>(e1 - e0);
     load_n(data + i0, theta, len);
     for (int64_t j = 0; j < len; ++j) theta[j] += shift[lane0 + j];
-    apply_rule_n<R>(h, theta, g + lane0, s, i0, len, 0.0f, unused);
+    state.load(s, i0, len);
+    apply_rule_n<R>(h, theta, g + lane0, state.m, state.v, len, 0.0f, unused);
     const uint32_t* r = rounding_words<T>(rd, grp, words);
     store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);
+    state.store(s, i0, len, rd, grp, lane0, words);
   }
 }
 
 // The elements of one tensor in global groups [g0, g1) with its gradient. Returns max |u| for
 // kAdamMoments (which stores nothing into the parameter).
-template <Rule R, typename T>
+template <Rule R, typename T, typename S>
 float grad_update_groups(T* data, const T* grad, State s, int64_t numel, uint64_t base, float scale,
                          const Hyper& h, const Rounding& rd, int64_t g0, int64_t g1) {
   alignas(64) float theta[kGroup];
   alignas(64) float g[kGroup];
   alignas(64) float abs_u[kGroup];
   alignas(64) uint32_t words[kGroup];
+  StateGroup<R, S> state;
   float max_abs_u = 0.0f;
   for (int j = 0; j < kGroup; ++j) g[j] = 0.0f;
   for (int64_t grp = g0; grp < g1; ++grp) {
@@ -105,7 +151,9 @@ float grad_update_groups(T* data, const T* grad, State s, int64_t numel, uint64_
     const int64_t len = static_cast<int64_t>(e1 - e0);
     load_n(data + i0, theta, len);
     if constexpr (rule_reads_grad(R)) load_n(grad + i0, g, len);
-    apply_rule_n<R>(h, theta, g, s, i0, len, scale, abs_u);
+    state.load(s, i0, len);
+    apply_rule_n<R>(h, theta, g, state.m, state.v, len, scale, abs_u);
+    state.store(s, i0, len, rd, grp, lane0, words);
     if constexpr (R != Rule::kAdamMoments) {
       const uint32_t* r = rounding_words<T>(rd, grp, words);
       store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);

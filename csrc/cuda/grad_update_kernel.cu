@@ -1,5 +1,6 @@
 // Multi-tensor first-order optimizer update (update_rules.h), no torch. Per element of a
-// parameter with its gradient (same dtype) and float32 state m, v:
+// parameter with its gradient (same dtype) and state m, v (float32, or bfloat16 loaded to float32
+// and stored back rounded with state_rounding's words):
 //   param <- apply_rule<R>(param, grad, m, v, scale), rounded once to the param's dtype.
 // kAdamMoments leaves the parameter unchanged and reduces max |u| over each tensor into
 // scales[i] (zeroed first, then atomicMax on the float bits); kQuantized reads scales[i].
@@ -16,7 +17,7 @@ namespace {
 
 using namespace mt;
 
-template <typename T, Rule R>
+template <typename T, Rule R, typename S>
 struct GradUpdate {
   static constexpr int kPtrs = 5;  // param, grad, m, v, &scales[i]
   Hyper h;
@@ -25,10 +26,10 @@ struct GradUpdate {
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
     T* const p = t.at<T>(0);
     const T* const pg = t.at<const T>(1);
-    float* const pm = rule_uses_m(R) ? t.at<float>(2) : nullptr;  // null when the rule keeps no m
-    float* const pv = rule_uses_v(R) ? t.at<float>(3) : nullptr;
+    S* const pm = rule_uses_m(R) ? t.at<S>(2) : nullptr;  // null when the rule keeps no m
+    S* const pv = rule_uses_v(R) ? t.at<S>(3) : nullptr;
     Run<T> x[kRuns], gr[kRuns];
-    Run<float> m[kRuns], v[kRuns];
+    Run<S> m[kRuns], v[kRuns];
     if (R != Rule::kAdamMoments) load_tile(x, p, t.n, t.vec(0));  // which neither reads nor writes it
     if (rule_reads_grad(R)) load_tile(gr, pg, t.n, t.vec(1));
     if (rule_uses_m(R)) load_tile(m, pm, t.n, t.vec(2));
@@ -42,18 +43,22 @@ struct GradUpdate {
     for (int r = 0; r < kRuns; ++r) {
       const int j0 = run_start(r);
       if (j0 >= t.n) continue;
-      float a[kRun];
+      float a[kRun], mf[kRun], vf[kRun];
 #pragma unroll
       for (int j = 0; j < kRun; ++j) {
         const float theta0 = R == Rule::kAdamMoments ? 0.0f : to_float(x[r].v[j]);
         const float g = rule_reads_grad(R) ? to_float(gr[r].v[j]) : 0.0f;
         float abs_u = 0.0f;
-        a[j] = apply_rule<R>(h, theta0, g, m[r].v[j], v[r].v[j], scale, &abs_u);
+        mf[j] = to_float(m[r].v[j]);
+        vf[j] = to_float(v[r].v[j]);
+        a[j] = apply_rule<R>(h, theta0, g, mf[j], vf[j], scale, &abs_u);
         if constexpr (R == Rule::kAdamMoments) {
           if (j0 + j < t.n) max_bits = max(max_bits, float_bits(abs_u));  // elements past the end are garbage
         }
       }
       if constexpr (R != Rule::kAdamMoments) round_run(x[r], a, rd, t.G + j0);
+      if constexpr (rule_writes_m(R)) round_run(m[r], mf, state_rounding(rd, kStateStreamM), t.G + j0);
+      if constexpr (rule_writes_v(R)) round_run(v[r], vf, state_rounding(rd, kStateStreamV), t.G + j0);
     }
 
     if constexpr (R == Rule::kAdamMoments) {
@@ -69,7 +74,7 @@ struct GradUpdate {
   }
 };
 
-static_assert(BatchOf<GradUpdate<float, Rule::kAdam>>::kCap == 62, "tensors per launch, as kernels.cuh says");
+static_assert(BatchOf<GradUpdate<float, Rule::kAdam, float>>::kCap == 62, "tensors per launch, as kernels.cuh says");
 
 }  // namespace
 
@@ -84,6 +89,7 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
   for (int i = 0; i < n_tensors; ++i) {
     const UpdateTensor& u = tensors[i];
     if (u.numel < 0 || u.offset < 0 || u.numel > INT64_MAX - u.offset || !valid_elem_type(u.dtype) ||
+        (u.state != ElemType::kFloat32 && u.state != ElemType::kBFloat16) ||
         (u.numel > 0 && (u.param == nullptr || (rule_reads_grad(rule) && u.grad == nullptr) ||
                          (rule_uses_m(rule) && u.m == nullptr) ||
                          (rule_uses_v(rule) && u.v == nullptr)))) {
@@ -96,26 +102,32 @@ cudaError_t grad_update_launch(const UpdateTensor* tensors, int n_tensors, float
     if (err != cudaSuccess) return err;
   }
   for (const ElemType dtype : {ElemType::kFloat32, ElemType::kBFloat16, ElemType::kFloat16}) {
-    const cudaError_t err = with_elem_type(dtype, [&](auto type) {
-      using T = typename decltype(type)::type;
-      return with_rule(rule, [&](auto r) {
-        return launch_tensors(
-            GradUpdate<T, decltype(r)::value>{hyper, rd}, n_tensors,
-            [&](int i, void** p, int64_t& base) -> int64_t {
-              const UpdateTensor& u = tensors[i];
-              if (u.dtype != dtype) return 0;
-              p[0] = u.param;
-              p[1] = const_cast<void*>(u.grad);  // only read
-              p[2] = u.m;
-              p[3] = u.v;
-              p[4] = uses_scales ? scales + i : nullptr;
-              base = u.offset;
-              return u.numel;
-            },
-            sm_count, stream);
+    for (const ElemType state : {ElemType::kFloat32, ElemType::kBFloat16}) {
+      const cudaError_t err = with_elem_type(dtype, [&](auto type) {
+        using T = typename decltype(type)::type;
+        return with_rule(rule, [&](auto r) {
+          constexpr Rule R = decltype(r)::value;
+          return with_state_type<R>(state, [&](auto state_type) {
+            using S = typename decltype(state_type)::type;
+            return launch_tensors(
+                GradUpdate<T, R, S>{hyper, rd}, n_tensors,
+                [&](int i, void** p, int64_t& base) -> int64_t {
+                  const UpdateTensor& u = tensors[i];
+                  if (u.dtype != dtype || u.state != state) return 0;
+                  p[0] = u.param;
+                  p[1] = const_cast<void*>(u.grad);  // only read
+                  p[2] = u.m;
+                  p[3] = u.v;
+                  p[4] = uses_scales ? scales + i : nullptr;
+                  base = u.offset;
+                  return u.numel;
+                },
+                sm_count, stream);
+          });
+        });
       });
-    });
-    if (err != cudaSuccess) return err;
+      if (err != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }

@@ -276,6 +276,16 @@ cudaError_t with_elem_type(ElemType dtype, const F& fn) {
   return cudaErrorInvalidValue;
 }
 
+// Calls fn(TypeTag<S>{}) with S the storage type of rule R's state (float, or __nv_bfloat16: the
+// lean state); the rules that keep none take float only, so they get no second instantiation.
+template <Rule R, typename F>
+cudaError_t with_state_type(ElemType state, const F& fn) {
+  if constexpr (rule_uses_m(R) || rule_uses_v(R)) {
+    if (state == ElemType::kBFloat16) return fn(TypeTag<__nv_bfloat16>{});
+  }
+  return state == ElemType::kFloat32 ? fn(TypeTag<float>{}) : cudaSuccess;
+}
+
 inline bool valid_elem_type(ElemType dtype) {
   return dtype == ElemType::kFloat32 || dtype == ElemType::kBFloat16 || dtype == ElemType::kFloat16;
 }

@@ -11,14 +11,17 @@
 namespace zo::gpu {
 namespace {
 
-// Each parameter's m and v pointers into `tensors` (null when the rule keeps none), checked.
+// Each parameter's m and v pointers into `tensors` (null when the rule keeps none) and their
+// one dtype, checked.
 void add_states(std::vector<UpdateTensor>& tensors, at::TensorList params, at::TensorList m, at::TensorList v,
                 Rule r, const char* op) {
-  const std::vector<float*> pm = checked_state(m, params, rule_uses_m(r), op, "m");
-  const std::vector<float*> pv = checked_state(v, params, rule_uses_v(r), op, "v");
+  const at::ScalarType type = checked_state_dtype(m, v, r, op);
+  const std::vector<void*> pm = checked_state(m, params, rule_uses_m(r), type, op, "m");
+  const std::vector<void*> pv = checked_state(v, params, rule_uses_v(r), type, op, "v");
   for (size_t i = 0; i < tensors.size(); ++i) {
     tensors[i].m = pm[i];
     tensors[i].v = pv[i];
+    tensors[i].state = type == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat32;
   }
 }
 
@@ -39,7 +42,7 @@ void zo_update_(at::TensorList params, at::TensorList m, at::TensorList v, at::I
   for (size_t i = 0; i < params.size(); ++i) {
     const ElemType dtype = checked_elem_type(params, offsets[i], op, i);
     tensors.push_back(UpdateTensor{params[i].data_ptr(), nullptr, nullptr, nullptr, params[i].numel(), offsets[i],
-                                   dtype});
+                                   dtype, ElemType::kFloat32});
   }
   add_states(tensors, params, m, v, r, op);
   const auto c = static_cast<float>(restore);
@@ -69,7 +72,7 @@ void grad_update_(at::TensorList params, at::TensorList grads, at::TensorList m,
       grad = grads[i].data_ptr();
     }
     tensors.push_back(UpdateTensor{params[i].data_ptr(), grad, nullptr, nullptr, params[i].numel(), offsets[i],
-                                   dtype});
+                                   dtype, ElemType::kFloat32});
   }
   add_states(tensors, params, m, v, r, op);
   float* scale = nullptr;

@@ -1,5 +1,6 @@
 // Multi-tensor zeroth-order optimizer update (update_rules.h, docs/rng.md), no torch. Per element
-// e of a parameter with float32 state m, v:
+// e of a parameter with state m, v (float32, or bfloat16 loaded to float32 and stored back
+// rounded with state_rounding's words):
 //   theta = param + restore * z_last(e),  g = 0 + c_0 z_0(e) + ... + c_{K-1} z_{K-1}(e),
 //   param <- apply_rule<R>(theta, g, m, v), rounded once to the param's dtype.
 // Directions are regenerated per tile into shared memory (rng_tile.cuh), as in perturb_kernel.cu;
@@ -18,7 +19,7 @@ namespace {
 
 using namespace mt;
 
-template <typename T, Dist D, Rule R>
+template <typename T, Dist D, Rule R, typename S>
 struct ZoUpdate {
   static constexpr int kPtrs = 3;  // param, m, v
   Terms terms;
@@ -28,10 +29,10 @@ struct ZoUpdate {
 
   __device__ __forceinline__ void operator()(const Tile<kPtrs>& t) const {
     T* const p = t.at<T>(0);
-    float* const pm = rule_uses_m(R) ? t.at<float>(1) : nullptr;  // null when the rule keeps no m
-    float* const pv = rule_uses_v(R) ? t.at<float>(2) : nullptr;
+    S* const pm = rule_uses_m(R) ? t.at<S>(1) : nullptr;  // null when the rule keeps no m
+    S* const pv = rule_uses_v(R) ? t.at<S>(2) : nullptr;
     Run<T> x[kRuns];
-    Run<float> m[kRuns], v[kRuns];
+    Run<S> m[kRuns], v[kRuns];
     load_tile(x, p, t.n, t.vec(0));
     if (rule_uses_m(R)) load_tile(m, pm, t.n, t.vec(1));
     if (rule_uses_v(R)) load_tile(v, pv, t.n, t.vec(2));
@@ -92,17 +93,23 @@ struct ZoUpdate {
   }
 
   // One run from global index e: the rule on every element (those past the tensor's end compute
-  // garbage, never stored), rounded once.
-  __device__ __forceinline__ void apply(Run<T>& x, Run<float>& m, Run<float>& v, const float (&theta)[kRun],
+  // garbage, never stored), rounded once; lean state with its own rounding words.
+  __device__ __forceinline__ void apply(Run<T>& x, Run<S>& m, Run<S>& v, const float (&theta)[kRun],
                                         const float (&g)[kRun], uint64_t e) const {
-    float a[kRun];
+    float a[kRun], mf[kRun], vf[kRun];
 #pragma unroll
-    for (int j = 0; j < kRun; ++j) a[j] = apply_rule<R>(h, theta[j], g[j], m.v[j], v.v[j], 0.0f, nullptr);
+    for (int j = 0; j < kRun; ++j) {
+      mf[j] = to_float(m.v[j]);
+      vf[j] = to_float(v.v[j]);
+      a[j] = apply_rule<R>(h, theta[j], g[j], mf[j], vf[j], 0.0f, nullptr);
+    }
     round_run(x, a, rd, e);
+    if constexpr (rule_writes_m(R)) round_run(m, mf, state_rounding(rd, kStateStreamM), e);
+    if constexpr (rule_writes_v(R)) round_run(v, vf, state_rounding(rd, kStateStreamV), e);
   }
 };
 
-static_assert(BatchOf<ZoUpdate<float, Dist::kGaussian, Rule::kAdam>>::kCap == 81, "tensors per launch, as kernels.cuh says");
+static_assert(BatchOf<ZoUpdate<float, Dist::kGaussian, Rule::kAdam, float>>::kCap == 81, "tensors per launch, as kernels.cuh says");
 
 }  // namespace
 
@@ -116,38 +123,44 @@ cudaError_t zo_update_launch(const UpdateTensor* tensors, int n_tensors, const T
   for (int i = 0; i < n_tensors; ++i) {
     const UpdateTensor& u = tensors[i];
     if (u.numel < 0 || u.offset < 0 || u.numel > INT64_MAX - u.offset || !valid_elem_type(u.dtype) ||
+        (u.state != ElemType::kFloat32 && u.state != ElemType::kBFloat16) ||
         (u.numel > 0 && (u.param == nullptr || (rule_uses_m(rule) && u.m == nullptr) ||
                          (rule_uses_v(rule) && u.v == nullptr)))) {
       return cudaErrorInvalidValue;
     }
   }
   for (const ElemType dtype : {ElemType::kFloat32, ElemType::kBFloat16, ElemType::kFloat16}) {
-    const cudaError_t err = with_elem_type(dtype, [&](auto type) {
-      using T = typename decltype(type)::type;
-      return with_dist(dist, [&](auto d) {
-        constexpr Dist D = decltype(d)::value;  // here: inside the next lambda d is a captured reference
-        return with_rule(rule, [&](auto r) -> cudaError_t {
-          constexpr Rule R = decltype(r)::value;
-          if constexpr (!rule_zeroth_order(R)) {
-            return cudaErrorInvalidValue;  // not instantiated: the rules that need a gradient
-          } else {
-            return launch_tensors(
-                ZoUpdate<T, D, R>{terms, hyper, rd, restore}, n_tensors,
-                [&](int i, void** p, int64_t& base) -> int64_t {
-                  const UpdateTensor& u = tensors[i];
-                  if (u.dtype != dtype) return 0;
-                  p[0] = u.param;
-                  p[1] = u.m;
-                  p[2] = u.v;
-                  base = u.offset;
-                  return u.numel;
-                },
-                sm_count, stream);
-          }
+    for (const ElemType state : {ElemType::kFloat32, ElemType::kBFloat16}) {
+      const cudaError_t err = with_elem_type(dtype, [&](auto type) {
+        using T = typename decltype(type)::type;
+        return with_dist(dist, [&](auto d) {
+          constexpr Dist D = decltype(d)::value;  // here: inside the next lambda d is a captured reference
+          return with_rule(rule, [&](auto r) -> cudaError_t {
+            constexpr Rule R = decltype(r)::value;
+            if constexpr (!rule_zeroth_order(R)) {
+              return cudaErrorInvalidValue;  // not instantiated: the rules that need a gradient
+            } else {
+              return with_state_type<R>(state, [&](auto state_type) {
+                using S = typename decltype(state_type)::type;
+                return launch_tensors(
+                    ZoUpdate<T, D, R, S>{terms, hyper, rd, restore}, n_tensors,
+                    [&](int i, void** p, int64_t& base) -> int64_t {
+                      const UpdateTensor& u = tensors[i];
+                      if (u.dtype != dtype || u.state != state) return 0;
+                      p[0] = u.param;
+                      p[1] = u.m;
+                      p[2] = u.v;
+                      base = u.offset;
+                      return u.numel;
+                    },
+                    sm_count, stream);
+              });
+            }
+          });
         });
       });
-    });
-    if (err != cudaSuccess) return err;
+      if (err != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }

@@ -118,6 +118,22 @@ def _hyper(hyper: Sequence[float]) -> Hyper:
     return Hyper(*(float32(x) for x in hyper))
 
 
+def _state(state: Sequence[torch.Tensor], i: int, start: int) -> torch.Tensor | None:
+    """The rule's float32 view of a state chunk: the chunk itself, or a float32 copy of bfloat16 state."""
+    if not state:
+        return None
+    part = _chunks(state[i], start)
+    return part if part.dtype == torch.float32 else part.float()
+
+
+def _store_state(state: Sequence[torch.Tensor], i: int, start: int, value: torch.Tensor | None, written: bool,
+                 rounding: str, seed: int, stream: int, kind: str, offset: int) -> None:
+    """Lean (bfloat16) state back from its float32 copy, rounded with its own stream (docs/rng.md)."""
+    part = _chunks(state[i], start) if state else None
+    if written and part is not None and part.dtype != torch.float32:
+        _store(part, value, rounding, seed, rng.state_rounding_stream(stream, kind), offset)
+
+
 def zo_update_(params: Sequence[torch.Tensor], m: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
                offsets: Sequence[int], coefs: Sequence[float], streams: Sequence[int], seed: int, dist: str,
                restore: float, rule: str, rounding: str, rounding_stream: int, *hyper: float) -> None:
@@ -132,9 +148,11 @@ def zo_update_(params: Sequence[torch.Tensor], m: Sequence[torch.Tensor], v: Seq
             g = torch.zeros_like(theta)
             for c, z in zip(coefs, zs):
                 g = g + z * c
-            new, _ = apply_rule(rule, h, theta, g, _chunks(m[i], start) if m else None,
-                                _chunks(v[i], start) if v else None, 0.0)
+            mi, vi = _state(m, i, start), _state(v, i, start)
+            new, _ = apply_rule(rule, h, theta, g, mi, vi, 0.0)
             _store(part, new, rounding, seed, rounding_stream, base + start)
+            _store_state(m, i, start, mi, rule.info.writes_m, rounding, seed, rounding_stream, "m", base + start)
+            _store_state(v, i, start, vi, rule.info.writes_v, rounding, seed, rounding_stream, "v", base + start)
     torch.autograd.graph.increment_version([*params, *m, *v])
 
 
@@ -149,12 +167,15 @@ def grad_update_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
         scale = float(scales[i]) if rule.info.scales == "read" else 0.0
         for start in range(0, t.numel(), CHUNK):
             part = _chunks(t, start)
-            new, abs_u = apply_rule(rule, h, part.float(), _chunks(grad, start).float(),
-                                    _chunks(m[i], start) if m else None, _chunks(v[i], start) if v else None, scale)
+            mi, vi = _state(m, i, start), _state(v, i, start)
+            new, abs_u = apply_rule(rule, h, part.float(), _chunks(grad, start).float(), mi, vi, scale)
+            offset = offsets[i] + start
+            _store_state(m, i, start, mi, rule.info.writes_m, rounding, seed, rounding_stream, "m", offset)
+            _store_state(v, i, start, vi, rule.info.writes_v, rounding, seed, rounding_stream, "v", offset)
             if abs_u is not None:
                 if abs_u.numel():
                     scales[i] = torch.maximum(scales[i], abs_u.max())
                 continue  # the moments pass leaves theta as it is
-            _store(part, new, rounding, seed, rounding_stream, offsets[i] + start)
+            _store(part, new, rounding, seed, rounding_stream, offset)
     written = [*params, *(m if rule.info.writes_m else ()), *(v if rule.info.writes_v else ())]
     torch.autograd.graph.increment_version(written + ([scales] if writes_scales else []))

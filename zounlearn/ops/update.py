@@ -5,7 +5,9 @@ the registered op (zounlearn/ops/library.py).
     grad_update_: theta <- rule(theta, g = grad, m, v)                     gradients read
 
 The rules (zounlearn/ops/rules.py, csrc/update_rules.h, docs/optimizers.md) are one element at a
-time in float32 with float32 state m and v; each call is one pass over params and state.
+time in float32 with state m and v in float32 or bfloat16 (the lean state: loaded to float32,
+stored back rounded as `rounding` says, with its own rounding words: docs/rng.md); each call is
+one pass over params and state.
 zo_update_ restores the last query's perturbation (coefficient r on the last stream) in the same
 pass.
 """
@@ -40,10 +42,11 @@ def zo_update_(
     rounding_stream: int = ROUNDING_STREAM_BASE,
 ) -> None:
     """One pass: regenerate z_k = z(seed, streams[k], e), g = sum_k coefs[k] z_k, restore
-    theta += restore * z_last, then apply `rule` with float32 state m (and v) per tensor.
+    theta += restore * z_last, then apply `rule` with state m (and v) per tensor.
 
     params, offsets and streams as for perturb_ (offsets are required here: the optimizer owns
-    the layout). m and v: float32 tensors shaped like params, given when the rule uses them.
+    the layout). m and v: tensors shaped like params, given when the rule uses them, all float32
+    or all bfloat16 (stored back with `rounding`, under the streams of rng.state_rounding_stream).
     rounding: how theta is stored into a half-precision tensor: "nearest" (even) or
     "stochastic" with the rounding words of (seed, rounding_stream) (docs/rng.md).
     """

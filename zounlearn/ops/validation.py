@@ -18,6 +18,7 @@ from .rules import RULES, Hyper, Rule
 
 MAX_TERMS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # m and v; bfloat16 is the lean state (docs/memory.md)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -130,13 +131,18 @@ def check_state(
     scales: torch.Tensor | None = None,
     grads: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """The rule's tensors besides params: state m and v in float32 exactly when the rule uses them,
-    grads like params (same dtype), scales a float32 vector with one value per tensor."""
+    """The rule's tensors besides params: state m and v exactly when the rule uses them, all of one
+    dtype (float32, or bfloat16: the lean state), grads like params (same dtype), scales a float32
+    vector with one value per tensor."""
     if grads is not None:
         _check_like("grads", grads, params, None)
+    state = [t for t in (*m, *v) if isinstance(t, torch.Tensor)]
+    dtype = state[0].dtype if state else torch.float32
+    if dtype not in STATE_DTYPES:
+        dtype = torch.float32  # the error below names the first tensor that is not
     for kind, tensors, used in (("m", m, rule.uses_m), ("v", v, rule.uses_v)):
         if used:
-            _check_like(kind, tensors, params, torch.float32)
+            _check_like(kind, tensors, params, dtype)
         elif tensors:
             raise UsageError(f"rule {rule.value!r} keeps no {kind} state; pass an empty list")
     if rule.info.scales is not None:

@@ -29,6 +29,8 @@ from ..rng import ROUNDING_STREAM_BASE, ROUNDINGS
 Closure = Callable[[], "torch.Tensor | float"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 COUNTERS = "zounlearn"  # the state dict's entry for the optimizer-wide counters
+# state_dtype (a param-group key) -> how the rules' m and v are stored (docs/memory.md, "Lean state").
+STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def loss_value(value: Any) -> float:
@@ -91,6 +93,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     parameters (torch would cast them). Optimizer-wide counters (`_counters`) travel in the state
     dict's "zounlearn" entry.
 
+    state_dtype (a param-group key): "float32" (the default) or "bfloat16", the lean state: m and v
+    stored in bfloat16, computed in float32 by the fused rules and stored back rounded as
+    `rounding` says, with rounding words of their own (docs/rng.md): 2 bytes per value instead of 4.
+
     rounding (a param-group key): how updates are stored into bfloat16 and float16 parameters,
     "stochastic" (the default: rounded up with probability equal to the fraction of the unit in
     the last place, so that an update far below half a unit still moves the parameter on average)
@@ -104,11 +110,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     state_keys: tuple[str, str] = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, seed: int = 0,
-                 rounding: str = "stochastic") -> None:
+                 rounding: str = "stochastic", state_dtype: str = "float32") -> None:
         check_choice("rounding", rounding, ROUNDINGS)
         self.seed = as_int64(seed, "seed")
         self.roundings = 0  # the rounding streams used so far: the next step's is 2^63 + roundings
-        super().__init__(params, {**defaults, "rounding": rounding})
+        super().__init__(params, {**defaults, "rounding": rounding, "state_dtype": state_dtype})
+        for group in self.param_groups:
+            self._state_dtype(group)
+
+    def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of group's m and v; a state dict from before lean state has float32."""
+        name = group.get("state_dtype", "float32")
+        check_choice("state_dtype", name, tuple(STATE_DTYPES))
+        return STATE_DTYPES[name]
 
     def _counters(self) -> dict[str, Any]:
         return {"optimizer": type(self).__name__, "seed": self.seed, "roundings": self.roundings}
@@ -139,12 +153,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         counters = state_dict.pop(COUNTERS)
         super().load_state_dict(state_dict)
-        # Put back the saved float32 state that torch just cast to each parameter's dtype.
+        # Put back the saved state as it was saved (float32 or bfloat16), which torch just cast to
+        # each parameter's dtype: a round trip is bit-identical.
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for param_id, p in zip(ids, params):
             for key, value in state_dict["state"].get(param_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self._set_counters(counters)
 
@@ -164,40 +179,52 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise UsageError(f"the {name} state dict has {[len(g['params']) for g in groups]} parameters per group, "
                              f"this optimizer {[len(g['params']) for g in self.param_groups]}")
         allowed = {"step", *self.state_keys}
-        ids = [i for g in groups for i in g["params"]]
-        for param_id, p in zip(ids, (p for g in self.param_groups for p in g["params"])):
-            for key, value in state_dict.get("state", {}).get(param_id, {}).items():
-                if key not in allowed:
-                    raise UsageError(f"the {name} state dict holds {key!r} for a parameter; {name} keeps "
-                                     f"{', '.join(sorted(allowed))}")
-                if isinstance(value, torch.Tensor) and value.shape != p.shape:
-                    raise UsageError(f"the {name} state dict's {key!r} has shape {tuple(value.shape)} for a parameter "
-                                     f"of shape {tuple(p.shape)}; it belongs to another model")
+        for saved, group in zip(groups, self.param_groups):
+            dtype = self._state_dtype(saved)
+            for param_id, p in zip(saved["params"], group["params"]):
+                for key, value in state_dict.get("state", {}).get(param_id, {}).items():
+                    if key not in allowed:
+                        raise UsageError(f"the {name} state dict holds {key!r} for a parameter; {name} keeps "
+                                         f"{', '.join(sorted(allowed))}")
+                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise UsageError(f"the {name} state dict's {key!r} has shape {tuple(value.shape)} for a "
+                                         f"parameter of shape {tuple(p.shape)}; it belongs to another model")
+                    if isinstance(value, torch.Tensor) and value.dtype != dtype:
+                        raise UsageError(f"the {name} state dict's {key!r} is {value.dtype} but its group's "
+                                         f"state_dtype is {saved.get('state_dtype', 'float32')!r}; the state dict "
+                                         f"was edited or mixes optimizers")
 
-    def _moments(self, rule: Rule | None, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The rule's m and v of each parameter (float32, created as zeros on first use); [] for what
-        the rule does not keep."""
+    def _moments(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The rule's m and v of each parameter (in group's state_dtype, created as zeros on first
+        use); [] for what the rule does not keep."""
         if rule is None:
             return [], []
+        dtype = self._state_dtype(group)
         lists: list[list[torch.Tensor]] = []
         for key, used in zip(self.state_keys, (rule.uses_m, rule.uses_v)):
-            lists.append([self._state(p, key) for p in params] if used else [])
+            lists.append([self._state(p, key, dtype) for p in params] if used else [])
         return lists[0], lists[1]
 
-    def _state(self, p: torch.Tensor, key: str) -> torch.Tensor:
+    def _state(self, p: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
         state = self.state[p]
         if key not in state:
-            state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        elif state[key].dtype != dtype:  # shared with another optimizer's state, say
+            raise UsageError(f"{type(self).__name__}: the {key!r} state of a parameter of shape {tuple(p.shape)} is "
+                             f"{state[key].dtype} but its group's state_dtype is {_dtype_name(dtype)!r}; give every "
+                             f"optimizer that keeps this state the same state_dtype")
         return state[key]
 
-    def _checked(self, rule: Rule | None, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None,
-                 scales: torch.Tensor | None = None, *, check_tensors: bool = True) -> None:
+    def _checked(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any],
+                 grads: list[torch.Tensor] | None = None, scales: torch.Tensor | None = None, *,
+                 check_tensors: bool = True) -> None:
         """The fused pass's arguments, checked once per step before any write (state loaded from a
         state dict may not fit); check_tensors=False when the caller checks the params themselves."""
         if check_tensors:
             check_params(params)
         if rule is not None:
-            m, v = self._moments(rule, params)
+            m, v = self._moments(rule, params, group)
             check_state(params, m, v, rule, scales, grads)
 
     def _check_float16(self, params: list[torch.Tensor], after: str) -> None:
@@ -236,6 +263,10 @@ def precision(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in STATE_DTYPES.items() if d == dtype)
+
+
 def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
     """Adam-type scalars of a param group with betas, eps and weight_decay, at a parameter's step."""
     b1, b2 = group["betas"]
@@ -243,5 +274,5 @@ def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
                       step=step, **extra)
 
 
-__all__ = ["COUNTERS", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam", "loss_value", "precision",
-           "step"]
+__all__ = ["COUNTERS", "STATE_DTYPES", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam",
+           "loss_value", "precision", "step"]

@@ -152,7 +152,7 @@ class FirstOrderOptimizer(FusedOptimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             self._check_clip(group)
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            self._checked(self.rule, params, grads, self._scales(params))
+            self._checked(self.rule, params, group, grads, self._scales(params))
             self._rounding(group)
             out.append((group, params, grads))
         return out
@@ -167,7 +167,7 @@ class FirstOrderOptimizer(FusedOptimizer):
             keys = [k for k, used in zip(self.state_keys, (self.rule.uses_m, self.rule.uses_v)) if used]
             kept = [p for p in params if all(k in self.state.get(p, {}) for k in keys)]
             if kept:
-                self._checked(self.rule, kept, None, self._scales(kept))
+                self._checked(self.rule, kept, group, None, self._scales(kept))
 
     def _check_clip(self, group: dict[str, Any]) -> None:
         clip = group.get("update_clip")
@@ -223,25 +223,26 @@ class FirstOrderOptimizer(FusedOptimizer):
 
     def _apply_rule(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                     offsets: list[int], hyper: Hyper) -> None:
-        m, v = self._moments(self.rule, params)
+        m, v = self._moments(self.rule, params, group)
         ops.grad_update_(params, grads, m, v, None, offsets, self.seed, self.rule.value, *self._rounding(group),
                          *hyper)
 
     def _clipped(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, hyper: Hyper) -> Hyper:
         """hyper with the tensor's lr scaled by min(1, update_clip / RMS(u)), u the update direction this
         step will take (computed from the state before the update, in float32, chunk by chunk)."""
-        m, v = self._moments(self.rule, [p])
+        m, v = self._moments(self.rule, [p], group)
         flat = lambda t: t.reshape(-1)  # noqa: E731
         theta, g = flat(p), flat(grad)
         total = 0.0
         for start in range(0, p.numel(), _RMS_CHUNK):
             part = slice(start, start + _RMS_CHUNK)
             gc = g[part].float()
+            mc = flat(m[0])[part].float()  # lean state: computed in float32 as the rules do
             if self.rule is Rule.SGD:  # torch.optim.SGD's buffer: b = momentum b + g + wd theta
-                u = flat(m[0])[part] * hyper.beta1 + gc + theta[part].float() * hyper.weight_decay
+                u = mc * hyper.beta1 + gc + theta[part].float() * hyper.weight_decay
             else:
-                mc = flat(m[0])[part] * hyper.beta1 + gc * hyper.one_minus_beta1
-                vc = flat(v[0])[part] * hyper.beta2 + gc * gc * hyper.one_minus_beta2
+                mc = mc * hyper.beta1 + gc * hyper.one_minus_beta1
+                vc = flat(v[0])[part].float() * hyper.beta2 + gc * gc * hyper.one_minus_beta2
                 u = (mc / hyper.bias_correction1) / (vc.sqrt() / hyper.sqrt_bias_correction2 + hyper.eps)
             total += float(torch.dot(u, u))
         rms = math.sqrt(total / max(p.numel(), 1))

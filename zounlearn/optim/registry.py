@@ -9,10 +9,11 @@ wants its own, so pass `lr`. `check_optimizer_options` validates a name and its 
 building anything a caller can see, so that a command fails before it loads a model.
 
 First-order optimizers take `in_backward=True` (update each parameter inside backward and free
-its gradient at once) and `update_clip` (per-tensor update clipping, AdamW / SGD /
-CompressedAdam); "adamw" and "sgd" then build zounlearn's fused AdamW and SGD, torch.optim's
-math. The hybrid presets (HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW +
-AdaZO), the others lean (docs/memory.md says what each holds).
+its gradient at once), `update_clip` (per-tensor update clipping, AdamW / SGD / CompressedAdam)
+and `state_dtype` ("bfloat16": the lean state, docs/memory.md; every fused optimizer takes it);
+"adamw" and "sgd" then build zounlearn's fused AdamW and SGD, torch.optim's math. The hybrid
+presets (HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW + AdaZO), the
+others lean (docs/memory.md says what each holds).
 """
 
 from __future__ import annotations
@@ -88,11 +89,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 # The fused twins of torch.optim's, for what only zounlearn's optimizers do (in_backward, update_clip).
 _FUSED = {"adamw": AdamW, "sgd": SGD}
-_FIRST_ORDER_OPTIONS = ("in_backward", "update_clip")
+_FIRST_ORDER_OPTIONS = ("in_backward", "update_clip", "state_dtype")
 
 # The hybrid's own options; its zeroth-order phase's are passed as zo_<option> (e.g. zo_mu, zo_queries).
 _HYBRID_OPTIONS = ("fo_lr", "zo_lr", "block", "zo_block", "fo_optimizer", "fo_in_backward", "fo_update_clip",
-                   "zo_optimizer", "shared_state")
+                   "fo_state_dtype", "zo_optimizer", "shared_state")
 # torch's own optimizers check their options with bare comparisons (a string gives a TypeError
 # deep inside); these run first, with our messages.
 _TORCH_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
@@ -121,7 +122,7 @@ def _options_of(spec: OptimizerSpec) -> list[str]:
     if spec.ours:
         accepted += [n for n in _keywords(FusedOptimizer) if n not in ("params", "defaults", "seed")]
     if issubclass(spec.cls, FirstOrderOptimizer) or spec.cls in (torch.optim.AdamW, torch.optim.SGD):
-        accepted += list(_FIRST_ORDER_OPTIONS)
+        accepted += [o for o in _FIRST_ORDER_OPTIONS if o not in accepted]
     return accepted
 
 
@@ -131,10 +132,10 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     """The optimizer called `name` over params. lr None: the default in OPTIMIZERS.
 
     For the hybrids, lr sets both phases unless fo_lr / zo_lr are given; fo_optimizer names the
-    first-order phase's optimizer ("adamw" by default, any non-ZO name here; fo_in_backward and
-    fo_update_clip its in_backward and update_clip), zo_optimizer the zeroth-order phase's
-    ("adazo" by default) with the zo_* options, shared_state one state for both; a preset fixes
-    some of these. total_steps lays the schedule out so the run ends on a ZO block.
+    first-order phase's optimizer ("adamw" by default, any non-ZO name here; fo_in_backward,
+    fo_update_clip and fo_state_dtype: its in_backward, update_clip and state_dtype), zo_optimizer
+    the zeroth-order phase's ("adazo" by default) with the zo_* options, shared_state one state for
+    both; a preset fixes some of these. total_steps lays the schedule out so the run ends on a ZO block.
     model: the module that holds params, for the zeroth-order exact mode (which "auto" picks for
     half-precision parameters). Bad names and options raise UsageError before anything is built.
     """
@@ -153,12 +154,12 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     if not isinstance(in_backward, bool):
         raise UsageError(f"in_backward must be true or false, got {in_backward!r}")
     cls = spec.cls
-    if (in_backward or clip is not None) and cls.__module__.startswith("torch."):
+    if (in_backward or clip is not None or "state_dtype" in options) and cls.__module__.startswith("torch."):
         cls = _FUSED[name.lower()]
-        torch_only = sorted(set(options) - set(_keywords(cls)))
+        torch_only = sorted(set(options) - set(_keywords(cls)) - set(_keywords(FusedOptimizer)))
         if torch_only:
-            raise UsageError(f"optimizer {name} with in_backward or update_clip is zounlearn's fused {cls.__name__}, "
-                             f"which has no option {', '.join(torch_only)}")
+            raise UsageError(f"optimizer {name} with in_backward, update_clip or state_dtype is zounlearn's fused "
+                             f"{cls.__name__}, which has no option {', '.join(torch_only)}")
         options["seed"] = seed
     if not cls.__module__.startswith("torch."):
         optimizer = cls(params, lr=lr, **options)
@@ -226,7 +227,8 @@ def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int |
     fo_lr, zo_lr = options.pop("fo_lr", lr), options.pop("zo_lr", lr)
     check_range("fo_lr", fo_lr, 0.0)
     check_range("zo_lr", zo_lr, 0.0)
-    fo_options = {key[3:]: options.pop(key) for key in ("fo_in_backward", "fo_update_clip") if key in options}
+    fo_options = {key[3:]: options.pop(key) for key in ("fo_in_backward", "fo_update_clip", "fo_state_dtype")
+                  if key in options}
     blocks = {key: options.pop(key) for key in ("block", "zo_block", "shared_state") if key in options}
     zo_spec = OPTIMIZERS[zo_name.lower()]
     zo = {key[3:]: value for key, value in options.items()}  # what is left: zo_<option>

@@ -64,6 +64,9 @@ def check_shareable(fo: Any, zo: ZeroOrderOptimizer) -> str:
             raise UsageError(f"{names} cannot share their state: they keep different statistics ({fo.rule.value} and "
                              f"{rule.value if rule else 'none'}); the pairs that can are AdamW or CompressedAdam with "
                              f"ZOAdam, SGD with ZOSGD (momentum > 0), SignAdam with ZOSignAdam")
+    dtypes = {fo._state_dtype(g) for g in fo.param_groups} | {zo._state_dtype(g) for g in zo.param_groups}
+    if len(dtypes) > 1:
+        raise UsageError(f"{names} cannot share their state: their state_dtype differs (give both the same)")
     keys = [k for k, used in zip(fo.state_keys, (fo.rule.uses_m, fo.rule.uses_v)) if used]
     if keys != [k for k, used in zip(zo.state_keys, (fo.rule.uses_m, fo.rule.uses_v)) if used]:
         raise UsageError(f"{names} name their state differently ({fo.state_keys} and {zo.state_keys})")

@@ -70,7 +70,7 @@ class CompressedAdam(FirstOrderOptimizer):
         return torch.zeros(len(params), device=params[0].device)
 
     def _apply_rule(self, group: dict[str, Any], params, grads, offsets, hyper) -> None:
-        m, v = self._moments(self.rule, params)
+        m, v = self._moments(self.rule, params, group)
         scales = self._scales(params)
         rounding = self._rounding(group)
         ops.grad_update_(params, grads, m, v, scales, offsets, self.seed, Rule.ADAM_MOMENTS.value, *rounding, *hyper)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_betas, check_int, check_range
+from ..errors import UsageError
 from ..ops.rules import Rule
 from .base import Closure, ParamsT, hyper_adam, loss_value
 from .first_order import FirstOrderOptimizer
@@ -62,6 +63,13 @@ class SophiaG(FirstOrderOptimizer):
     def _hyper(self, group, step):
         return hyper_adam(group, step, rho=group["rho"])
 
+    def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
+        dtype = super()._state_dtype(group)
+        if dtype != torch.float32:
+            raise UsageError("SophiaG keeps float32 state (state_dtype='float32'): its Hessian refresh is plain "
+                             "torch, outside the fused rules that round lean state")
+        return dtype
+
     def _counters(self) -> dict[str, Any]:
         return {**super()._counters(), "steps": self.steps}
 
@@ -97,5 +105,5 @@ class SophiaG(FirstOrderOptimizer):
 
     def _refresh(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
         b2 = group["betas"][1]
-        h = self._state(p, self.state_keys[1])
+        h = self._state(p, self.state_keys[1], torch.float32)
         h.mul_(b2).add_(grad.float().square().mul_((1.0 - b2) * self.hessian_batch_size))

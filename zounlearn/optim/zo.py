@@ -138,7 +138,7 @@ class ZeroOrderOptimizer(FusedOptimizer):
                 continue
             offsets = flat_offsets(trainable, start=numel)
             numel += sum(p.numel() for p in trainable)
-            self._checked(self._rule(group), trainable, check_tensors=False)
+            self._checked(self._rule(group), trainable, group, check_tensors=False)
             groups.append((group, trainable, offsets))
             params, offs = segments.setdefault(group["mu"], ([], []))
             params += trainable
@@ -263,7 +263,7 @@ class ZeroOrderOptimizer(FusedOptimizer):
         rule = self._rule(group)
         for step, indices in self._count_steps(params).items():
             ps, offs = [params[i] for i in indices], [offsets[i] for i in indices]
-            m, v = self._moments(rule, ps)
+            m, v = self._moments(rule, ps, group)
             ops.zo_update_(ps, m, v, offs, coefs, streams, self.seed, self._kernel_dist, restore, rule.value,
                            *self._rounding(group), *self._hyper(group, step))
 
