@@ -116,6 +116,7 @@ def _update_kernel(
     WRITES_M: tl.constexpr,
     WRITES_V: tl.constexpr,
     STOCHASTIC: tl.constexpr,  # stochastic rounding of theta (a half-precision parameter)
+    STATE_DTYPE: tl.constexpr,  # m's and v's: float32, or bfloat16 (lean state)
     STOCHASTIC_STATE: tl.constexpr,  # rounding="stochastic": of bfloat16 state too
     GROUP_SIZE: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,

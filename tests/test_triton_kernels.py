@@ -530,7 +530,8 @@ for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16",
     info = update.Rule[rule].info  # what the launcher passes for the rule, from the registry
     constexprs = {"RULE": getattr(update, rule).value, "NUM_TERMS": num_terms, "HAS_M": info.reads_m or info.writes_m,
                   "HAS_V": info.reads_v or info.writes_v, "WRITES_M": info.writes_m, "WRITES_V": info.writes_v,
-                  "STOCHASTIC": False, **layout(update, dist)}
+                  "STOCHASTIC": False, "STATE_DTYPE": DTYPES["fp32"], "STOCHASTIC_STATE": False,
+                  **layout(update, dist)}
     ptx, build_info = build(update._update_kernel, dtype, constexprs, num_terms)
     build_info.update(
         approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)),
@@ -539,11 +540,13 @@ for dtype, rule, dist, num_terms in [("fp32", "ADAM", "rademacher", 3), ("fp16",
         atomics=len(re.findall(r"\b(atom|red)\.global", ptx)),
     )
     results[f"update-{dtype}-{rule}-{dist}-{num_terms}"] = build_info
-# Stochastic rounding of a bfloat16 and a float16 parameter: it compiles, with IEEE math only.
+# Stochastic rounding of a bfloat16 and a float16 parameter and of bfloat16 (lean) state: it
+# compiles, with IEEE math only.
 for dtype in ("bf16", "fp16"):
     info = update.Rule["ADAZO"].info
     constexprs = {"RULE": update.ADAZO.value, "NUM_TERMS": 1, "HAS_M": True, "HAS_V": True, "WRITES_M": True,
-                  "WRITES_V": True, "STOCHASTIC": True, **layout(update, "rademacher")}
+                  "WRITES_V": True, "STOCHASTIC": True, "STATE_DTYPE": DTYPES["bf16"], "STOCHASTIC_STATE": True,
+                  **layout(update, "rademacher")}
     ptx, build_info = build(update._update_kernel, dtype, constexprs, 1)
     build_info.update(approx_div=len(re.findall(r"div\.(approx|full)(\.ftz)?\.f32", ptx)))
     results[f"update-{dtype}-ADAZO-stochastic"] = build_info
