@@ -19,7 +19,8 @@ struct Registration {
 
 // In PYBIND11_MODULE(name, m): binds m.register_kernels() for namespace ns's kernels and `key`.
 #define ZO_BIND_KERNEL_REGISTRATION(m, key, ns)                                                               \
-  pybind11::class_<zo::Registration>(m, "Registration");                                                      \
+  /* module_local: _C_cpu and _C_cuda both bind it, and pybind11 types are global by default */            \
+  pybind11::class_<zo::Registration>(m, "Registration", pybind11::module_local());                            \
   m.def(                                                                                                      \
       "register_kernels",                                                                                     \
       [] {                                                                                                    \
