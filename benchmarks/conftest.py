@@ -117,7 +117,7 @@ def _steady_memory_table(benches) -> str:
     M, lines = 2**20, []
     by_size: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in benches:
-        by_size[bench.extra_info["model"]][bench.extra_info["kind"]] = bench.extra_info
+        by_size[bench.extra_info["size"]][bench.extra_info["kind"]] = bench.extra_info
     for size, rows in by_size.items():
         base = rows.get("inference")
         lines.append(f"GPT-2 {size}: steady-state peak (MiB held by the model and the optimizer, runtime excluded)")
@@ -141,7 +141,7 @@ def _model_table(benches) -> str:
     for bench in benches:
         info = bench.extra_info
         measured, predicted = info["net_bytes"], info["predicted_bytes"]
-        lines.append(f"| GPT-2 {info['model']} | {info['kind']} | {measured / M:.0f} | {predicted / M:.0f} "
+        lines.append(f"| GPT-2 {info['size']} | {info['kind']} | {measured / M:.0f} | {predicted / M:.0f} "
               f"| {100 * (predicted / measured - 1):+.1f}% |")
     return "\n".join(lines)
 

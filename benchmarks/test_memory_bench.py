@@ -1,6 +1,6 @@
 """Steady-state peak memory of every optimizer on GPT-2 (small, medium, large from configs, float32,
-CPU), each kind in a fresh process (peak_memory.py), with the issue's targets as ratios to what
-was measured in the same run, and the memory model (zounlearn.memory) against every measurement.
+CPU), each kind in a fresh process (zounlearn.bench.memory), with the issue's targets as ratios to
+what was measured in the same run, and the memory model (zounlearn.memory) against every measurement.
 
     .venv/bin/python -m pytest benchmarks/test_memory_bench.py --benchmark-only          # small and medium
     MEMORY_SIZES=small,medium,large .venv/bin/python -m pytest benchmarks/test_memory_bench.py --benchmark-only
@@ -12,29 +12,26 @@ not fit in this machine's available memory is skipped, saying so.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peak_memory  # noqa: E402
-
-from zounlearn.memory import estimate, load_config, profile  # noqa: E402
+from zounlearn.bench import memory
+from zounlearn.memory import estimate, load_config, profile
+from zounlearn.optim.registry import HYBRID_PRESETS
 
 SIZES = os.environ.get("MEMORY_SIZES", "small,medium").split(",")
+# zounlearn.bench.models' configs, and zounlearn.memory's stand-ins for the same sizes.
+MODELS = {"small": "gpt2-small", "medium": "gpt2-medium", "large": "gpt2-large"}
 CONFIGS = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large"}
 BATCH, LENGTH = 2, 256
 MODEL_TOLERANCE = 0.10
-IN_BACKWARD = [k for k in peak_memory.KINDS if k.endswith(" in backward")]
-LEAN = [k for k in peak_memory.HYBRID_PRESETS if k != "hybrid"]
+LEAN = [k for k in HYBRID_PRESETS if k != "hybrid"]
 
 
 def predicted(kind: str, size: str) -> int | None:
-    plan = peak_memory.plan_for(kind)
+    plan = memory.plan_for(kind)
     if plan is None:
         return None
     prof = profile(load_config(CONFIGS[size]), torch.float32, CONFIGS[size])
@@ -52,9 +49,7 @@ def measured(kind: str, size: str) -> dict:
     if need + (1 << 30) > _available():
         pytest.skip(f"{kind} on GPT-2 {size} needs about {need / 2**30:.1f} GiB and this machine has "
                     f"{_available() / 2**30:.1f} GiB available now")
-    out = subprocess.run([sys.executable, peak_memory.__file__, kind, "--model", size, "--batch", str(BATCH),
-                          "--length", str(LENGTH)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**memory.measure([kind], MODELS[size], "cpu", torch.float32, BATCH, LENGTH)[0], "size": size}
 
 
 def _record(benchmark, kind: str, size: str, table: str) -> dict:
@@ -65,7 +60,7 @@ def _record(benchmark, kind: str, size: str, table: str) -> dict:
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("kind", peak_memory.KINDS)
+@pytest.mark.parametrize("kind", memory.KINDS)
 def test_steady_state_peak(benchmark, kind, size):
     result = _record(benchmark, kind, size, "steady-memory")
     assert result["net_bytes"] > result["param_bytes"]
@@ -75,7 +70,7 @@ def test_steady_state_peak(benchmark, kind, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("kind", [k for k in peak_memory.KINDS if peak_memory.plan_for(k) is not None])
+@pytest.mark.parametrize("kind", [k for k in memory.KINDS if memory.plan_for(k) is not None])
 def test_memory_model_within_ten_percent(benchmark, kind, size):
     result = _record(benchmark, kind, size, "model")
     want = predicted(kind, size)

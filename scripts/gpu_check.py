@@ -13,7 +13,8 @@ runs/gpu-check-<date-time>) as they come, and is killed at its cap without losin
   correctness  tests/test_gpu_paths.py: every op, rule, dtype and backend on the review's paths
   bandwidth    every pass on both GPU backends against add_ and copy_ (2^28 elements, a 7B list)
   step         ZO-SGD (Rademacher, Gaussian) against MeZO's loop (a 7B list; TinyLlama-1.1B shapes)
-  memory       steady-state peak memory of inference, ZO-SGD, MeZO, AdaZO, AdamW, the hybrid (1.1B)
+  memory       steady-state peak memory of inference, ZO-SGD, MeZO, AdaZO, AdamW (and in backward),
+               SignAdam, the paper's hybrid and a lean preset (1.1B)
   tests        the op and optimizer tests, whose backends are then cuda and triton
   sanitizer    compute-sanitizer memcheck and racecheck on small cases, when the tool is here
 

@@ -109,6 +109,12 @@ def step(ctx: Context) -> dict:
     return result
 
 
+# zounlearn.bench.memory's kinds that fit the stage's budget: the basic ones, the paper's hybrid, a lean
+# preset and an update inside backward (every kind, on the CPU: benchmarks/test_memory_bench.py).
+MEMORY_KINDS = ("inference", "ZOSGD", "ZOSGD exact", "MeZO loop", "AdaZO", "AdamW", "SignAdam", "AdamW in backward",
+                "hybrid", "hybrid_signadam")
+
+
 def memory(ctx: Context) -> dict:
     """Steady-state peak memory of each kind of step on a ~1B-parameter causal LM."""
     import torch
@@ -117,6 +123,6 @@ def memory(ctx: Context) -> dict:
 
     s = ctx.sizes
     # In this process, as on a GPU (a dry run's CPU figures are then rougher than benchmarks/' ones).
-    rows = bench_memory.measure(bench_memory.KINDS, s.hf_model, s.device, getattr(torch, s.memory_dtype), *s.batch,
+    rows = bench_memory.measure(MEMORY_KINDS, s.hf_model, s.device, getattr(torch, s.memory_dtype), *s.batch,
                                 in_process=True)
     return {"rows": rows, "model": s.hf_model, "batch": list(s.batch), "ok": True}

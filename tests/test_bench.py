@@ -137,7 +137,7 @@ def test_hybrid_steady_state_peak_holds_both_inner_states():
     """The hybrid's first-order step, once a ZO step has run, also holds AdaZO's float32 m and v: its
     peak is AdamW's (Adam's state, gradients, activations) plus 200% of float32 parameter bytes (the
     review's item 24; 203% measured). Each kind in a fresh process, a 7 M-parameter Llama, 1 x 8 tokens."""
-    adamw, hybrid = memory.measure(["AdamW", "HybridFOZO"], "llama-7m", "cpu", torch.float32, 1, 8)
+    adamw, hybrid = memory.measure(["AdamW", "hybrid"], "llama-7m", "cpu", torch.float32, 1, 8)
     assert adamw["peak_bytes"] > 3 * adamw["param_bytes"]  # parameters, gradients, two moments at least
     assert 1.8 < (hybrid["peak_bytes"] - adamw["peak_bytes"]) / adamw["param_bytes"] < 2.3
 

@@ -63,12 +63,14 @@ def make_params(shapes: Sequence[Shape], dtype: torch.dtype, device: torch.devic
     return [torch.nn.Parameter(torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(0.02)) for s in shapes]
 
 
-# Hugging Face configs (transformers' own classes): the shapes of TinyLlama-1.1B and GPT-2 small, a 7 M
+# Hugging Face configs (transformers' own classes): the shapes of TinyLlama-1.1B and GPT-2's three sizes, a 7 M
 # Llama (big enough that its optimizer states stand out of a process's resident memory), and a toy.
 HF_CONFIGS = {
     "tinyllama-1.1b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                            num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)),
     "gpt2-small": ("GPT2Config", dict(n_positions=1024)),
+    "gpt2-medium": ("GPT2Config", dict(n_positions=1024, n_embd=1024, n_layer=24, n_head=16)),
+    "gpt2-large": ("GPT2Config", dict(n_positions=1024, n_embd=1280, n_layer=36, n_head=20)),
     "llama-7m": ("LlamaConfig", dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                      num_attention_heads=4, num_key_value_heads=4)),
     "tiny": ("LlamaConfig", dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -29,7 +29,7 @@ PASSES = [_text("case", "case"), _text("backend", "backend"), _text("pass", "kin
           _num("x add_", "x_add", ".2f"), _num("x copy_", "x_copy", ".2f")]
 STEPS = [_text("case", "case"), _text("backend", "backend"), _text("step", "kind"), _num("median ms", "ms", ".2f"),
          _num("speed-up vs MeZO loop", "speedup", ".1f")]
-MEMORY = [_text("step", "kind"), _num("peak MiB", "peak_bytes", ".0f", 2.0**-20),
+MEMORY = [_text("step", "kind"), _num("net peak MiB", "net_bytes", ".0f", 2.0**-20),
           _num("x inference", "x_inference", ".3f"),
           _num("excess over inference, % of parameter bytes", "excess_pct", ".2f")]
 
