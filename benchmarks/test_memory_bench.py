@@ -86,17 +86,26 @@ def test_target_default_hybrid_at_most_adamw(benchmark, size):
                                 value=hybrid["net_bytes"] / adamw["net_bytes"], limit=1.0)
     if hybrid["net_bytes"] > adamw["net_bytes"]:
         pytest.xfail(f"not met: the paper's hybrid keeps Adam's and AdaZO's float32 m and v (16 bytes per parameter, "
-                     f"AdamW 8): {hybrid['net_bytes'] / adamw['net_bytes']:.2f} x AdamW; bfloat16 state "
-                     f"(docs/memory.md) is what brings it to AdamW's")
+                     f"AdamW 8): {hybrid['net_bytes'] / adamw['net_bytes']:.2f} x AdamW (docs/memory.md)")
+
+
+def _lean_ratio(preset: str, size: str) -> float:
+    """The preset's peak over inference + one first-order step's saved activations + 1.0 x the parameter bytes."""
+    lean, inference = measured(preset, size), measured("inference", size)
+    return lean["net_bytes"] / (inference["net_bytes"] + lean["saved_bytes"] + lean["param_bytes"])
 
 
 @pytest.mark.parametrize("size", [s for s in SIZES if s != "large"])
 @pytest.mark.parametrize("preset", LEAN)
-def test_target_lean_preset(benchmark, preset, size):
-    """At most inference + one first-order step's saved activations + 1.0 x the parameter bytes."""
-    lean, inference = measured(preset, size), measured("inference", size)
-    limit = inference["net_bytes"] + lean["saved_bytes"] + lean["param_bytes"]
+def test_lean_preset_against_the_target(benchmark, preset, size):
+    """Each lean preset's ratio to the target's limit, for the table (the target asks it of one preset)."""
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update(table="target", target=f"{preset} <= inference + activations + 1.0 x params",
-                                size=size, value=lean["net_bytes"] / limit, limit=1.0)
-    assert lean["net_bytes"] <= limit
+                                size=size, value=_lean_ratio(preset, size), limit=1.0)
+
+
+@pytest.mark.parametrize("size", [s for s in SIZES if s != "large"])
+def test_target_a_lean_preset_fits(size):
+    """Issue 13's target: a lean hybrid preset at most inference + activations + 1.0 x the parameter bytes."""
+    ratios = {preset: _lean_ratio(preset, size) for preset in LEAN}
+    assert min(ratios.values()) <= 1.0, ratios
