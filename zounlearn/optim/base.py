@@ -241,7 +241,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"but its group's state_dtype is {_dtype_name(dtype)!r}, which keeps "
                              f"{', '.join(name for name, _ in entries)}; give every optimizer that keeps this state "
                              f"the same state_dtype")
-        return [self._state(p, name, dtype, shape, kind) for name, (shape, kind) in entries]
+        return [self._state(p, name, kind, shape, group_dtype=dtype) for name, (shape, kind) in entries]
 
     def _moments(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any]
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -262,14 +262,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             yield self._moments(rule, params, group)
             return
         (p,) = params
+        maps = [q8.dynamic_map(signed, p.device) for signed in (True, False)]  # m signed, v >= 0: bitsandbytes'
         stored = [self._stored(p, key, group) if key else [] for key in self._used_keys(rule)]
-        signed = (True, False)  # m signed, v >= 0: bitsandbytes' maps for state1 and state2
-        scratch = [[q8.dequantize(*s, q8.dynamic_map(sign, p.device)) if len(s) == 2 else s[0]] if s else []
-                   for s, sign in zip(stored, signed)]
+        scratch = [[q8.dequantize(*s, code)] if len(s) == 2 else s for s, code in zip(stored, maps)]
         yield scratch[0], scratch[1]
-        for s, values, sign in zip(stored, scratch, signed):
-            if len(s) == 2:
-                q8.quantize_(values[0], q8.dynamic_map(sign, p.device), *s)
+        for s, values, code in zip(stored, scratch, maps):
+            if len(s) == 2:  # quantized (a small tensor's float32 state was the pass's own)
+                q8.quantize_(values[0], code, *s)
 
     def _passes(self, group: dict[str, Any], *lists: list[Any], one_by_one: bool = False) -> list[tuple[list, ...]]:
         """The fused passes over a group's tensors (lists in parallel: params, offsets, ...): one, or
@@ -278,18 +277,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [tuple([x] for x in items) for items in zip(*lists)]
         return [lists]
 
-    def _state(self, p: torch.Tensor, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
-               kind: torch.dtype | None = None) -> torch.Tensor:
-        """state[p][key] (shape: p's, dtype kind: dtype unless given), created as zeros on first use;
-        one that does not fit (shared with another optimizer's state, say) is a UsageError."""
-        shape, kind, state = tuple(p.shape) if shape is None else shape, dtype if kind is None else kind, self.state[p]
+    def _state(self, p: torch.Tensor, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None, *,
+               group_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """state[p][key], a dtype tensor of shape (p's unless given) on p's device, created as zeros on
+        first use; one that does not fit (shared with another optimizer's state, say) is a UsageError
+        that names the group's state dtype (group_dtype, dtype unless given)."""
+        shape, state = tuple(p.shape) if shape is None else shape, self.state[p]
         if key not in state:
-            state[key] = torch.zeros(shape, dtype=kind, device=p.device)
-        elif state[key].dtype != kind or state[key].shape != shape or state[key].device != p.device:
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        elif state[key].dtype != dtype or state[key].shape != shape or state[key].device != p.device:
             raise UsageError(f"{type(self).__name__}: the {key!r} state of a parameter of shape {tuple(p.shape)} is "
-                             f"{state[key].dtype} but its group's state_dtype is {_dtype_name(dtype)!r}, which keeps "
-                             f"{kind} of shape {shape} on {p.device} (this one: shape {tuple(state[key].shape)} on "
-                             f"{state[key].device}); give every optimizer that keeps this state the same state_dtype")
+                             f"{state[key].dtype} but its group's state_dtype is "
+                             f"{_dtype_name(group_dtype or dtype)!r}, which keeps {dtype} of shape {shape} on "
+                             f"{p.device} (this one: shape {tuple(state[key].shape)} on {state[key].device}); give "
+                             f"every optimizer that keeps this state the same state_dtype")
         return state[key]
 
     def _checked(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any],
