@@ -71,12 +71,12 @@ def test_quantizer_is_bitsandbytes_bit_for_bit(n, signed, monkeypatch):
         x[520] = -1e3 if signed else 1e3
     code = q8.dynamic_map(signed)
     codes, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(q8.blocks(n))
-    q8.quantize_(x, code, codes, absmax)
+    q8.quantize_(x, signed, codes, absmax)
     want_codes, want_absmax = torch.ops.bitsandbytes.quantize_blockwise(x.double(), code, q8.BLOCK)
     assert torch.equal(codes, want_codes)
     assert torch.equal(bits(absmax), bits(want_absmax))
     state = bnb.QuantState(absmax=absmax, code=code, blocksize=q8.BLOCK, dtype=torch.float32)
-    assert torch.equal(bits(q8.dequantize(codes, absmax, code)), bits(bnb.dequantize_blockwise(codes, state)))
+    assert torch.equal(bits(q8.dequantize(codes, absmax, signed)), bits(bnb.dequantize_blockwise(codes, state)))
 
 
 def test_bitsandbytes_float32_cpu_kernel_is_not_nearest():
@@ -86,7 +86,7 @@ def test_bitsandbytes_float32_cpu_kernel_is_not_nearest():
     code = q8.dynamic_map(True)
     kernel, _ = bnb.quantize_blockwise(x, code=code, blocksize=q8.BLOCK)
     codes, absmax = torch.empty(2, dtype=torch.uint8), torch.empty(1)
-    q8.quantize_(x, code, codes, absmax)
+    q8.quantize_(x, True, codes, absmax)
     assert float(code[int(codes[1])]) == 0.0 and float(code[int(kernel[1])]) > 1e-5
 
 
@@ -145,14 +145,14 @@ def test_int8_state_within_its_bound_of_the_float32_twin(name, cls, options, lin
     _, params, history = run(cls, options, "int8", seed, steps)
     _, _, twin = run(cls, options, "float32", seed, steps)
     for key, beta in linear.items():
-        code, slack = q8.dynamic_map(SIGNED[key]), largest_gap(SIGNED[key]) / 2 + 2.0**-20
+        slack = largest_gap(SIGNED[key]) / 2 + 2.0**-20
         used = 0.0
         for i, (p, quantized) in enumerate(zip(params, QUANTIZED)):
             want = twin[-1][i][key]
             if not quantized:
                 assert torch.equal(bits(history[-1][i][key]), bits(want)), f"{key} of tensor {i} (seed {seed})"
                 continue
-            got = q8.dequantize(history[-1][i][f"{key}_q"], history[-1][i][f"{key}_absmax"], code)
+            got = q8.dequantize(history[-1][i][f"{key}_q"], history[-1][i][f"{key}_absmax"], SIGNED[key])
             amax = torch.stack([h[i][f"{key}_absmax"] for h in history])  # (steps, blocks)
             weights = torch.tensor([beta ** (steps - 1 - k) for k in range(steps)])[:, None]
             bound = (slack * (weights * amax).sum(0)).repeat_interleave(q8.BLOCK)[:p.numel()].view(p.shape)

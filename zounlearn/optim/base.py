@@ -262,13 +262,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             yield self._moments(rule, params, group)
             return
         (p,) = params
-        maps = [q8.dynamic_map(signed, p.device) for signed in (True, False)]  # m signed, v >= 0: bitsandbytes'
+        signs = (True, False)  # m on the signed map, v (>= 0) on the unsigned one, as bitsandbytes
         stored = [self._stored(p, key, group) if key else [] for key in self._used_keys(rule)]
-        scratch = [[q8.dequantize(*s, code)] if len(s) == 2 else s for s, code in zip(stored, maps)]
+        scratch = [[q8.dequantize(*s, signed)] if len(s) == 2 else s for s, signed in zip(stored, signs)]
         yield scratch[0], scratch[1]
-        for s, values, code in zip(stored, scratch, maps):
+        for s, values, signed in zip(stored, scratch, signs):
             if len(s) == 2:  # quantized (a small tensor's float32 state was the pass's own)
-                q8.quantize_(values[0], code, *s)
+                q8.quantize_(values[0], signed, *s)
 
     def _passes(self, group: dict[str, Any], *lists: list[Any], one_by_one: bool = False) -> list[tuple[list, ...]]:
         """The fused passes over a group's tensors (lists in parallel: params, offsets, ...): one, or

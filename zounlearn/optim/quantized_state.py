@@ -50,27 +50,45 @@ def dynamic_map(signed: bool, device: torch.device = torch.device("cpu")) -> tor
     return torch.tensor(sorted(data), dtype=torch.float32, device=device)
 
 
-def quantize_(x: torch.Tensor, code: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Write x's (float32) codes (uint8, x's shape) and per-block absmax (float32, blocks(x.numel())).
+@functools.cache
+def _thresholds(signed: bool, device: torch.device) -> torch.Tensor:
+    """t_i, the least float32 n with |n - code[i+1]| < |n - code[i]| in float32 arithmetic, for
+    each pair of neighbours. float32 subtraction is monotone, so that inequality holds from t_i
+    on, and the nearest value's index (the lower one on a tie) is the count of t_i <= n: one
+    search instead of a search and two comparisons."""
+    code = dynamic_map(signed, device)
+    lower, upper = code[:-1], code[1:]
+    nearer = lambda n: (n - upper).abs() < (n - lower).abs()  # noqa: E731
+    t = ((lower.double() + upper.double()) / 2).float()  # within an ulp or two of the crossing
+    for _ in range(8):  # (each step moves every t_i one ulp towards its crossing)
+        down = torch.nextafter(t, lower)
+        t = torch.where(nearer(down), down, torch.where(nearer(t), t, torch.nextafter(t, upper)))
+    assert bool(nearer(t).all() and not nearer(torch.nextafter(t, lower)).any()), "thresholds not converged"
+    return t
+
+
+def quantize_(x: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Write x's (float32) codes (uint8, x's shape) and per-block absmax (float32, blocks(x.numel()))
+    on the signed or the unsigned map.
 
     As bitsandbytes: absmax = max |x| of the block, n = x (1 / absmax) clamped to [-1, 1], the
     index of the nearest map value (the lower one on a tie); an all-zero block (n = NaN) gets 0."""
-    flat, out = x.reshape(-1), codes.view(-1)
+    flat, out, thresholds = x.reshape(-1), codes.view(-1), _thresholds(signed, x.device)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start:start + _CHUNK]
         n = len(part)
         padded = torch.nn.functional.pad(part, (0, -n % BLOCK)).view(-1, BLOCK)  # zeros leave absmax as it is
         amax = padded.abs().amax(dim=1)
         normed = (padded * (1 / amax)[:, None]).clamp_(-1, 1).view(-1)[:n]
-        # The last map value <= n, or the next one if strictly nearer: argmin |n - map| with its ties.
-        i = (torch.searchsorted(code, normed, right=True) - 1).clamp_(0, len(code) - 2)
-        i += (normed - code[i + 1]).abs() < (normed - code[i]).abs()
+        i = torch.searchsorted(thresholds, normed, right=True, out_int32=True)
         out[start:start + n] = i.masked_fill_(normed.isnan(), 0).to(torch.uint8)
         absmax[start // BLOCK:start // BLOCK + len(amax)] = amax
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """The float32 values of codes (code[codes] times the block's absmax), in codes' shape."""
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The float32 values of codes on the signed or unsigned map (map[codes] times the block's
+    absmax), in codes' shape."""
+    code = dynamic_map(signed, codes.device)
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     flat, src = out.view(-1), codes.reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
