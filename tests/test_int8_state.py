@@ -59,8 +59,8 @@ def test_quantizer_is_bitsandbytes_bit_for_bit(n, signed, monkeypatch):
     """Codes, absmax and dequantized values equal bitsandbytes', on odd sizes, values over 12
     decades, an all-zero block and a block whose absmax is negative; 1024-element pieces of work,
     so the larger sizes cross many piece boundaries. The oracle is bitsandbytes' nearest-code CPU
-    path (what its quantize_blockwise op does for a float64 tensor; its CUDA kernel computes the
-    same); its float32 CPU kernel's search is not nearest far below the absmax (see below)."""
+    path (what its quantize_blockwise op does for a float64 tensor); its float32 CPU kernel's
+    search is not nearest far below the absmax (see below)."""
     monkeypatch.setattr(q8, "_CHUNK", 1024)
     gen = torch.Generator().manual_seed(n + signed)
     x = spread(n, gen)

@@ -6,11 +6,11 @@ absmax in float32 and each element the uint8 index of the nearest value of the d
 unsigned one v (>= 0), as bitsandbytes' 8-bit Adam does; tensors under 4096 elements are not
 quantized (bitsandbytes' min_8bit_size).
 
-The code is the nearest map value, as bitsandbytes' pure-PyTorch CPU path computes it (its
-quantize_blockwise of a float64 tensor) and its CUDA kernel does: tests/test_int8_state.py checks
-codes, absmax and the dequantized values bit for bit against it. bitsandbytes' float32 CPU kernel
-looks codes up with an approximate search that is not nearest far below a block's absmax (4e-9 of
-it gets the code of 2.1e-5), so it is not the oracle.
+The code is the nearest map value (the lower one on a tie), as bitsandbytes' generic CPU path
+computes it (the one its quantize_blockwise op takes for a float64 tensor): tests/test_int8_state.py
+checks codes, absmax and the dequantized values bit for bit against it. bitsandbytes' float32 CPU
+kernel looks codes up with an approximate search that is not nearest far below a block's absmax
+(4e-9 of it gets the code of 2.1e-5), so it is not the oracle.
 """
 
 from __future__ import annotations
