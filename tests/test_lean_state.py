@@ -226,7 +226,7 @@ def test_lean_state_in_backward_is_the_normal_path():
 
 def test_bad_state_dtypes_are_clear_errors():
     params = [torch.nn.Parameter(torch.randn(10))]
-    with pytest.raises(UsageError, match="state_dtype must be one of 'float32', 'bfloat16', got 'float16'"):
+    with pytest.raises(UsageError, match="state_dtype must be one of 'float32', 'bfloat16', 'int8', got 'float16'"):
         optim.AdamW(params, state_dtype="float16")
     with pytest.raises(UsageError, match="SophiaG keeps float32 state"):
         optim.SophiaG(params, state_dtype="bfloat16")

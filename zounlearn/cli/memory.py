@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                    help="an option for every optimizer named, e.g. in_backward=true, zo_dist=sphere; repeatable")
     p.add_argument("--state-bytes", type=float, default=4.0,
-                   help="bytes per optimizer-state element (default 4: float32; 2 for bfloat16 state)")
+                   help="bytes per optimizer-state element (default 4: float32; 2 for bfloat16 state; 1.015625 for "
+                        "int8 state: a byte and a float32 absmax per 256 elements)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the layers' activations")
     p.add_argument("--gpu", metavar="GB,GB", help="GPU memory sizes in GB (10^9 bytes) to check (default: 24,80,141)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),

@@ -123,6 +123,11 @@ def check_rule(rule: str, *, zeroth_order: bool) -> Rule:
     return r
 
 
+def check_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """One gradient per parameter, of its shape, dtype and device, contiguous."""
+    _check_like("grads", grads, params, None)
+
+
 def check_state(
     params: Sequence[torch.Tensor],
     m: Sequence[torch.Tensor],
@@ -135,7 +140,7 @@ def check_state(
     dtype (float32, or bfloat16: the lean state), grads like params (same dtype), scales a float32
     vector with one value per tensor."""
     if grads is not None:
-        _check_like("grads", grads, params, None)
+        check_grads(params, grads)
     state = [t for t in (*m, *v) if isinstance(t, torch.Tensor)]
     dtype = state[0].dtype if state else torch.float32
     if dtype not in STATE_DTYPES:

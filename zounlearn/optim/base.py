@@ -12,9 +12,10 @@ a closure.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -23,14 +24,18 @@ from ..checks import check_choice
 from ..errors import UsageError
 from ..ops import flat_offsets
 from ..ops.rules import Hyper, Rule
-from ..ops.validation import as_int64, check_params, check_state
+from ..ops.validation import as_int64, check_grads, check_params, check_state
 from ..rng import ROUNDING_STREAM_BASE, ROUNDINGS
+from . import quantized_state as q8
 
 Closure = Callable[[], "torch.Tensor | float"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 COUNTERS = "zounlearn"  # the state dict's entry for the optimizer-wide counters
-# state_dtype (a param-group key) -> how the rules' m and v are stored (docs/memory.md, "Lean state").
-STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# state_dtype (a param-group key) -> how the rules' m and v are stored (docs/memory.md, "Lean state");
+# "int8": uint8 codes of bitsandbytes' block-wise dynamic quantization (quantized_state.py).
+STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}
+# The rules int8 state serves: m signed, v >= 0 (Adam's g^2, R-AdaZO's m^2), both updated from g alone.
+INT8_RULES = (Rule.ADAM, Rule.SIGN_ADAM, Rule.ADAZO)
 
 
 def loss_value(value: Any) -> float:
@@ -96,6 +101,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     state_dtype (a param-group key): "float32" (the default) or "bfloat16", the lean state: m and v
     stored in bfloat16, computed in float32 by the fused rules and stored back rounded as
     `rounding` says, with rounding words of their own (docs/rng.md): 2 bytes per value instead of 4.
+    "int8" (the rules in INT8_RULES): bitsandbytes' 8-bit block-wise state, state[p][key + "_q"]
+    (uint8 codes, p's shape) and state[p][key + "_absmax"] (float32, one per 256 elements), for
+    tensors of 4096 elements or more (smaller ones keep float32 under key); each tensor's pass
+    runs on float32 m and v dequantized into scratch, then quantized back (quantized_state.py).
 
     rounding (a param-group key): how updates are stored into bfloat16 and float16 parameters,
     "stochastic" (the default: rounded up with probability equal to the fraction of the unit in
@@ -119,10 +128,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._state_dtype(group)
 
     def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
-        """The dtype of group's m and v; a state dict from before lean state has float32."""
+        """The dtype of group's m and v (torch.uint8: int8 state); a state dict from before lean state
+        has float32."""
         name = group.get("state_dtype", "float32")
         check_choice("state_dtype", name, tuple(STATE_DTYPES))
+        if name == "int8" and self._rule(group) not in INT8_RULES:
+            raise UsageError(f"{type(self).__name__} takes no state_dtype='int8': 8-bit block-wise state is for "
+                             f"AdamW, SignAdam, ZOAdam, AdaZO and ZOSignAdam (Adam's and Signum's moments); use "
+                             f"'bfloat16' or 'float32'")
         return STATE_DTYPES[name]
+
+    def _rule(self, group: dict[str, Any]) -> Rule | None:
+        """The rule group's passes run (None: no fused rule keeps state)."""
+        raise NotImplementedError
 
     def _counters(self) -> dict[str, Any]:
         return {"optimizer": type(self).__name__, "seed": self.seed, "roundings": self.roundings}
@@ -178,15 +196,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 len(saved["params"]) != len(group["params"]) for saved, group in zip(groups, self.param_groups)):
             raise UsageError(f"the {name} state dict has {[len(g['params']) for g in groups]} parameters per group, "
                              f"this optimizer {[len(g['params']) for g in self.param_groups]}")
-        allowed = {"step", *self.state_keys}
         for saved, group in zip(groups, self.param_groups):
-            dtype = self._state_dtype(saved)
+            self._state_dtype(saved)
             for param_id, p in zip(saved["params"], group["params"]):
+                layout = {entry: spec for key in self.state_keys for entry, spec in self._entries(p, key, saved)}
                 for key, value in state_dict.get("state", {}).get(param_id, {}).items():
-                    if key not in allowed:
-                        raise UsageError(f"the {name} state dict holds {key!r} for a parameter; {name} keeps "
-                                         f"{', '.join(sorted(allowed))}")
-                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    if key == "step":
+                        continue
+                    if key not in layout:
+                        raise UsageError(f"the {name} state dict holds {key!r} for a parameter of shape "
+                                         f"{tuple(p.shape)}; with its group's state_dtype "
+                                         f"{saved.get('state_dtype', 'float32')!r} {name} keeps "
+                                         f"{', '.join(['step', *sorted(layout)])} for it")
+                    shape, dtype = layout[key]
+                    if isinstance(value, torch.Tensor) and value.shape != shape:
                         raise UsageError(f"the {name} state dict's {key!r} has shape {tuple(value.shape)} for a "
                                          f"parameter of shape {tuple(p.shape)}; it belongs to another model")
                     if isinstance(value, torch.Tensor) and value.dtype != dtype:
@@ -194,26 +217,80 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          f"state_dtype is {saved.get('state_dtype', 'float32')!r}; the state dict "
                                          f"was edited or mixes optimizers")
 
+    def _entries(self, p: torch.Tensor, key: str, group: dict[str, Any]
+                 ) -> list[tuple[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """The state entries that hold p's state `key` under group's state_dtype: (name, (shape, dtype))."""
+        dtype = self._state_dtype(group)
+        if dtype != torch.uint8:
+            return [(key, (tuple(p.shape), dtype))]
+        if not q8.quantizes(p):
+            return [(key, (tuple(p.shape), torch.float32))]
+        return [(f"{key}_q", (tuple(p.shape), torch.uint8)),
+                (f"{key}_absmax", ((q8.blocks(p.numel()),), torch.float32))]
+
+    def _used_keys(self, rule: Rule) -> list[str | None]:
+        """state_keys' m and v names, None for what the rule does not keep."""
+        return [key if used else None for key, used in zip(self.state_keys, (rule.uses_m, rule.uses_v))]
+
+    def _stored(self, p: torch.Tensor, key: str, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors that hold p's state `key` (_entries'), created as zeros on first use."""
+        dtype, entries = self._state_dtype(group), self._entries(p, key, group)
+        other = sorted({key, f"{key}_q", f"{key}_absmax"} - {name for name, _ in entries} & set(self.state[p]))
+        if other:  # the group's state_dtype changed, or shared state is another optimizer's layout
+            raise UsageError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} holds {', '.join(other)} "
+                             f"but its group's state_dtype is {_dtype_name(dtype)!r}, which keeps "
+                             f"{', '.join(name for name, _ in entries)}; give every optimizer that keeps this state "
+                             f"the same state_dtype")
+        return [self._state(p, name, kind, shape, group_dtype=dtype) for name, (shape, kind) in entries]
+
     def _moments(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any]
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The rule's m and v of each parameter (in group's state_dtype, created as zeros on first
-        use); [] for what the rule does not keep."""
+        """The rule's stored m and v of each parameter (float32 or bfloat16 state; int8 state goes
+        through _pass_moments); [] for what the rule does not keep."""
         if rule is None:
             return [], []
-        dtype = self._state_dtype(group)
-        lists: list[list[torch.Tensor]] = []
-        for key, used in zip(self.state_keys, (rule.uses_m, rule.uses_v)):
-            lists.append([self._state(p, key, dtype) for p in params] if used else [])
-        return lists[0], lists[1]
+        m, v = ([self._stored(p, key, group)[0] for p in params] if key else [] for key in self._used_keys(rule))
+        return m, v
 
-    def _state(self, p: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
-        state = self.state[p]
+    @contextlib.contextmanager
+    def _pass_moments(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any]
+                      ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """m and v for one fused pass over params: the state itself, or for int8 state float32
+        scratch dequantized from it, quantized back after the pass (params is then one tensor, see
+        _passes, so the scratch is one tensor's m and v; a float32 state of a small tensor is itself)."""
+        if rule is None or self._state_dtype(group) != torch.uint8:
+            yield self._moments(rule, params, group)
+            return
+        (p,) = params
+        signs = (True, False)  # m on the signed map, v (>= 0) on the unsigned one, as bitsandbytes
+        stored = [self._stored(p, key, group) if key else [] for key in self._used_keys(rule)]
+        scratch = [[q8.dequantize(*s, signed)] if len(s) == 2 else s for s, signed in zip(stored, signs)]
+        yield scratch[0], scratch[1]
+        for s, values, signed in zip(stored, scratch, signs):
+            if len(s) == 2:  # quantized (a small tensor's float32 state was the pass's own)
+                q8.quantize_(values[0], signed, *s)
+
+    def _passes(self, group: dict[str, Any], *lists: list[Any], one_by_one: bool = False) -> list[tuple[list, ...]]:
+        """The fused passes over a group's tensors (lists in parallel: params, offsets, ...): one, or
+        one per tensor when one_by_one or under int8 state (whose scratch is then one tensor's m and v)."""
+        if one_by_one or self._state_dtype(group) == torch.uint8:
+            return [tuple([x] for x in items) for items in zip(*lists)]
+        return [lists]
+
+    def _state(self, p: torch.Tensor, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None, *,
+               group_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """state[p][key], a dtype tensor of shape (p's unless given) on p's device, created as zeros on
+        first use; one that does not fit (shared with another optimizer's state, say) is a UsageError
+        that names the group's state dtype (group_dtype, dtype unless given)."""
+        shape, state = tuple(p.shape) if shape is None else shape, self.state[p]
         if key not in state:
-            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        elif state[key].dtype != dtype:  # shared with another optimizer's state, say
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        elif state[key].dtype != dtype or state[key].shape != shape or state[key].device != p.device:
             raise UsageError(f"{type(self).__name__}: the {key!r} state of a parameter of shape {tuple(p.shape)} is "
-                             f"{state[key].dtype} but its group's state_dtype is {_dtype_name(dtype)!r}; give every "
-                             f"optimizer that keeps this state the same state_dtype")
+                             f"{state[key].dtype} but its group's state_dtype is "
+                             f"{_dtype_name(group_dtype or dtype)!r}, which keeps {dtype} of shape {shape} on "
+                             f"{p.device} (this one: shape {tuple(state[key].shape)} on {state[key].device}); give "
+                             f"every optimizer that keeps this state the same state_dtype")
         return state[key]
 
     def _checked(self, rule: Rule | None, params: list[torch.Tensor], group: dict[str, Any],
@@ -223,9 +300,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         state dict may not fit); check_tensors=False when the caller checks the params themselves."""
         if check_tensors:
             check_params(params)
-        if rule is not None:
-            m, v = self._moments(rule, params, group)
-            check_state(params, m, v, rule, scales, grads)
+        if rule is None:
+            return
+        if self._state_dtype(group) == torch.uint8:  # the passes get float32 scratch: check what is stored
+            for p in params:
+                for key in filter(None, self._used_keys(rule)):
+                    self._stored(p, key, group)
+            if grads is not None:
+                check_grads(params, grads)
+            return
+        m, v = self._moments(rule, params, group)
+        check_state(params, m, v, rule, scales, grads)
 
     def _check_float16(self, params: list[torch.Tensor], after: str) -> None:
         """float16 tops out at 65504: a value the pass made infinite is an error that names its tensor,
@@ -274,5 +359,5 @@ def hyper_adam(group: dict[str, Any], step: int, **extra: Any) -> Hyper:
                       step=step, **extra)
 
 
-__all__ = ["COUNTERS", "STATE_DTYPES", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam",
+__all__ = ["COUNTERS", "INT8_RULES", "STATE_DTYPES", "Closure", "FusedOptimizer", "ParamsT", "backward", "hyper_adam",
            "loss_value", "precision", "step"]

@@ -61,6 +61,9 @@ class FirstOrderOptimizer(FusedOptimizer):
     def _hyper(self, group: dict[str, Any], step: int) -> Hyper:
         raise NotImplementedError
 
+    def _rule(self, group: dict[str, Any]) -> Rule:
+        return self.rule
+
     # Updates inside backward.
     @property
     def updates_in_backward(self) -> bool:
@@ -164,8 +167,9 @@ class FirstOrderOptimizer(FusedOptimizer):
             self._check_clip(group)
             self._rounding(group)
             params = [p for p in group["params"] if p.requires_grad]
-            keys = [k for k, used in zip(self.state_keys, (self.rule.uses_m, self.rule.uses_v)) if used]
-            kept = [p for p in params if all(k in self.state.get(p, {}) for k in keys)]
+            keys = list(filter(None, self._used_keys(self.rule)))
+            kept = [p for p in params
+                    if all(name in self.state.get(p, {}) for k in keys for name, _ in self._entries(p, k, group))]
             if kept:
                 self._checked(self.rule, kept, group, None, self._scales(kept))
 
@@ -215,22 +219,21 @@ class FirstOrderOptimizer(FusedOptimizer):
 
     def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                offsets: list[int], hyper: Hyper) -> None:
-        if group.get("update_clip") is not None:
-            for p, g, offset in zip(params, grads, offsets):
-                self._apply_rule(group, [p], [g], [offset], self._clipped(group, p, g, hyper))
-            return
-        self._apply_rule(group, params, grads, offsets, hyper)
+        clip = group.get("update_clip") is not None  # its RMS is per tensor: one pass per tensor
+        for ps, gs, offs in self._passes(group, params, grads, offsets, one_by_one=clip):
+            with self._pass_moments(self.rule, ps, group) as (m, v):
+                self._apply_rule(group, ps, gs, offs, self._clipped(group, ps[0], gs[0], m, v, hyper) if clip
+                                 else hyper, m, v)
 
     def _apply_rule(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-                    offsets: list[int], hyper: Hyper) -> None:
-        m, v = self._moments(self.rule, params, group)
+                    offsets: list[int], hyper: Hyper, m: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         ops.grad_update_(params, grads, m, v, None, offsets, self.seed, self.rule.value, *self._rounding(group),
                          *hyper)
 
-    def _clipped(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, hyper: Hyper) -> Hyper:
+    def _clipped(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, m: list[torch.Tensor],
+                 v: list[torch.Tensor], hyper: Hyper) -> Hyper:
         """hyper with the tensor's lr scaled by min(1, update_clip / RMS(u)), u the update direction this
-        step will take (computed from the state before the update, in float32, chunk by chunk)."""
-        m, v = self._moments(self.rule, [p], group)
+        step will take (computed from p's state m and v before the update, in float32, chunk by chunk)."""
         flat = lambda t: t.reshape(-1)  # noqa: E731
         theta, g = flat(p), flat(grad)
         total = 0.0

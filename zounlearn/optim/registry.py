@@ -10,10 +10,11 @@ building anything a caller can see, so that a command fails before it loads a mo
 
 First-order optimizers take `in_backward=True` (update each parameter inside backward and free
 its gradient at once), `update_clip` (per-tensor update clipping, AdamW / SGD / CompressedAdam)
-and `state_dtype` ("bfloat16": the lean state, docs/memory.md; every fused optimizer takes it);
-"adamw" and "sgd" then build zounlearn's fused AdamW and SGD, torch.optim's math. The hybrid
-presets (HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW + AdaZO), the
-others lean (docs/memory.md says what each holds).
+and `state_dtype` (the lean state, docs/memory.md: "bfloat16", every fused optimizer takes it;
+"int8", 8-bit block-wise state, AdamW, SignAdam, ZOAdam, AdaZO and ZOSignAdam); "adamw" and
+"sgd" then build zounlearn's fused AdamW and SGD, torch.optim's math. The hybrid presets
+(HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW + AdaZO), the others lean
+(docs/memory.md says what each holds).
 """
 
 from __future__ import annotations

@@ -69,8 +69,7 @@ class CompressedAdam(FirstOrderOptimizer):
     def _scales(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.zeros(len(params), device=params[0].device)
 
-    def _apply_rule(self, group: dict[str, Any], params, grads, offsets, hyper) -> None:
-        m, v = self._moments(self.rule, params, group)
+    def _apply_rule(self, group: dict[str, Any], params, grads, offsets, hyper, m, v) -> None:
         scales = self._scales(params)
         rounding = self._rounding(group)
         ops.grad_update_(params, grads, m, v, scales, offsets, self.seed, Rule.ADAM_MOMENTS.value, *rounding, *hyper)

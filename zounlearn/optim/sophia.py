@@ -64,11 +64,10 @@ class SophiaG(FirstOrderOptimizer):
         return hyper_adam(group, step, rho=group["rho"])
 
     def _state_dtype(self, group: dict[str, Any]) -> torch.dtype:
-        dtype = super()._state_dtype(group)
-        if dtype != torch.float32:
+        if group.get("state_dtype", "float32") != "float32":
             raise UsageError("SophiaG keeps float32 state (state_dtype='float32'): its Hessian refresh is plain "
                              "torch, outside the fused rules that round lean state")
-        return dtype
+        return super()._state_dtype(group)
 
     def _counters(self) -> dict[str, Any]:
         return {**super()._counters(), "steps": self.steps}

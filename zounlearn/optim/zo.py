@@ -262,10 +262,11 @@ class ZeroOrderOptimizer(FusedOptimizer):
                 streams: list[int], restore: float) -> None:
         rule = self._rule(group)
         for step, indices in self._count_steps(params).items():
-            ps, offs = [params[i] for i in indices], [offsets[i] for i in indices]
-            m, v = self._moments(rule, ps, group)
-            ops.zo_update_(ps, m, v, offs, coefs, streams, self.seed, self._kernel_dist, restore, rule.value,
-                           *self._rounding(group), *self._hyper(group, step))
+            hyper = self._hyper(group, step)
+            for ps, offs in self._passes(group, [params[i] for i in indices], [offsets[i] for i in indices]):
+                with self._pass_moments(rule, ps, group) as (m, v):
+                    ops.zo_update_(ps, m, v, offs, coefs, streams, self.seed, self._kernel_dist, restore, rule.value,
+                                   *self._rounding(group), *hyper)
 
     def _undo_and_skip(self, plan: _Plan, active: float, stream: int, loss: float) -> float:
         if active:
