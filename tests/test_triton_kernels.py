@@ -35,6 +35,10 @@ SEEDS = [0, 1, 2**32 + 5, 2**63 + 3 - 2**64, -1]  # the last two: 2**63 + 3 and 
 STREAMS = [0, 1, 2**40 + 7]
 OFFSETS = [0, 5, 2**32 - 70, 2**40 + 3]  # 2**32 - 70 crosses 2^32 inside the tensor
 SIZES = [0, 1, 127, 128, 129, 4097]
+# Triton 3.9 turns the address table's alignment hints (kernels/tables.py) into vector loads;
+# 3.8 (the CUDA build of torch's) compiles the same kernels to scalar loads: slower on a GPU,
+# the same bits. The GPU machine's 3.6 is expected to behave as 3.8 (docs/gpu-check.md).
+VECTOR_HINTS = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 SHAPES_2D = [(3, 45), (7, 129)]
 
 
@@ -573,7 +577,7 @@ def sm90_build(tmp_path_factory):
 def test_compiles_for_sm90(sm90_build, variant):
     build = sm90_build[variant]
     assert build["has_ptx"] and build["sm_90"] and build["cubin_bytes"] > 0, build
-    assert build["vector_loads"] > 0, f"an aligned tensor should get vector loads: {build}"
+    assert build["vector_loads"] > 0 or not VECTOR_HINTS, f"an aligned tensor should get vector loads: {build}"
     if "rademacher" in variant:
         # One Philox per group per thread, not one per thread per row piece (8 Philox of ~20 mul.hi).
         assert build["mul_hi"] <= 20 * build["num_terms"], build
@@ -589,7 +593,7 @@ def test_update_compiles_for_sm90_with_ieee_math(sm90_build, variant):
     """The rules' bits on a GPU: IEEE division and square root (div_rn, sqrt_rn), no FMA."""
     build = sm90_build[variant]
     assert build["has_ptx"] and build["sm_90"] and build["cubin_bytes"] > 0, build
-    assert build["vector_loads"] > 0, f"aligned tensors should get vector loads: {build}"
+    assert build["vector_loads"] > 0 or not VECTOR_HINTS, f"aligned tensors should get vector loads: {build}"
     assert build["approx_div"] == 0, build
     assert build["ieee_div"] > 0 or "SGD" in variant, f"the rule's divisions should be div.rn.f32: {build}"
     assert ("ADAM_MOMENTS" in variant) == (build["atomics"] > 0), build

@@ -75,7 +75,9 @@ def test_zo_update_equals_reference(backend, dtype, rule, dist, rounding, state_
     zo_update_(got[0], coefs, 17, streams, offsets, rule=rule, hyper=h, m=got[1], v=got[2], restore=1e-3,
                dist=dist, rounding=rounding, rounding_stream=ROUNDING_STREAM)
     exact = dist == "rademacher"
-    flips = 0 if exact else 3 * (rule in (Rule.SIGN, Rule.SIGN_ADAM))
+    # Gaussian z agree to 1e-6: a sign can flip at a tie, and Adam's m / sqrt(v) amplifies the
+    # difference where v is near 0 (seed 1359219092: one element of 129 off by 1.1e-5).
+    flips = 0 if exact else 3 * (rule in (Rule.SIGN, Rule.SIGN_ADAM)) + (rule in (Rule.ADAM, Rule.ADAZO))
     for g, w in zip(got, want):
         assert_same(g, w, exact, dtype if g is got[0] else state_dtype, flips, seed)
 
