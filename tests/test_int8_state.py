@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tiny import fresh_seed
 
 from zounlearn import optim
 from zounlearn.errors import UsageError
@@ -32,9 +33,6 @@ SIZES = [(67, 75), (4096,), (129,), (3, 1500)]  # two quantized (one with a shor
 QUANTIZED = [math.prod(s) >= q8.MIN_8BIT_SIZE for s in SIZES]
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}  # m on the signed map, v (>= 0) on the unsigned one
 
-
-def fresh_seed() -> int:
-    return int(torch.randint(2**31, ()).item())
 
 
 def spread(n: int, gen: torch.Generator) -> torch.Tensor:

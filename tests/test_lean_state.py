@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
+from tiny import fresh_seed
 
 from zounlearn import optim, rng
 from zounlearn.cli.inputs import key_values
@@ -25,9 +26,6 @@ from zounlearn.optim.registry import check_optimizer_options, make_optimizer
 
 BF16_EPS = 2.0**-7  # a bfloat16 unit in the last place is at most this times |x| (8 significant bits)
 
-
-def fresh_seed() -> int:
-    return int(torch.randint(2**31, ()).item())
 
 
 # Optimizers with moments: (name, class, options, the states that are linear in their gradient

@@ -8,16 +8,12 @@ import math
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, DTYPES, FAST_BACKENDS, SHAPES
+from tiny import fresh_seed
 
 from zounlearn import rng
 from zounlearn.ops import backends, flat_offsets, reference
 from zounlearn.ops.rules import RULES, ZO_RULES, Hyper, Rule
 from zounlearn.ops.update import grad_update_, zo_update_
-
-
-def fresh_seed() -> int:
-    """Fresh inputs every run; failures print the seed to replay them."""
-    return int(torch.randint(2**31, ()).item())
 
 
 def make(dtype: torch.dtype, rule: Rule, seed: int, state_dtype: torch.dtype = torch.float32):
