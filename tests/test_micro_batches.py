@@ -98,7 +98,8 @@ def test_counts_reproduce_the_means_as_they_were_bit_for_bit():
         rmu = make_objective("rmu", layer=1)
         hidden = layer_output(model, fb, 1)
         target = rmu.steering_coeff * rmu.direction(hidden.shape[-1])
-        assert torch.equal(rmu.distance(hidden, target, fb, Counts.of(fb)), F.mse_loss(hidden, target.expand_as(hidden)))
+        was = F.mse_loss(hidden, target.expand_as(hidden))  # WMDP's
+        assert torch.equal(rmu.distance(hidden, target, fb, Counts.of(fb)), was)
 
 
 RUN = {"steps": 4, "batch_size": 4, "eval_batch_size": 64}
