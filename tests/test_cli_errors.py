@@ -241,7 +241,8 @@ def test_an_os_error_is_one_line_naming_the_path(place, tmp_path, monkeypatch, c
 
 # --- the property: random bad option values never give a traceback
 
-INTEGERS = {"steps": 1, "batch_size": 1, "retain_batch_size": 1, "eval_every": 0, "eval_batch_size": 1,
+INTEGERS = {"steps": 1, "batch_size": 1, "retain_batch_size": 1, "gradient_accumulation_steps": 1, "eval_every": 0,
+            "eval_batch_size": 1,
             "checkpoint_every": 0, "seed": 0, "max_length": 2, "threads": 1}
 BOOLEANS = ("resume", "save_model", "progress", "train_mode")
 TEXTS = ("model", "dtype", "device", "objective", "optimizer", "text_unit")  # output: a word would be a valid path

@@ -78,6 +78,20 @@ def test_resume_through_the_command_line(files, tmp_path, capsys):
     _fails(capsys, [a for a in args if a not in ("--output", str(out))] + ["--resume"], "--resume needs --output")
 
 
+def test_gradient_accumulation_steps_flag_config_key_and_bad_values(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(files, "--optimizer", "sgd", "--steps", "2", "--gradient-accumulation-steps", "2",
+                      output=out)) == 0
+    assert json.loads((out / "config.json").read_text())["loop"]["gradient_accumulation_steps"] == 2
+    bad = tmp_path / "bad"
+    _fails(capsys, _args(files, "--gradient-accumulation-steps", "0", output=bad),
+           "gradient_accumulation_steps must be an integer >= 1, got 0")
+    _fails(capsys, _args(files, "--gradient-accumulation-steps", "9", output=bad), "is more than batch_size 8")
+    config = _write(tmp_path / "k.yaml", "gradient_accumulation_steps: two\n")
+    _fails(capsys, _args(files, "--config", str(config), output=bad), "must be an integer >= 1, got 'two'")
+    assert not bad.exists()
+
+
 def test_eval_prints_and_writes_metrics(files, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["eval", "--model", files["model"], *data_flags(files, ("forget",)), *data_flags(files, ("retain",)),

@@ -29,9 +29,9 @@ from .inputs import (
 # The loop's settings, as flags (dest: default). None: the loop's own default.
 LOOP_DEFAULTS: dict[str, Any] = {
     "objective": "npo", "optimizer": "hybrid", "lr": None, "steps": None, "epochs": None, "batch_size": 8,
-    "retain_batch_size": None, "max_length": None, "eval_every": 0, "eval_batch_size": 32, "checkpoint_every": 0,
-    "seed": 0, "train_mode": False, "activation_checkpointing": False, "objective_option": None,
-    "optimizer_option": None, "backend": "auto",
+    "retain_batch_size": None, "gradient_accumulation_steps": 1, "max_length": None, "eval_every": 0,
+    "eval_batch_size": 32, "checkpoint_every": 0, "seed": 0, "train_mode": False, "activation_checkpointing": False,
+    "objective_option": None, "optimizer_option": None, "backend": "auto",
 }
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None, "dtype": "float32", "device": None, "threads": None, "forget": None, "retain": None,
@@ -87,6 +87,9 @@ def add_loop_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
                        help=f"forget examples per step (default: {defaults['batch_size']})")
     group.add_argument("--retain-batch-size", default=GIVEN, type=int,
                        help=f"retain examples per step (default: {defaults['retain_batch_size'] or 'batch size'})")
+    group.add_argument("--gradient-accumulation-steps", default=GIVEN, type=int, metavar="N",
+                       help="split each step's batches into N micro-batches, one forward (and backward) at a "
+                            "time, the same loss and update up to rounding: less activation memory (default: 1)")
     group.add_argument("--max-length", default=GIVEN, type=int, help="truncate examples to this many tokens")
     group.add_argument("--eval-every", default=GIVEN, type=int,
                        help=f"evaluate every N steps (default: {defaults['eval_every'] or 'only before and after'})")

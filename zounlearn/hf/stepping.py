@@ -19,16 +19,10 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..optim import HybridFOZO, SophiaG, ZeroOrderOptimizer
+from ..optim import SophiaG
 from ..optim.base import Closure
 from ..optim.base import step as take_step
-
-
-def takes_zeroth_order_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer's next step is zeroth-order (a ZO optimizer, or the hybrid in a ZO block)."""
-    if isinstance(optimizer, ZeroOrderOptimizer):
-        return True
-    return isinstance(optimizer, HybridFOZO) and optimizer.phase(optimizer.steps) == "zo"
+from ..optim.hybrid import takes_zeroth_order_step
 
 
 class StepAdapter(torch.optim.Optimizer):

@@ -170,3 +170,10 @@ class HybridFOZO(torch.optim.Optimizer):
             self.zo.state = self.fo.state
         super().load_state_dict({"state": state_dict.get("state", {}), "param_groups": state_dict["param_groups"]})
         self.steps = state_dict["steps"]
+
+
+def takes_zeroth_order_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's next step is zeroth-order (a ZO optimizer, or the hybrid in a ZO block)."""
+    if isinstance(optimizer, ZeroOrderOptimizer):
+        return True
+    return isinstance(optimizer, HybridFOZO) and optimizer.phase(optimizer.steps) == "zo"

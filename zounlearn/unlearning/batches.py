@@ -166,6 +166,13 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.indices)))
 
+    def split(self, k: int) -> list[Batch]:
+        """The rows in min(k, len(self)) consecutive micro-batches whose sizes differ by at most one, each at this
+        batch's padded width (a padded position's values depend only on the tokens before it, so every row
+        computes as it does in the whole batch, and means over positions keep the whole batch's count)."""
+        fields = (self.input_ids, self.attention_mask, self.labels, self.indices)
+        return [Batch(*parts) for parts in zip(*(t.tensor_split(min(k, len(self))) for t in fields))]
+
 
 def _pad(tokens: Sequence[Tokens], indices: Sequence[int], fill: int) -> Batch:
     width = max(len(t.ids) for t in tokens)

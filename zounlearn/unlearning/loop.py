@@ -36,6 +36,15 @@ a `Control` (evaluate, checkpoint, stop), which the loop then acts on: the metri
 progress bar, the evaluation and checkpoint schedules, the interrupt check and the
 divergence guard. The optimizer step itself is `_step`.
 
+Micro-batches (gradient_accumulation_steps k): each step's forget and retain batches are split
+into k micro-batches of consecutive rows at the batch's padded width (`Batch.split`; fewer
+when a batch has fewer than k examples), and the objective returns each one's share of the
+step's loss, its means divided by the whole batches' counts (objectives.StepCounts), so the
+shares sum to the one-batch loss up to rounding. A first-order step backpropagates each
+micro-batch in turn and updates once; a zeroth-order step's closure sums the shares, so every
+query evaluates all of them under one perturbation. SophiaG's Hessian estimate comes from the
+last micro-batch's forget rows. k = 1 is the unsplit step, bit for bit.
+
 Interrupts (signals.py): SIGINT (Ctrl-C) and SIGTERM during an optimizer step stop the run
 after that step; at any other moment (evaluations, the final save) they stop it at once.
 Either way the loop writes a checkpoint of the last completed step (also with
@@ -50,6 +59,7 @@ trained weight when an evaluation, a checkpoint or the end is due, stops the run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -66,12 +76,14 @@ from transformers import PreTrainedTokenizerBase
 from ..atomic import atomic_dir
 from ..checks import check_bool, check_int
 from ..errors import UsageError
-from ..optim import gnb_loss
+from ..optim import HybridFOZO, gnb_loss
 from ..optim import step as take_step
-from ..optim.base import precision
+from ..optim.base import loss_value, precision
+from ..optim.first_order import FirstOrderOptimizer
+from ..optim.hybrid import takes_zeroth_order_step
 from ..optim.registry import OPTIMIZERS, make_optimizer
 from .activations import activation_checkpointing
-from .batches import Batches, fit_to_context, model_device, model_mode, rng_devices
+from .batches import Batch, Batches, fit_to_context, model_device, model_mode, rng_devices
 from .callbacks import (
     Callback,
     CheckpointSchedule,
@@ -87,7 +99,7 @@ from .callbacks import (
 from .checkpoint import checkpoint_steps, load_weights, save_checkpoint
 from .data import Example, Split, UnlearningData
 from .evaluation import evaluate
-from .objectives import Objective, make_objective
+from .objectives import Objective, StepCounts, make_objective
 from .report import jsonable, write_report
 from .rundir import METRICS, open_run_dir, run_fingerprints
 from .signals import Interrupted, Interrupts
@@ -105,7 +117,8 @@ class LoopConfig:
     steps, or else epochs over the forget set (1 by default). lr None: the optimizer's
     default (`zounlearn.optim.registry.OPTIMIZERS`). eval_every / checkpoint_every 0: only
     before and after / only at interrupts. max_length: truncation of each example in tokens
-    (None: the model's context).
+    (None: the model's context). gradient_accumulation_steps: micro-batches per step (module
+    docstring), at most batch_size (and retain_batch_size).
     """
 
     objective: str = "npo"
@@ -115,6 +128,7 @@ class LoopConfig:
     epochs: float | None = None
     batch_size: int = 8
     retain_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
     max_length: int | None = None
     eval_every: int = 0
     eval_batch_size: int = 32
@@ -126,7 +140,7 @@ class LoopConfig:
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             check_int(name, getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "seed"):
             check_int(name, getattr(self, name), 0)
@@ -135,6 +149,11 @@ class LoopConfig:
                 check_int(name, getattr(self, name), 1)
         if self.max_length is not None:
             check_int("max_length", self.max_length, 2)
+        for name in ("batch_size", "retain_batch_size"):
+            size = getattr(self, name)
+            if size is not None and self.gradient_accumulation_steps > size:
+                raise UsageError(f"gradient_accumulation_steps {self.gradient_accumulation_steps} is more than "
+                                 f"{name} {size}: a micro-batch would have no example; use at most {size}")
         check_bool("train_mode", self.train_mode)
         if self.steps is not None and self.epochs is not None:
             raise UsageError("give steps or epochs, not both")
@@ -290,11 +309,13 @@ class _Run:
             for step in range(state.step, state.total):
                 control.new_step()
                 forget, retain = self.forget.batch(step), self.retain.batch(step) if self.retain else None
+                counts = StepCounts.of(forget, retain)
+                micro = _micro_batches(forget, retain, self.config.gradient_accumulation_steps)
+                shares = [functools.partial(self.objective, self.model, f, r, counts) for f, r in micro]
                 with interrupts.deferred():
                     state.consistent = False
                     tick = time.perf_counter()
-                    loss = _step(self.optimizer, lambda: self.objective(self.model, forget, retain),
-                                 lambda: _gnb(self.model, forget))
+                    loss = _step(self.optimizer, shares, functools.partial(_gnb, self.model, micro[-1][0]))
                     self._advance(loss, time.perf_counter() - tick)
                 for callback in self.callbacks:
                     callback.on_step_end(state, control)
@@ -370,11 +391,58 @@ class _Run:
         return Interrupted(f"{name} after step {state.step}; {kept}", stop.signum)
 
 
-def _step(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor],
+def _micro_batches(forget: Batch, retain: Batch | None, k: int) -> list[tuple[Batch, Batch | None]]:
+    """The step's (forget, retain) pairs of micro-batches: as many as the smaller batch allows, up to k."""
+    n = min(k, len(forget), len(retain) if retain is not None else k)
+    return list(zip(forget.split(n), retain.split(n) if retain is not None else [None] * n))
+
+
+def _step(optimizer: torch.optim.Optimizer, shares: list[Callable[[], torch.Tensor]],
           hessian_closure: Callable[[], torch.Tensor]) -> float:
-    """One step of any optimizer; returns the loss at the parameters before it."""
-    closure.hessian_closure = hessian_closure  # what SophiaG refreshes its estimate from
+    """One step of any optimizer on the sum of the micro-batches' shares of the loss (module docstring);
+    returns the loss at the parameters before it."""
+    *earlier, last = shares
+    if takes_zeroth_order_step(optimizer):
+        def closure() -> torch.Tensor:  # under one perturbation per call: each query sees every micro-batch
+            total = shares[0]()
+            for share in shares[1:]:
+                total = total + share()
+            return total
+    else:
+        inner = optimizer.fo if isinstance(optimizer, HybridFOZO) else optimizer
+        if isinstance(inner, FirstOrderOptimizer):
+            # It may update inside backward: accumulate() keeps the earlier micro-batches' gradients for the
+            # step's own backward, which then adds the last one's and updates once.
+            optimizer.zero_grad(set_to_none=True)
+            with inner.accumulate():
+                before = _backward_each(earlier)
+
+            def closure() -> torch.Tensor:
+                return _plus(last(), before)
+        else:
+            def closure() -> torch.Tensor:  # torch's step sets the gradients to None before it calls the closure
+                return _plus(last(), _backward_each(earlier))
+    closure.hessian_closure = hessian_closure  # type: ignore[attr-defined]  # what SophiaG refreshes its estimate from
     return take_step(optimizer, closure)
+
+
+def _backward_each(shares: list[Callable[[], torch.Tensor]]) -> float | None:
+    """Backpropagate each share in turn (their gradients add up in .grad); the sum of their values (None: none)."""
+    if not shares:
+        return None
+    total = 0.0
+    with torch.enable_grad():
+        for share in shares:
+            loss = share()
+            loss.backward()
+            total += loss_value(loss)
+    return total
+
+
+def _plus(loss: torch.Tensor, before: float | None) -> torch.Tensor:
+    """The step's loss: the last share plus the earlier ones' values, which carry no gradient (already
+    backpropagated); a non-finite earlier share makes it non-finite, so the optimizer skips the whole step."""
+    return loss if before is None else loss + before
 
 
 def _gnb(model: torch.nn.Module, batch: Any) -> torch.Tensor:

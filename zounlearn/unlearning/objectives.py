@@ -18,6 +18,13 @@ caches are keyed by example index (`Batch.indices`), so every batch must come fr
 the optimizer should update: every trainable parameter, or for RMU only its layers' MLP
 output projections.
 
+Micro-batches: every mean an objective takes (over tokens, sequences or positions) divides
+by a count of the step's whole batch (`StepCounts`); `objective(model, forget, retain,
+counts)` with the counts of the whole batch and (forget, retain) a micro-batch of its rows
+(`Batch.split`, the padded width kept) returns that micro-batch's share, and the shares of
+the micro-batches sum to the whole batch's loss up to float rounding. Without counts the
+batch is the whole step, as before.
+
 CE below is the mean answer-token cross-entropy of a batch (every scored token counts
 once, as Hugging Face's loss), log p(y|x) the summed log-likelihood of an answer and |y|
 its number of tokens, EOS included (`batches.answer_log_likelihoods`, float32). What each
@@ -39,6 +46,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +54,32 @@ import torch.nn.functional as F
 
 from ..checks import check_choice, check_int, check_range
 from .batches import IGNORE, Batch, Batches, answer_log_likelihoods, evaluating, model_device
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a batch's means divide by: its sequences, its scored answer tokens and its positions (rows x padded
+    width, padding included: the KL term and WMDP's RMU average over them)."""
+
+    sequences: int
+    tokens: int
+    positions: int
+
+    @classmethod
+    def of(cls, batch: Batch) -> Counts:
+        return cls(len(batch), int((batch.labels[:, 1:] != IGNORE).sum()), batch.input_ids.numel())
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """The counts of a step's whole forget and retain batches, which each micro-batch's share divides by."""
+
+    forget: Counts
+    retain: Counts | None
+
+    @classmethod
+    def of(cls, forget: Batch, retain: Batch | None = None) -> StepCounts:
+        return cls(Counts.of(forget), Counts.of(retain) if retain is not None else None)
 
 
 class Objective:
@@ -65,20 +99,26 @@ class Objective:
         """The parameters the optimizer should update: every one that requires grad."""
         return [p for p in model.parameters() if p.requires_grad]
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
+        """The share of (forget, retain) in the loss of the step whose whole batches have these counts."""
         raise NotImplementedError
 
-    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None,
+                 counts: StepCounts | None = None) -> torch.Tensor:
+        """The loss of (forget, retain); with the counts of a step's whole batches, this micro-batch's share."""
         if self.needs_retain and retain is None:
             raise ValueError(f"{self.name} with these hyperparameters needs a retain batch; pass one, or set the "
                              f"retain term's weight (retain_weight; RMU: alpha) to 0")
-        return self.loss(model, forget, retain)
+        return self.loss(model, forget, retain, counts or StepCounts.of(forget, retain))
 
 
-def cross_entropy(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """CE: the mean answer-token cross-entropy of the batch."""
+def cross_entropy(model: torch.nn.Module, batch: Batch, tokens: int | None = None) -> torch.Tensor:
+    """CE: the mean answer-token cross-entropy of the batch; with `tokens`, the answer tokens of the step's whole
+    batch, this micro-batch's share of it."""
     log_likelihood, n_tokens = answer_log_likelihoods(model, batch)
-    return -log_likelihood.sum() / n_tokens.sum()
+    # A tensor on the device, as n_tokens.sum() is: the division is the same kernel either way.
+    total = n_tokens.sum() if tokens is None else torch.tensor(tokens, device=n_tokens.device)
+    return -log_likelihood.sum() / total
 
 
 class GA(Objective):
@@ -86,8 +126,8 @@ class GA(Objective):
 
     name = "ga"
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
-        return -cross_entropy(model, forget)
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
+        return -cross_entropy(model, forget, counts.forget.tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +199,8 @@ class KLRetain:
         else:
             self.cache = PaddedCache(model, retain, lambda batch: log_probs(model, batch))
 
-    def __call__(self, model: torch.nn.Module, retain: Batch) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, retain: Batch, positions: int) -> torch.Tensor:
+        """The KL summed over the batch's positions, divided by `positions` (the step's: batchmean's B * T)."""
         if self.cache is None and self.frozen is None:
             raise ValueError("the KL retain term has no reference: call prepare(model, forget_batches, "
                              "retain_batches) before unlearning")
@@ -169,7 +210,8 @@ class KLRetain:
                 original = log_probs(self.frozen, retain)
         else:
             original = self.cache.take(retain, "the KL retain term").to(current.device)
-        return F.kl_div(current.flatten(0, 1), original.flatten(0, 1), reduction="batchmean", log_target=True)
+        # batchmean is this sum divided by the rows of the flattened (B * T, V) input.
+        return F.kl_div(current.flatten(0, 1), original.flatten(0, 1), reduction="sum", log_target=True) / positions
 
 
 class _RetainWeighted(Objective):
@@ -195,16 +237,18 @@ class _RetainWeighted(Objective):
                                  f"model's log-probabilities")
             self.kl.prepare(model, retain)
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
-        loss = self.forget_loss(model, forget)
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
+        loss = self.forget_loss(model, forget, counts.forget)
         if self.forget_weight != 1:
             loss = self.forget_weight * loss
         if self.retain_weight > 0:
-            term = self.kl(model, retain) if self.kl is not None else cross_entropy(model, retain)
+            term = self.kl(model, retain, counts.retain.positions) if self.kl is not None else \
+                cross_entropy(model, retain, counts.retain.tokens)
             loss = loss + self.retain_weight * term
         return loss
 
-    def forget_loss(self, model: torch.nn.Module, forget: Batch) -> torch.Tensor:
+    def forget_loss(self, model: torch.nn.Module, forget: Batch, counts: Counts) -> torch.Tensor:
+        """The forget term's share for this batch of the step's whole forget batch (whose counts these are)."""
         raise NotImplementedError
 
 
@@ -221,8 +265,8 @@ class GradDiff(_RetainWeighted):
     def __init__(self, retain_weight: float = 1.0, retain_loss: str = "nll", kl_reference: str = "cache") -> None:
         super().__init__(retain_weight, retain_loss, kl_reference)
 
-    def forget_loss(self, model: torch.nn.Module, forget: Batch) -> torch.Tensor:
-        return -cross_entropy(model, forget)
+    def forget_loss(self, model: torch.nn.Module, forget: Batch, counts: Counts) -> torch.Tensor:
+        return -cross_entropy(model, forget, counts.tokens)
 
 
 class FineTune(_RetainWeighted):
@@ -235,7 +279,7 @@ class FineTune(_RetainWeighted):
         check_range("retain_weight", retain_weight, 0.0, open_low=True)
         super().__init__(retain_weight)
 
-    def forget_loss(self, model: torch.nn.Module, forget: Batch) -> torch.Tensor:
+    def forget_loss(self, model: torch.nn.Module, forget: Batch, counts: Counts) -> torch.Tensor:
         return torch.zeros((), device=model_device(model))
 
 
@@ -274,7 +318,7 @@ class NPO(_RetainWeighted):
         self.reference, self.reference_tokens = reference, tokens
         super().prepare(model, forget, retain)
 
-    def forget_loss(self, model: torch.nn.Module, forget: Batch) -> torch.Tensor:
+    def forget_loss(self, model: torch.nn.Module, forget: Batch, counts: Counts) -> torch.Tensor:
         if self.reference is None:
             raise ValueError("NPO has no reference log-likelihoods: call prepare(model, forget_batches) before "
                              "unlearning")
@@ -285,7 +329,8 @@ class NPO(_RetainWeighted):
             raise ValueError("this forget batch is not from the Batches NPO was prepared on (other examples or "
                              "another max_length); prepare on the forget Batches the loop draws from")
         reference = self.reference[indices].to(log_likelihood.device)
-        return -(2 / self.beta) * F.logsigmoid(-self.beta * (log_likelihood - reference)).mean()
+        # The mean over the step's sequences (on the CPU, mean() is this sum and division, bit for bit).
+        return -(2 / self.beta) * (F.logsigmoid(-self.beta * (log_likelihood - reference)).sum() / counts.sequences)
 
 
 class SimNPO(_RetainWeighted):
@@ -311,9 +356,10 @@ class SimNPO(_RetainWeighted):
         super().__init__(retain_weight, retain_loss, kl_reference)
         self.beta, self.delta, self.forget_weight = beta, delta, forget_weight
 
-    def forget_loss(self, model: torch.nn.Module, forget: Batch) -> torch.Tensor:
+    def forget_loss(self, model: torch.nn.Module, forget: Batch, counts: Counts) -> torch.Tensor:
         log_likelihood, n_tokens = answer_log_likelihoods(model, forget)
-        return -(2 / self.beta) * F.logsigmoid(self.beta * (-log_likelihood / n_tokens - self.delta)).mean()
+        per_sequence = F.logsigmoid(self.beta * (-log_likelihood / n_tokens - self.delta))
+        return -(2 / self.beta) * (per_sequence.sum() / counts.sequences)
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,26 +504,27 @@ class RMU(Objective):
             raise ValueError("RMU with alpha > 0 needs the retain Batches to cache the frozen activations")
         self.frozen = PaddedCache(model, retain, lambda batch: layer_output(model, batch, self.layer))
 
-    def distance(self, hidden: torch.Tensor, target: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """D of the class docstring, in float32; target broadcasts against hidden (B, T, H)."""
+    def distance(self, hidden: torch.Tensor, target: torch.Tensor, batch: Batch, counts: Counts) -> torch.Tensor:
+        """D of the class docstring, in float32, as the share of this batch in the D of the step's whole batch
+        (whose counts these are); target broadcasts against hidden (B, T, H)."""
         squared = (hidden.float() - target.float()).pow(2)
         if self.form == "wmdp":
-            return squared.mean()
+            return squared.sum() / (counts.positions * squared.shape[-1])
         mask = (batch.labels != IGNORE).to(hidden.device)
         per_sequence = (squared.mean(dim=-1) * mask).sum(dim=1) / mask.sum(dim=1)
-        return per_sequence.mean()
+        return per_sequence.sum() / counts.sequences
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
         hidden = layer_output(model, forget, self.layer)
         target = self.steering_coeff * self.direction(hidden.shape[-1]).to(hidden.device)
-        loss = self.distance(hidden, target, forget)
+        loss = self.distance(hidden, target, forget, counts.forget)
         if self.alpha > 0:
             if self.frozen is None:
                 raise ValueError("RMU has no frozen retain activations: call prepare(model, forget_batches, "
                                  "retain_batches) before unlearning")
             frozen = self.frozen.take(retain, "RMU")
             hidden = layer_output(model, retain, self.layer)
-            loss = loss + self.alpha * self.distance(hidden, frozen.to(hidden.device), retain)
+            loss = loss + self.alpha * self.distance(hidden, frozen.to(hidden.device), retain, counts.retain)
         return loss
 
 
@@ -502,8 +549,8 @@ class _Defended(Objective):
     def prepare(self, model: torch.nn.Module, forget: Batches, retain: Batches | None = None) -> None:
         self.inner.prepare(model, forget, retain)
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
-        return self.inner.loss(model, forget, retain)
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
+        return self.inner.loss(model, forget, retain, counts)
 
 
 class WeightDistortion(_Defended):
@@ -540,13 +587,16 @@ class WeightDistReg(_Defended):
         super().prepare(model, forget, retain)
         self.original = [p.detach().float().clone() for p in model.parameters()]
 
-    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None = None) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, forget: Batch, retain: Batch | None, counts: StepCounts) -> torch.Tensor:
         if self.original is None:
             raise ValueError("Weight Dist Reg has no original weights: call prepare(model, forget_batches, ...) "
                              "before unlearning")
         squares = sum((p.float() - p0).pow(2).sum() for p, p0 in zip(model.parameters(), self.original))
         count = sum(p0.numel() for p0 in self.original)
-        return self.inner.loss(model, forget, retain) - self.strength * torch.sqrt(squares / count + 1e-8)
+        # The weights are the step's, not the batch's: each micro-batch takes its forget rows' part (all, at k = 1).
+        share = len(forget) / counts.forget.sequences
+        distance = torch.sqrt(squares / count + 1e-8)
+        return self.inner.loss(model, forget, retain, counts) - self.strength * distance * share
 
 
 # ---------------------------------------------------------------------------------------
