@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from tiny import fresh_seed
+from seeds import fresh_seed
 
 from zounlearn import optim
 from zounlearn.errors import UsageError

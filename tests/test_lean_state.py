@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
-from tiny import fresh_seed
+from seeds import fresh_seed
 
 from zounlearn import optim, rng
 from zounlearn.cli.inputs import key_values

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, DTYPES, FAST_BACKENDS, SHAPES
-from tiny import fresh_seed
+from seeds import fresh_seed
 
 from zounlearn import rng
 from zounlearn.ops import backends, flat_offsets, reference

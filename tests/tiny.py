@@ -97,8 +97,3 @@ def split_rows(split) -> dict[str, list[dict]]:
 def data_flags(files: dict, roles: tuple[str, ...] = ("forget", "retain", "holdout")) -> list[str]:
     """--forget F --retain R ... for the JSONL files of the `small_files` fixture."""
     return [arg for role in roles for path in files[role] for arg in (f"--{role}", path)]
-
-
-def fresh_seed() -> int:
-    """Fresh inputs every run; failures print the seed to replay them."""
-    return int(torch.randint(2**31, ()).item())
