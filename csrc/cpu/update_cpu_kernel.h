@@ -120,12 +120,20 @@ void zo_update_groups(T* data, State s, int64_t numel, uint64_t base, const Term
     const int64_t lane0 = static_cast<int64_t>(e0 - group_start);
     const int64_t i0 = static_cast<int64_t>(e0 - base);
     const int64_t len = static_cast<int64_t>(e1 - e0);
-    load_n(data + i0, theta, len);
-    for (int64_t j = 0; j < len; ++j) theta[j] += shift[lane0 + j];
+    // float32 theta is updated where it lies: the copies in and out cost a fifth of the pass.
+    float* th = theta;
+    if constexpr (std::is_same_v<T, float>) {
+      th = data + i0;
+    } else {
+      load_n(data + i0, theta, len);
+    }
+    for (int64_t j = 0; j < len; ++j) th[j] += shift[lane0 + j];
     state.load(s, i0, len);
-    apply_rule_n<R>(h, theta, g + lane0, state.m, state.v, len, 0.0f, unused);
-    const uint32_t* r = rounding_words<T>(rd, grp, words);
-    store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);
+    apply_rule_n<R>(h, th, g + lane0, state.m, state.v, len, 0.0f, unused);
+    if constexpr (!std::is_same_v<T, float>) {
+      const uint32_t* r = rounding_words<T>(rd, grp, words);
+      store_n(theta, data + i0, len, r == nullptr ? nullptr : r + lane0);
+    }
     state.store(s, i0, len, rd, grp, lane0, words);
   }
 }
