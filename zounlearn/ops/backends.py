@@ -101,7 +101,15 @@ class _Registration:
 
 
 def _python_kernel(name: str, op: str) -> Callable[..., None]:
-    return getattr(_triton_kernels() if name == "triton" else reference, op)
+    kernel = getattr(_triton_kernels() if name == "triton" else reference, op)
+
+    def below_autograd(*args: Any) -> None:
+        # The reference's in-place torch ops on a parameter must not meet autograd, which the
+        # C++ kernels never do; here, not in the public wrappers, so the C++ road pays nothing.
+        with torch.no_grad():
+            kernel(*args)
+
+    return below_autograd
 
 
 def _unavailable(reason: str) -> Callable[..., None]:

@@ -54,8 +54,7 @@ def perturb_(
     if not torch.compiler.is_compiling():  # a trace runs the same checks as the op's fake
         check_perturb(*args)
     if params:  # nothing to dispatch on otherwise
-        with torch.no_grad():
-            ops.perturb_(*args)
+        ops.perturb_(*args)
 
 
 def perturb_into(
@@ -78,8 +77,7 @@ def perturb_into(
     if not torch.compiler.is_compiling():
         check_perturb_into(*args)
     if params:
-        with torch.no_grad():
-            ops.perturb_into(*args)
+        ops.perturb_into(*args)
 
 
 def _terms(params: list[torch.Tensor], coefs: float | Sequence[float], seed: int,

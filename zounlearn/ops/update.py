@@ -56,8 +56,7 @@ def zo_update_(
     if not torch.compiler.is_compiling():  # a trace runs the same checks as the op's fake
         check_zo_update(*args)
     if args[0]:
-        with torch.no_grad():
-            ops.zo_update_(*args)
+        ops.zo_update_(*args)
 
 
 def grad_update_(
@@ -84,5 +83,4 @@ def grad_update_(
     if not torch.compiler.is_compiling():
         check_grad_update(*args)
     if args[0]:
-        with torch.no_grad():
-            ops.grad_update_(*args)
+        ops.grad_update_(*args)
