@@ -34,6 +34,7 @@ from zounlearn.robustness.study import (
 )
 from zounlearn.robustness.study_report import findings, summarize, summarize_attacks, table, write_study
 from zounlearn.unlearning import synthetic_data, synthetic_people
+from zounlearn.unlearning.callbacks import Diverged
 
 F, R = "forget/qa_accuracy", "retain/qa_accuracy"
 
@@ -99,6 +100,24 @@ def test_learning_rate_by_utility_parity(monkeypatch):
     settings = StudySettings(lr_grid={**study_module.LR_GRID, "adamw": (1e-4, 3e-4)}, target=0.1)
     search = search_lr(_context(settings), Arm("adamw"), "npo")  # none reaches 0.1: the lowest forget accuracy
     assert search["lr"] == 3e-4 and not search["reached"]
+
+
+def test_a_diverging_rate_is_recorded_and_never_kept(monkeypatch):
+    outcomes = {1e-3: {F: 0.2, R: 0.9, "model_utility": 0.6}, 3e-3: {F: 0.1, R: 0.8, "model_utility": 0.5}}
+
+    def run(context, arm, objective, lr, seed):
+        if lr == 1e-2:
+            raise Diverged("the loss was not finite")
+        return f"model {lr}", outcomes[lr]
+
+    monkeypatch.setattr(study_module, "_run", run)
+    settings = StudySettings(lr_grid={**study_module.LR_GRID, "sgd": (1e-3, 3e-3, 1e-2)}, target=0.05)
+    search = search_lr(_context(settings), Arm("sgd"), "npo")  # none reaches 0.05: the lowest forget of the finished
+    assert search["lr"] == 3e-3 and not search["reached"]
+    assert search["tried"][2] == {"lr": 1e-2, "diverged": True, "reached": False, "collapsed": True}
+    settings = StudySettings(lr_grid={**study_module.LR_GRID, "sgd": (1e-2,)})
+    with pytest.raises(Diverged, match="every learning rate of its grid diverged"):
+        search_lr(_context(settings), Arm("sgd"), "npo")
 
 
 def _curve(steps, forget, retain):

@@ -21,6 +21,7 @@ is fixed here, in code, and none reads an attack's outcome:
    model) is run with seed 0; among the rates whose forget question accuracy is at most
    `target`, the one with the highest model_utility is kept. When none reaches the target, the
    rate with the lowest forget accuracy is kept and the result is flagged "target not reached".
+   A rate whose run diverges (the loop's divergence guard) is recorded as such and never kept.
    A result whose retain question accuracy fell below half the original's is "collapsed".
 4. Seeds. Each kept (arm, objective, lr) is run with every seed of `seeds` (seed 0 is the
    search's own run); a seed fixes the batches, the ZO directions, and which k examples the
@@ -62,6 +63,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import UsageError
 from ..optim.registry import OPTIMIZERS
+from ..unlearning.callbacks import Diverged
 from ..unlearning.data import Split, UnlearningData
 from ..unlearning.evaluation import RetainReference, evaluate, register_retain_model
 from ..unlearning.loop import LoopConfig, unlearn
@@ -281,16 +283,26 @@ def search_lr(context: _Context, arm: Arm, objective: str) -> dict[str, Any]:
     settings, name = context.settings, arm.name(context.settings.zo_budget_factor)
     tried, runs = [], []
     for lr in settings.lr_grid[name]:
-        model, after = _run(context, arm, objective, lr, 0)
+        try:
+            model, after = _run(context, arm, objective, lr, 0)
+        except Diverged:  # a rate too high for the arm: recorded, never chosen
+            tried.append({"lr": lr, "diverged": True, "reached": False, "collapsed": True})
+            runs.append(None)
+            context.log(f"{name}/{objective} lr {lr:g} ({settings.steps(arm)} steps): diverged")
+            continue
         forget, utility = after.get(FORGET, 1.0), after.get("model_utility", 0.0)
         tried.append({"lr": lr, FORGET: forget, RETAIN: after.get(RETAIN, 0.0), "model_utility": utility,
                       "reached": forget <= settings.target, "collapsed": after.get(RETAIN, 0.0) < context.collapse})
         runs.append((model, after))
         context.log(f"{name}/{objective} lr {lr:g} ({settings.steps(arm)} steps): forget {forget:.2f} "
                     f"retain {after.get(RETAIN, 0.0):.2f} utility {utility:.3f}")
-    reached = [i for i, t in enumerate(tried) if t["reached"]]
+    finished = [i for i, run in enumerate(runs) if run is not None]
+    if not finished:
+        raise Diverged(f"{name}/{objective}: every learning rate of its grid diverged "
+                       f"({', '.join(f'{lr:g}' for lr in settings.lr_grid[name])})")
+    reached = [i for i in finished if tried[i]["reached"]]
     best = max(reached, key=lambda i: tried[i]["model_utility"]) if reached else \
-        min(range(len(tried)), key=lambda i: tried[i][FORGET])
+        min(finished, key=lambda i: tried[i][FORGET])
     return {"arm": name, "objective": objective, "lr": tried[best]["lr"], "reached": bool(reached),
             "tried": tried, "model": runs[best][0], "after": runs[best][1]}
 
