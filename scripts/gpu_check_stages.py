@@ -132,8 +132,8 @@ def sanitizer_cases(ctx: Context) -> dict:
                     calls.perturb_(params, [1e-3], 5, offsets=offsets, dist=dist)
                     calls.perturb_(params, [1e-3, -2e-3, 1e-3], 5, offsets=offsets, dist=dist, alpha=0.99)
                     for rule in (Rule.SGD, Rule.ADAZO, Rule.DESCENT):
-                        calls.zo_update_(params, [0.5], 5, [1], offsets, rule=rule, m=m, v=v if rule.uses_v else [],
-                                         restore=1e-3, dist=dist, **h)
+                        calls.zo_update_(params, [0.5], 5, [1], offsets, rule=rule, m=m if rule.uses_m else [],
+                                         v=v if rule.uses_v else [], restore=1e-3, dist=dist, **h)
                 scales = torch.zeros(len(params), device=s.device)
                 for rule in (Rule.ADAM_MOMENTS, Rule.QUANTIZED, Rule.ADAM, Rule.SIGN):
                     calls.grad_update_(params, grads, rule=rule, m=m if rule.uses_m else [], v=v if rule.uses_v else [],

@@ -47,6 +47,14 @@ def test_a_dry_run_cut_by_its_budget_is_no_failure(tmp_path, monkeypatch, dry_en
     assert "| memory | timeout (cut by the budget) |" in (tmp_path / "summary.md").read_text()
 
 
+def test_the_sanitizer_cases_run_every_op_kind(tmp_path, monkeypatch, dry_env):
+    """The cases compute-sanitizer runs on the GPU, here on the CPU backends (a wrong call fails)."""
+    monkeypatch.setattr(gpu_check, "PLAN", [("sanitizer", 60, 60)])
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "summary.json").read_text())["sanitizer"]
+    assert result["status"] == "ok" and any("every op kind" in line for line in result["ran"])
+
+
 def _collected(tmp_path: Path, shard: str) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "PYTEST_SHARD_IGNORE": "layout", "PYTEST_SHARD": shard}
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "pytest_shard",
