@@ -19,7 +19,7 @@ import torch
 
 from zounlearn.bench import memory
 from zounlearn.memory import estimate, load_config, profile
-from zounlearn.optim.registry import HYBRID_PRESETS
+from zounlearn.optim.registry import HYBRID_PRESETS, OPTIMIZERS
 
 SIZES = os.environ.get("MEMORY_SIZES", "small,medium").split(",")
 # zounlearn.bench.models' configs, and zounlearn.memory's stand-ins for the same sizes.
@@ -27,7 +27,13 @@ MODELS = {"small": "gpt2-small", "medium": "gpt2-medium", "large": "gpt2-large"}
 CONFIGS = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large"}
 BATCH, LENGTH = 2, 256
 MODEL_TOLERANCE = 0.10
-LEAN = [k for k in HYBRID_PRESETS if k != "hybrid"]
+# The presets whose first-order phase updates inside backward; the lean ones are those but the default.
+IN_BACKWARD_PRESETS = [k for k in HYBRID_PRESETS
+                       if {**OPTIMIZERS[k].defaults, **OPTIMIZERS[k].preset}["fo_in_backward"]]
+LEAN = [k for k in IN_BACKWARD_PRESETS if k != "hybrid"]
+# The high-water mark's resolution here: file-backed pages the kernel evicts between two runs move
+# the net peak by a few hundred KiB.
+RESOLUTION = 1 << 20
 
 
 def predicted(kind: str, size: str) -> int | None:
@@ -64,7 +70,7 @@ def _record(benchmark, kind: str, size: str, table: str) -> dict:
 def test_steady_state_peak(benchmark, kind, size):
     result = _record(benchmark, kind, size, "steady-memory")
     assert result["net_bytes"] > result["param_bytes"]
-    if kind.endswith(" in backward") or kind in LEAN:
+    if kind.endswith(" in backward") or kind in IN_BACKWARD_PRESETS:
         # Target: gradient memory at most the largest parameter tensor + 1% of the parameter bytes.
         assert result["grad_peak_bytes"] <= result["largest_param_bytes"] + 0.01 * result["param_bytes"]
 
@@ -84,9 +90,10 @@ def test_target_default_hybrid_at_most_adamw(benchmark, size):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update(table="target", target="default hybrid <= AdamW", size=size,
                                 value=hybrid["net_bytes"] / adamw["net_bytes"], limit=1.0)
-    if hybrid["net_bytes"] > adamw["net_bytes"]:
-        pytest.xfail(f"not met: the paper's hybrid keeps Adam's and AdaZO's float32 m and v (16 bytes per parameter, "
-                     f"AdamW 8): {hybrid['net_bytes'] / adamw['net_bytes']:.2f} x AdamW (docs/memory.md)")
+    # Both hold 8 bytes of state per parameter (the hybrid's four bfloat16 moments, AdamW's two float32
+    # ones); the hybrid holds one gradient tensor at a time where AdamW holds them all.
+    assert hybrid["net_bytes"] <= adamw["net_bytes"] + RESOLUTION, \
+        f"{hybrid['net_bytes'] / adamw['net_bytes']:.4f} x AdamW"
 
 
 def _lean_ratio(preset: str, size: str) -> float:

@@ -109,10 +109,11 @@ def step(ctx: Context) -> dict:
     return result
 
 
-# zounlearn.bench.memory's kinds that fit the stage's budget: the basic ones, the paper's hybrid, a lean
-# preset and an update inside backward (every kind, on the CPU: benchmarks/test_memory_bench.py).
+# zounlearn.bench.memory's kinds that fit the stage's budget: the basic ones, the default hybrid and the
+# paper's float32 one, a lean preset and an update inside backward (every kind, on the CPU:
+# benchmarks/test_memory_bench.py).
 MEMORY_KINDS = ("inference", "ZOSGD", "ZOSGD exact", "MeZO loop", "AdaZO", "AdamW", "SignAdam", "AdamW in backward",
-                "hybrid", "hybrid_signadam")
+                "hybrid", "hybrid_float32", "hybrid_signadam")
 
 
 def memory(ctx: Context) -> dict:

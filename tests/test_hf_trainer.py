@@ -234,16 +234,20 @@ def _pad(items):
             "labels": torch.tensor([i["labels"] + [IGNORE] * (width - len(i["labels"])) for i in items])}
 
 
-@pytest.mark.parametrize("name", ["adamw", "adazo", "hybrid"])
-def test_accumulation_on_a_language_model_within_rounding(tmp_path, name):
+# The hybrid's states are bfloat16 (stochastic rounding): a sum reordered by accumulation can round
+# its moments one bfloat16 step (2^-8) apart. Stepping per micro-batch would move the weights ~moved apart.
+@pytest.mark.parametrize("name, bound", [("adamw", 1e-3), ("adazo", 1e-3), ("hybrid_float32", 1e-3), ("hybrid", 1e-2)])
+def test_accumulation_on_a_language_model_within_rounding(tmp_path, name, bound):
     """A causal LM on token-normalised losses (num_items_in_batch): 2 micro-batches of 4 and one batch
-    of 8 give the same losses and weights within float32 rounding of the reordered sums."""
+    of 8 give the same losses and weights within the rounding of the reordered sums (and of the
+    state's dtype); the hybrid's first-order phase, which updates inside backward, keeps its
+    gradients under the Trainer."""
     rows = _lm_rows(DATA.forget.train + DATA.retain.train[:17])
     runs = []
     for per_device, accumulate in ((8, 1), (4, 2)):
         model = tiny_gpt2()
         opt = make_optimizer(name, model.parameters(), lr=1e-3, seed=0, total_steps=4,
-                             **({"block": 1} if name == "hybrid" else {}))
+                             **({"block": 1} if name.startswith("hybrid") else {}))
         trainer = Trainer(model, _args(tmp_path / str(accumulate), max_steps=4, per_device_train_batch_size=per_device,
                                        gradient_accumulation_steps=accumulate),
                           train_dataset=Examples(rows), data_collator=_pad, optimizers=(opt, None))
@@ -253,7 +257,7 @@ def test_accumulation_on_a_language_model_within_rounding(tmp_path, name):
     assert one_losses == pytest.approx(two_losses, rel=1e-5)
     moved = max((a - b).abs().max().item() for a, b in zip(one.parameters(), tiny_gpt2().parameters()))
     diff = max((a - b).abs().max().item() for a, b in zip(one.parameters(), two.parameters()))
-    assert diff <= 1e-3 * moved, (diff, moved)
+    assert diff <= bound * moved, (diff, moved)
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,6 +265,7 @@ def test_accumulation_on_a_language_model_within_rounding(tmp_path, name):
 
 
 RESUMABLE = {"adazo": (1e-3, {}), "hybrid": (1e-3, {"zo_lr": 1e-4, "block": 2}),
+             "hybrid_float32": (1e-3, {"zo_lr": 1e-4, "block": 2}),
              "sophia": (1e-3, {"update_period": 2}), "adamw": (1e-3, {})}
 
 
@@ -291,7 +296,7 @@ def test_resume_from_the_trainers_checkpoint_is_bit_identical(small, tmp_path, n
 def _flat(value):
     """A state dict as comparable plain values (tensors as their bytes)."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, tuple(value.shape), value.cpu().numpy().tobytes())
+        return ("tensor", value.dtype, tuple(value.shape), value.cpu().flatten().view(torch.uint8).numpy().tobytes())
     if isinstance(value, dict):
         return {k: _flat(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -66,24 +66,34 @@ def test_a_config_directory_and_bad_names(tmp_path):
         load_config(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("name, options, state, param_state, in_backward", [
+# zounlearn's state in bytes per parameter as stored (float32 4 per value, bfloat16 2, int8 a byte
+# and a float32 absmax per 256); torch.optim's in elements (the parameters' dtype).
+INT8 = 1 + 4 / 256
+
+
+@pytest.mark.parametrize("name, options, state_bytes, param_state, in_backward", [
     ("adamw", {}, 0, 2, False),  # torch.optim.AdamW: m and v in the parameters' dtype
-    ("adamw", {"in_backward": True}, 2, 0, True),
+    ("adamw", {"in_backward": True}, 8, 0, True),
+    ("adamw", {"in_backward": True, "state_dtype": "bfloat16"}, 4, 0, True),
+    ("adamw", {"state_dtype": "int8"}, 2 * INT8, 0, False),
     ("sgd", {}, 0, 0, False),
     ("sgd", {"momentum": 0.9}, 0, 1, False),
-    ("signadam", {}, 1, 0, False),
-    ("sophia", {"in_backward": True}, 2, 0, True),
+    ("signadam", {}, 4, 0, False),
+    ("sophia", {"in_backward": True}, 8, 0, True),
     ("zo_sgd", {}, 0, 0, False),
-    ("adazo", {}, 2, 0, False),
-    ("hybrid", {}, 2, 2, False),
-    ("hybrid_adam_shared", {}, 2, 0, True),
-    ("hybrid_signadam", {}, 1, 0, True),
-    ("hybrid_signadam_shared", {}, 1, 0, True),
+    ("adazo", {}, 8, 0, False),
+    ("adazo", {"state_dtype": "int8"}, 2 * INT8, 0, False),
+    ("hybrid", {}, 8, 0, True),  # AdamW's and AdaZO's m and v in bfloat16
+    ("hybrid_float32", {}, 8, 2, False),
+    ("hybrid_adam_shared", {}, 4, 0, True),  # one bfloat16 m and v
+    ("hybrid_signadam", {}, 2, 0, True),
+    ("hybrid_signadam_shared", {}, 4, 0, True),
     ("hybrid_signsgd", {}, 0, 0, True),
 ])
-def test_plans_count_the_optimizers_own_state(name, options, state, param_state, in_backward):
+def test_plans_count_the_optimizers_own_state(name, options, state_bytes, param_state, in_backward):
     p = plan(name, **options)
-    assert (p.state, p.param_state, p.in_backward) == (state, param_state, in_backward)
+    assert (p.state_bytes, p.param_state, p.in_backward) == (state_bytes, param_state, in_backward)
+    assert p.update_scratch == (8 if options.get("state_dtype") == "int8" else 0)  # float32 m and v of one tensor
     assert p.first_order == (not name.startswith("zo_") and name != "adazo")
     assert p.zeroth_order == (name.startswith(("zo_", "hybrid")) or name == "adazo")
 
@@ -99,19 +109,20 @@ def test_estimate_components_add_up_and_follow_the_options():
     assert inference.components["weights"] == prof.params * 4 and inference.components["gradients"] == 0
     adamw = _estimate(plan("adamw", in_backward=True))
     assert adamw.peak == sum(adamw.components.values()) and adamw.components["state"] == prof.params * 8
-    assert _estimate(plan("adamw", in_backward=True), state_bytes=2).components["state"] == prof.params * 4
+    lean = _estimate(plan("adamw", in_backward=True, state_dtype="bfloat16"))
+    assert lean.components["state"] == prof.params * 4
+    assert _estimate(plan("adamw", state_dtype="int8")).components["state"] == round(prof.params * 2 * INT8)
     checkpointed = _estimate(plan("adamw", in_backward=True), checkpointing=True)
     assert checkpointed.components["activations"] < adamw.components["activations"]
     normal = _estimate("adamw", device="cuda")  # torch's, with foreach scratch
     assert normal.peak >= _estimate("adamw", device="cpu").peak
-    hybrid = _estimate("hybrid")
-    assert hybrid.components["state"] == prof.params * 16 and hybrid.peak > adamw.peak
+    paper = _estimate("hybrid_float32")
+    assert paper.components["state"] == prof.params * 16 and paper.peak > adamw.peak
+    assert _estimate("hybrid").components["state"] == prof.params * 8
     for lean in ("hybrid_signadam", "hybrid_signadam_shared", "hybrid_signsgd"):
         assert _estimate(lean).peak < adamw.peak
     with pytest.raises(UsageError, match="batch and length must be at least 1"):
         _estimate("adamw", batch=0)
-    with pytest.raises(UsageError, match="state_bytes must be positive"):
-        _estimate("adamw", state_bytes=0)
 
 
 def test_gradients_inside_backward_are_one_tensor_and_the_tied_head():
@@ -122,6 +133,29 @@ def test_gradients_inside_backward_are_one_tensor_and_the_tied_head():
     assert normal.at.startswith(("optimizer step", "backward, bottom"))
     assert normal.components["gradients"] == prof.params * 2
     assert inside.components["gradients"] <= prof.largest_params * 2 and inside.peak < normal.peak
+
+
+def test_int8_state_updates_through_one_tensors_float32_moments():
+    prof = profile(load_config("7b"), torch.bfloat16, "7b")
+    int8 = estimate(prof, plan("adamw", state_dtype="int8"), batch=1, length=8)  # the fused twin, normal path
+    assert int8.at == "optimizer step"
+    assert int8.components == {"weights": prof.params * 2, "gradients": prof.params * 2, "activations": 0,
+                               "state": round(prof.params * 2 * INT8), "scratch": 8 * prof.largest_params}
+
+
+def test_memory_command_state_dtype(capsys):
+    assert main(["memory", "--model", "gpt2", "--optimizer", "adazo,hybrid,hybrid_adam_shared", "--state-dtype", "int8",
+                 "--json"]) == 0
+    rows = {r["optimizer"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["adazo"]["state_bytes_per_parameter"] == 2 * INT8
+    assert rows["hybrid"]["state_bytes_per_parameter"] == 4 * INT8  # both phases' m and v: its defaults give way
+    assert rows["hybrid_adam_shared"]["state_bytes_per_parameter"] == 4  # the preset fixes bfloat16
+    assert main(["memory", "--model", "gpt2", "--state-dtype", "int8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "sgd" in out["left_out"] and "adamw" not in out["left_out"]
+    assert {"adamw", "signadam", "zo_adam"} <= {r["optimizer"] for r in out["rows"]}
+    assert main(["memory", "--model", "gpt2", "--optimizer", "sgd", "--state-dtype", "int8"]) == 2
+    assert "SGD takes no state_dtype='int8'" in capsys.readouterr().err
 
 
 def test_memory_command_prints_the_table_and_json(capsys):

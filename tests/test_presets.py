@@ -15,14 +15,17 @@ from zounlearn.errors import UsageError
 from zounlearn.optim.registry import HYBRID_PRESETS, OPTIMIZERS, make_optimizer, optimizer_options
 from zounlearn.optim.shared_state import check_shareable
 
-# preset: (first-order class, zeroth-order class, in backward, shared)
+# preset: (first-order class, zeroth-order class, in backward, shared); the state is float32 but
+# where STATE_DTYPE says otherwise
 BUILDS = {
-    "hybrid": (torch.optim.AdamW, optim.AdaZO, False, False),
+    "hybrid": (optim.AdamW, optim.AdaZO, True, False),
+    "hybrid_float32": (torch.optim.AdamW, optim.AdaZO, False, False),
     "hybrid_adam_shared": (optim.AdamW, optim.ZOAdam, True, True),
     "hybrid_signadam": (optim.SignAdam, optim.ZOSGD, True, False),
     "hybrid_signadam_shared": (optim.SignAdam, optim.ZOSignAdam, True, True),
     "hybrid_signsgd": (optim.SignSGD, optim.ZOSGD, True, False),
 }
+STATE_DTYPE = {"hybrid": torch.bfloat16, "hybrid_adam_shared": torch.bfloat16, "hybrid_signadam": torch.bfloat16}
 
 
 def test_every_preset_is_in_the_table():
@@ -39,18 +42,28 @@ def test_each_preset_builds_what_it_says(name):
     assert (opt.zo.state is opt.fo.state) == shared == opt.shared_state
     run(opt, params, targets(), 4)  # FO, ZO, FO, ZO
     assert all(p.grad is None for p in params)
+    moments = [t for o in (opt.fo, opt.zo) for st in o.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.numel() > 1]
+    assert moments and {t.dtype for t in moments} == {STATE_DTYPE.get(name, torch.float32)} or name == "hybrid_signsgd"
     if shared:  # one state, counted by both phases
         assert [opt.fo.state[p]["step"] for p in params] == [4] * 4
 
 
-@pytest.mark.parametrize("fo_twin, zo_twin, name", [
-    (loop_twins.SignAdam, loop_twins.ZOSignAdam, "hybrid_signadam_shared"),
-    (loop_twins.AdamW, loop_twins.ZOAdam, "hybrid_adam_shared"),
+# The shared pairs in float32, against float32 twins (the preset hybrid_adam_shared keeps bfloat16).
+SHARED_FLOAT32 = {"fo_in_backward": True, "shared_state": True, "fo_state_dtype": "float32",
+                  "zo_state_dtype": "float32"}
+
+
+@pytest.mark.parametrize("fo_twin, zo_twin, name, options", [
+    (loop_twins.SignAdam, loop_twins.ZOSignAdam, "hybrid_signadam_shared", {}),
+    (loop_twins.AdamW, loop_twins.ZOAdam, "hybrid",
+     {**SHARED_FLOAT32, "fo_optimizer": "adamw", "zo_optimizer": "zo_adam"}),
 ])
-def test_shared_state_is_one_state_for_both_phases(fo_twin, zo_twin, name):
+def test_shared_state_is_one_state_for_both_phases(fo_twin, zo_twin, name, options):
     """Against loop twins whose two phases keep one state dict (ZOLoop and FOLoop count steps in it)."""
     fused_params, twin_params = make_params(torch.float32), make_params(torch.float32)
-    fused = make_optimizer(name, fused_params, lr=1e-2, seed=7, block=2, zo_block=1, total_steps=7, zo_mu=1e-2)
+    fused = make_optimizer(name, fused_params, lr=1e-2, seed=7, block=2, zo_block=1, total_steps=7, zo_mu=1e-2,
+                           **options)
     fo, zo = fo_twin(twin_params, lr=1e-2), zo_twin(twin_params, lr=1e-2, mu=1e-2, seed=7)
     zo.state = fo.state
     twin = loop_twins.HybridFOZO(fo, zo, block=2, zo_block=1, total_steps=7)

@@ -65,7 +65,7 @@ def plan_for(kind: str):
     from ..memory import Plan, plan, plan_of
 
     if kind == "inference":
-        return Plan(name=kind, state=0.0, first_order=False, zeroth_order=False)
+        return Plan(name=kind, state_bytes=0.0, first_order=False, zeroth_order=False)
     if kind in (MEZO, "ZOSGD exact") or kind.startswith("LoRA "):
         return None
     if kind == "AdamW fused":

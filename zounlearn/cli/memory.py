@@ -9,6 +9,7 @@ from typing import Any
 from .inputs import UsageError, as_float, comma_list, key_values
 
 DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16", "int8")
 GPUS = (24.0, 80.0, 141.0)
 INFERENCE = "inference"
 
@@ -31,9 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "all of them")
     p.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                    help="an option for every optimizer named, e.g. in_backward=true, zo_dist=sphere; repeatable")
-    p.add_argument("--state-bytes", type=float, default=4.0,
-                   help="bytes per optimizer-state element (default 4: float32; 2 for bfloat16 state; 1.015625 for "
-                        "int8 state: a byte and a float32 absmax per 256 elements)")
+    p.add_argument("--state-dtype", choices=STATE_DTYPES,
+                   help="zounlearn's optimizer state in this dtype (state_dtype; a hybrid's fo_ and zo_state_dtype "
+                        "where its preset leaves them open); default: each optimizer's own (float32, or its preset's)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the layers' activations")
     p.add_argument("--gpu", metavar="GB,GB", help="GPU memory sizes in GB (10^9 bytes) to check (default: 24,80,141)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -52,8 +53,6 @@ def rows(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
 
     if args.batch < 1 or args.length < 1:
         raise UsageError(f"--batch and --length must be at least 1, got {args.batch} and {args.length}")
-    if not args.state_bytes > 0:
-        raise UsageError(f"--state-bytes must be positive, got {args.state_bytes}")
     options = key_values(args.optimizer_option, "--optimizer-option")
     if args.optimizer:
         names = comma_list(args.optimizer, "--optimizer", str.strip, "optimizer names", "adamw,hybrid_signadam")
@@ -61,18 +60,36 @@ def rows(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
         first_order = [n for n, s in OPTIMIZERS.items() if s.grade not in ("zeroth-order", "hybrid")]
         names = [INFERENCE, *OPTIMIZERS, *(f"{n}+in_backward" for n in first_order)]
     prof = profile(load_config(args.model), getattr(torch, args.dtype), args.model)
-    out = []
+    out, skipped = [], []
     for name in names:
         base, _, flag = name.partition("+")
         if flag not in ("", "in_backward"):
             raise UsageError(f"--optimizer {name!r}: the only suffix is +in_backward, e.g. adamw+in_backward")
         if base == INFERENCE:
-            p = Plan(name=INFERENCE, state=0.0, first_order=False, zeroth_order=False)
+            p = Plan(name=INFERENCE, state_bytes=0.0, first_order=False, zeroth_order=False)
         else:
-            p = plan(base, **{**options, **({"in_backward": True} if flag else {})})
-        out.append((name, estimate(prof, p, batch=args.batch, length=args.length, state_bytes=args.state_bytes,
+            try:
+                p = plan(base, **{**_state_options(base, args.state_dtype), **options,
+                                  **({"in_backward": True} if flag else {})})
+            except UsageError:  # all of them asked for: leave out those that cannot keep this state
+                if args.optimizer or args.state_dtype is None:
+                    raise
+                skipped.append(name)
+                continue
+        out.append((name, estimate(prof, p, batch=args.batch, length=args.length,
                                    checkpointing=args.activation_checkpointing, device=args.device)))
+    args.skipped = skipped
     return prof, out
+
+
+def _state_options(name: str, state_dtype: str | None) -> dict[str, str]:
+    """--state-dtype as the options of optimizer `name` that set it (none it does not take)."""
+    from ..optim.registry import optimizer_options
+
+    if state_dtype is None:
+        return {}
+    accepted = optimizer_options(name)
+    return {key: state_dtype for key in ("state_dtype", "fo_state_dtype", "zo_state_dtype") if key in accepted}
 
 
 def run_memory(args: argparse.Namespace) -> int:
@@ -84,12 +101,15 @@ def run_memory(args: argparse.Namespace) -> int:
     prof, estimates = rows(args)
     if args.json:
         print(json.dumps({"model": describe(prof), "batch": args.batch, "length": args.length,
-                          "state_bytes": args.state_bytes, "activation_checkpointing": args.activation_checkpointing,
+                          "state_dtype": args.state_dtype, "activation_checkpointing": args.activation_checkpointing,
                           "rows": [{"optimizer": name, "peak_bytes": e.peak, "at": e.at, **e.components,
-                                    "fits_gb": [g for g in gpus if e.fits(g * 1e9)]} for name, e in estimates]}))
+                                    "state_bytes_per_parameter": e.plan.state_bytes,
+                                    "fits_gb": [g for g in gpus if e.fits(g * 1e9)]} for name, e in estimates],
+                          "left_out": args.skipped}))
         return 0
     print(describe(prof))
-    print(f"batch {args.batch} x {args.length} tokens, optimizer state {args.state_bytes:g} bytes per element"
+    state = f"{args.state_dtype} optimizer state" if args.state_dtype else "each optimizer's own state dtype"
+    print(f"batch {args.batch} x {args.length} tokens, {state}"
           f"{', activation checkpointing' if args.activation_checkpointing else ''}; GB = 10^9 bytes "
           f"(docs/memory.md)\n")
     header = ["optimizer", *COMPONENTS, "peak GB", "peak at", *(f"{g:g} GB" for g in gpus)]
@@ -103,4 +123,6 @@ def run_memory(args: argparse.Namespace) -> int:
     presets = [(name, OPTIMIZERS[name].about) for name, _ in estimates if name in OPTIMIZERS and OPTIMIZERS[name].about]
     if presets:
         print("\n" + "\n".join(f"{name}: {about}" for name, about in presets))
+    if args.skipped:
+        print(f"\nleft out (they keep no {args.state_dtype} state): " + ", ".join(args.skipped))
     return 0

@@ -58,8 +58,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
 DEMO_RETAIN_WEIGHT = 8.0
 DEMO_LR = {"adamw": 3e-4, "sgd": 3e-3, "signsgd": 3e-4, "signadam": 1e-4, "compressed_adam": 3e-4, "sophia": 1e-4,
            "zo_sgd": 2.5e-4, "zo_signsgd": 1e-2, "zo_adam": 1e-2, "adazo": 3e-4, "zo_signadam": 1e-3,
-           "hybrid": 1e-3, "hybrid_adam_shared": 3e-3, "hybrid_signadam": 2e-4, "hybrid_signadam_shared": 1e-3,
-           "hybrid_signsgd": 3e-4}
+           "hybrid": 1e-3, "hybrid_float32": 1e-3, "hybrid_adam_shared": 3e-3, "hybrid_signadam": 2e-4,
+           "hybrid_signadam_shared": 1e-3, "hybrid_signsgd": 3e-4}
 # The lean presets (docs/memory.md): the smallest rate of a 2-3x grid that brought forget question
 # accuracy to <= 0.10 (the paper's hybrid: 0.00), with these zeroth-order rates.
 DEMO_HYBRID = {"zo_lr": 1e-4, "block": 10}

@@ -24,6 +24,9 @@ How a step runs (the Trainer's loop is not copied or forked):
   no_grad; with several processes their mean over processes is taken, so that every replica
   takes the same step. Micro-batches 1 to k-1 return a loss of 0 and the last the step's, so
   the logged loss is the step's (the mean of its perturbed losses, as the optimizer returns it).
+- an optimizer that updates inside backward (the hybrid presets' first-order phase, in_backward=True)
+  keeps its gradients under the Trainer, which backpropagates every micro-batch and clips before
+  it steps: the Trainer's semantics, at the normal path's gradient memory.
 - max_grad_norm (TrainingArguments, 1.0 by default) is honoured for first-order steps, refused
   for zeroth-order optimizers (a ZO step has no gradient: pass max_grad_norm=0); the hybrid
   clips its first-order steps, and warns that its zeroth-order steps have nothing to clip.
@@ -36,6 +39,7 @@ DeepSpeed and FSDP shard the parameters, which the ZO perturbation lays end to e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any
@@ -47,6 +51,7 @@ from ..errors import UsageError
 from ..optim import HybridFOZO, SophiaG, ZeroOrderOptimizer, gnb_loss
 from ..optim.base import loss_value
 from ..optim.base import step as take_step
+from ..optim.first_order import FirstOrderOptimizer
 from ..optim.registry import check_optimizer_options, make_optimizer
 from ..unlearning.batches import model_mode
 from .stepping import StepAdapter, find_adapter, takes_zeroth_order_step
@@ -99,7 +104,8 @@ class TrainerMixin:
         if not takes_zeroth_order_step(adapter.optimizer):
             if isinstance(adapter.optimizer, SophiaG):
                 adapter.hessian_closure = functools.partial(self.hessian_loss, model, inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
+            with _keeping_gradients(adapter.optimizer):
+                return super().training_step(model, inputs, num_items_in_batch)
         self._micro_batches.append((inputs, num_items_in_batch))
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
@@ -179,6 +185,15 @@ class TrainerMixin:
             warnings.warn(f"max_grad_norm={clip} clips HybridFOZO's first-order steps only; its zeroth-order steps "
                           f"have no gradient to clip (the Trainer logs their grad_norm as 0)", UserWarning,
                           stacklevel=3)
+
+
+def _keeping_gradients(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    """The Trainer backpropagates itself and clips afterwards: an optimizer (or a hybrid's first-order
+    phase) that updates inside backward keeps its gradients instead, for the step() that follows."""
+    fo = optimizer.fo if isinstance(optimizer, HybridFOZO) else optimizer
+    if isinstance(fo, FirstOrderOptimizer) and fo.updates_in_backward:
+        return fo.accumulate()
+    return contextlib.nullcontext()
 
 
 class Trainer(TrainerMixin, transformers.Trainer):

@@ -13,7 +13,8 @@ its gradient at once), `update_clip` (per-tensor update clipping, AdamW / SGD / 
 and `state_dtype` (the lean state, docs/memory.md: "bfloat16", every fused optimizer takes it;
 "int8", 8-bit block-wise state, AdamW, SignAdam, ZOAdam, AdaZO and ZOSignAdam); "adamw" and
 "sgd" then build zounlearn's fused AdamW and SGD, torch.optim's math. The hybrid presets
-(HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW + AdaZO), the others lean
+(HYBRID_PRESETS) are hybrids by name: "hybrid" is the paper's (AdamW + AdaZO) with its first-order
+phase in backward and bfloat16 states, "hybrid_float32" the paper's as published, the others leaner
 (docs/memory.md says what each holds).
 """
 
@@ -44,6 +45,7 @@ class OptimizerSpec:
     grade: str
     lr: float
     preset: dict[str, Any] = field(default_factory=dict)  # a hybrid preset's fixed options
+    defaults: dict[str, Any] = field(default_factory=dict)  # options it sets unless given
     about: str = ""  # a hybrid preset in words, for --help and reports
 
     @property
@@ -56,19 +58,27 @@ class OptimizerSpec:
         return issubclass(self.cls, ZeroOrderOptimizer)
 
 
-# The hybrid by name: the options each preset fixes. The first-order phase updates inside backward
-# in the lean ones; "shared" ones keep one state for both phases (zounlearn/optim/shared_state.py).
+# The hybrid by name: the options each preset fixes. "hybrid" fixes none: HYBRID_DEFAULTS are its
+# defaults, which any option overrides. The first-order phase updates inside backward in all but
+# hybrid_float32; "shared" ones keep one state for both phases (zounlearn/optim/shared_state.py).
+HYBRID_DEFAULTS = {"fo_in_backward": True, "fo_state_dtype": "bfloat16", "zo_state_dtype": "bfloat16"}
 HYBRID_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
-    "hybrid": ({}, "the paper's: torch's AdamW + AdaZO, each with its own m and v (AdamW's in the parameters' dtype, "
-                   "AdaZO's float32)"),
+    "hybrid": ({}, "the paper's (AdamW + AdaZO, each with its own m and v), lean: AdamW in backward, both states "
+                   "bfloat16 with stochastic rounding (8 bytes per parameter)"),
+    "hybrid_float32": ({"fo_optimizer": "adamw", "fo_in_backward": False, "zo_optimizer": "adazo",
+                        "zo_state_dtype": "float32"},
+                       "the paper's as published: torch's AdamW + AdaZO, AdamW's m and v in the parameters' dtype, "
+                       "AdaZO's float32, the whole gradient held"),
     "hybrid_adam_shared": ({"fo_optimizer": "adamw", "fo_in_backward": True, "zo_optimizer": "zo_adam",
-                            "shared_state": True},
-                           "AdamW in backward + ZOAdam, one shared float32 m and v (8 bytes per parameter)"),
-    "hybrid_signadam": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
-                        "SignAdam in backward + stateless ZO-SGD (float32 m: 4 bytes per parameter)"),
+                            "shared_state": True, "fo_state_dtype": "bfloat16", "zo_state_dtype": "bfloat16"},
+                           "AdamW in backward + ZOAdam, one shared bfloat16 m and v (4 bytes per parameter)"),
+    "hybrid_signadam": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_sgd",
+                         "fo_state_dtype": "bfloat16"},
+                        "SignAdam in backward + stateless ZO-SGD (bfloat16 m: 2 bytes per parameter)"),
     "hybrid_signadam_shared": ({"fo_optimizer": "signadam", "fo_in_backward": True, "zo_optimizer": "zo_signadam",
                                 "shared_state": True},
-                               "SignAdam in backward + ZOSignAdam, one shared float32 m (4 bytes per parameter)"),
+                               "SignAdam in backward + ZOSignAdam, one shared float32 m (4 bytes per parameter; "
+                               "in bfloat16 it forgets less at the demo's rate)"),
     "hybrid_signsgd": ({"fo_optimizer": "signsgd", "fo_in_backward": True, "zo_optimizer": "zo_sgd"},
                        "SignSGD in backward + ZO-SGD: no optimizer state"),
 }
@@ -85,7 +95,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "zo_adam": OptimizerSpec(ZOAdam, "zeroth-order", 1e-5),
     "adazo": OptimizerSpec(AdaZO, "zeroth-order", 1e-5),
     "zo_signadam": OptimizerSpec(ZOSignAdam, "zeroth-order", 1e-6),
-    **{name: OptimizerSpec(HybridFOZO, "hybrid", 1e-5, preset=preset, about=about)
+    **{name: OptimizerSpec(HybridFOZO, "hybrid", 1e-5, preset=preset, about=about,
+                           defaults=HYBRID_DEFAULTS if name == "hybrid" else {})
        for name, (preset, about) in HYBRID_PRESETS.items()},
 }
 # The fused twins of torch.optim's, for what only zounlearn's optimizers do (in_backward, update_clip).
@@ -112,7 +123,7 @@ def optimizer_options(name: str) -> list[str]:
     spec = _spec(name)
     if spec.cls is HybridFOZO:
         zo = sorted({o for n in _zeroth_order() for o in _options_of(OPTIMIZERS[n])})
-        return [o for o in _HYBRID_OPTIONS if o not in spec.preset] + [f"zo_{o}" for o in zo]
+        return [o for o in [*_HYBRID_OPTIONS, *(f"zo_{o}" for o in zo)] if o not in spec.preset]
     return _options_of(spec)
 
 
@@ -146,7 +157,7 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        return _hybrid(params, lr, seed, total_steps, model, {**spec.preset, **options})
+        return _hybrid(params, lr, seed, total_steps, model, {**spec.defaults, **spec.preset, **options})
     if spec.ours:
         options["seed"] = seed
     if spec.zeroth_order:
@@ -238,7 +249,12 @@ def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int |
         raise UsageError(f"the hybrid's zo_optimizer {zo_name} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(optimizer_options(zo_name))} (as zo_<option>)")
     # The first-order phase's rounding under its own key: the two phases' rounding words independent.
-    make_optimizer(fo_name, [torch.nn.Parameter(torch.zeros(1))], seed=seed + 1, **fo_options)  # bad ones: fail now
+    try:  # bad ones: fail now
+        make_optimizer(fo_name, [torch.nn.Parameter(torch.zeros(1))], seed=seed + 1, **fo_options)
+    except UsageError as err:
+        given = ", ".join(f"{k}={v}" for k, v in fo_options.items())
+        raise UsageError(f"the hybrid's first-order phase {fo_name} ({given}; the default hybrid's are "
+                         f"{', '.join(f'{k}={v}' for k, v in HYBRID_DEFAULTS.items())} unless given): {err}") from None
     return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr,
                       fo_optimizer=lambda groups: make_optimizer(fo_name, groups, seed=seed + 1, **fo_options),
                       zo_optimizer=lambda groups: zo_spec.cls(groups, lr=zo_lr, seed=seed, model=model, **zo),
