@@ -400,6 +400,25 @@ def test_create_optimizer_builds_by_name_from_the_training_arguments(tmp_path):
     assert inner.total_steps == 5 and inner.last_phase == "zo"  # the schedule ends on a ZO block
 
 
+def test_a_preset_by_name_updating_in_backward_trains_under_the_trainer(tmp_path):
+    """The Trainer backpropagates and clips itself: the preset's first-order phase keeps its gradients
+    for the step (clipped by max_grad_norm), and its param groups carry no Trainer decay groups."""
+    model = tiny_gpt2()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, _args(tmp_path, max_steps=4, max_grad_norm=1.0), data_collator=_pad,
+                      train_dataset=Examples(_lm_rows(DATA.forget.train)), optimizer_name="hybrid_signadam",
+                      optimizer_options={"block": 1})
+    with pytest.warns(UserWarning, match="clips HybridFOZO's first-order steps only"):
+        trainer.train()
+    inner = trainer.optimizer.optimizer.optimizer  # accelerate's wrapper, our StepAdapter, the hybrid
+    assert inner.fo.updates_in_backward and inner.last_phase == "zo"
+    assert all(p.grad is None for p in model.parameters())
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), before)) > 0
+    with pytest.raises(UsageError, match="the hybrid's phases take no per-group weight decay"):
+        Trainer(tiny_gpt2(), _args(tmp_path / "wd", max_steps=4, weight_decay=0.1), data_collator=_pad,
+                train_dataset=Examples(_lm_rows(DATA.forget.train)), optimizer_name="hybrid_float32").train()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"optimizer_name": "adam"}, "unknown optimizer 'adam'"),
     ({"optimizer_name": "adazo", "optimizer_options": {"mu": -1.0}}, "invalid mu"),

@@ -52,7 +52,7 @@ from ..optim import HybridFOZO, SophiaG, ZeroOrderOptimizer, gnb_loss
 from ..optim.base import loss_value
 from ..optim.base import step as take_step
 from ..optim.first_order import FirstOrderOptimizer
-from ..optim.registry import check_optimizer_options, make_optimizer
+from ..optim.registry import OPTIMIZERS, check_optimizer_options, make_optimizer
 from ..unlearning.batches import model_mode
 from .stepping import StepAdapter, find_adapter, takes_zeroth_order_step
 
@@ -156,7 +156,7 @@ class TrainerMixin:
     def _build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         name, args = self.optimizer_name, self.args
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if name.lower() == "hybrid":
+        if OPTIMIZERS[name.lower()].cls is HybridFOZO:  # every preset (the name was checked in __init__)
             if args.weight_decay:
                 raise UsageError(f"TrainingArguments.weight_decay={args.weight_decay}: the hybrid's phases take no "
                                  f"per-group weight decay; set zo_weight_decay in optimizer_options and "

@@ -129,8 +129,9 @@ def _state_per_parameter(optimizer: torch.optim.Optimizer) -> tuple[float, float
 
     ours = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors(True)}
     theirs = {t.untyped_storage().data_ptr(): t.numel() for t in tensors(False)}
-    quantized = max((sum(t.dtype == torch.uint8 for st in o.state.values() for t in st.values()
-                         if isinstance(t, torch.Tensor)) / max(len(o.state), 1) for o in inner), default=0)
+    # int8 moments per parameter, in the phase with the most: its update dequantizes each into float32
+    quantized = max(sum(t.dtype == torch.uint8 for st in o.state.values() for t in st.values()
+                        if isinstance(t, torch.Tensor)) / len(params) for o in inner)
     return sum(ours.values()) / numel, sum(theirs.values()) / numel, 4.0 * quantized
 
 
