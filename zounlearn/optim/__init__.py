@@ -10,10 +10,9 @@ one step of any torch optimizer on such a closure.
 from .base import FusedOptimizer, step
 from .classic import SGD, AdamW
 from .hybrid import HybridFOZO
-from .shared_state import ZOSignAdam
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG, gnb_loss
-from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
+from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignAdam, ZOSignSGD
 
 __all__ = ["SGD", "AdaZO", "AdamW", "CompressedAdam", "FusedOptimizer", "HybridFOZO", "SignAdam", "SignSGD",
            "SophiaG", "ZOAdam", "ZOSGD", "ZOSignAdam", "ZOSignSGD", "ZeroOrderOptimizer", "gnb_loss", "step"]

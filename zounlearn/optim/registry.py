@@ -33,10 +33,9 @@ from .base import FusedOptimizer
 from .classic import SGD, AdamW
 from .first_order import FirstOrderOptimizer
 from .hybrid import HybridFOZO
-from .shared_state import ZOSignAdam
 from .sign import CompressedAdam, SignAdam, SignSGD
 from .sophia import SophiaG
-from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignSGD
+from .zo import ZOSGD, AdaZO, ZeroOrderOptimizer, ZOAdam, ZOSignAdam, ZOSignSGD
 
 
 @dataclass(frozen=True)

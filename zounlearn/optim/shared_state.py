@@ -21,34 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks import check_range
 from ..errors import UsageError
-from ..ops.rules import Hyper, Rule
-from .base import ParamsT
+from ..ops.rules import Rule
 from .first_order import FirstOrderOptimizer
 from .zo import ZeroOrderOptimizer
 
 # The rules by the state they keep: two rules with the same entry keep the same statistic.
 SHAREABLE: dict[Rule, str] = {Rule.ADAM: "Adam's m and v", Rule.ADAM_MOMENTS: "Adam's m and v",
                               Rule.SGD: "the momentum buffer", Rule.SIGN_ADAM: "Signum's m"}
-
-
-class ZOSignAdam(ZeroOrderOptimizer):
-    """Signum on the ZO estimate: m = b1 m + (1 - b1) g_hat; theta -= lr (sign(m) + wd theta)
-    (decoupled). Its m can be SignAdam's in the hybrid (shared_state)."""
-
-    def __init__(self, params: ParamsT, lr: float = 1e-6, *, beta: float = 0.9, weight_decay: float = 0.0,
-                 **zo: Any) -> None:
-        check_range("lr", lr, 0.0)
-        check_range("beta", beta, 0.0, 1.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, **zo)
-
-    def _rule(self, group):
-        return Rule.SIGN_ADAM
-
-    def _hyper(self, group, step):
-        return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=group["beta"])
 
 
 def check_shareable(fo: Any, zo: ZeroOrderOptimizer) -> str:
@@ -79,4 +59,4 @@ def share_state(fo: Any, zo: ZeroOrderOptimizer) -> None:
     zo.state = fo.state
 
 
-__all__ = ["SHAREABLE", "ZOSignAdam", "check_shareable", "share_state"]
+__all__ = ["SHAREABLE", "check_shareable", "share_state"]

@@ -324,6 +324,24 @@ class ZOSignSGD(ZeroOrderOptimizer):
         return Hyper.make(group["lr"], weight_decay=group["weight_decay"])
 
 
+class ZOSignAdam(ZeroOrderOptimizer):
+    """Signum on the ZO estimate: m = b1 m + (1 - b1) g_hat; theta -= lr (sign(m) + wd theta)
+    (decoupled). Its m can be SignAdam's in the hybrid (shared_state.py)."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-6, *, beta: float = 0.9, weight_decay: float = 0.0,
+                 **zo: Any) -> None:
+        check_range("lr", lr, 0.0)
+        check_range("beta", beta, 0.0, 1.0)
+        check_range("weight_decay", weight_decay, 0.0)
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, **zo)
+
+    def _rule(self, group):
+        return Rule.SIGN_ADAM
+
+    def _hyper(self, group, step):
+        return Hyper.make(group["lr"], weight_decay=group["weight_decay"], beta1=group["beta"])
+
+
 class _ZOAdaptive(ZeroOrderOptimizer):
     rule: ClassVar[Rule]
 
