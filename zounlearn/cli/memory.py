@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_memory)
 
 
-def rows(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
-    """(the profile, [(row name, Estimate)])."""
+def rows(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]], list[str]]:
+    """(the profile, [(row name, Estimate)], the names left out: they cannot keep --state-dtype)."""
     import torch
 
     from ..memory import estimate, load_config, plan, profile
@@ -78,8 +78,7 @@ def rows(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
                 continue
         out.append((name, estimate(prof, p, batch=args.batch, length=args.length,
                                    checkpointing=args.activation_checkpointing, device=args.device)))
-    args.skipped = skipped
-    return prof, out
+    return prof, out, skipped
 
 
 def _state_options(name: str, state_dtype: str | None) -> dict[str, str]:
@@ -98,14 +97,14 @@ def run_memory(args: argparse.Namespace) -> int:
     gpus = comma_list(args.gpu, "--gpu", as_float, "sizes in GB", "24,80") if args.gpu else list(GPUS)
     if any(g <= 0 for g in gpus):
         raise UsageError(f"--gpu sizes must be positive, got {args.gpu!r}")
-    prof, estimates = rows(args)
+    prof, estimates, skipped = rows(args)
     if args.json:
         print(json.dumps({"model": describe(prof), "batch": args.batch, "length": args.length,
                           "state_dtype": args.state_dtype, "activation_checkpointing": args.activation_checkpointing,
                           "rows": [{"optimizer": name, "peak_bytes": e.peak, "at": e.at, **e.components,
                                     "state_bytes_per_parameter": e.plan.state_bytes,
                                     "fits_gb": [g for g in gpus if e.fits(g * 1e9)]} for name, e in estimates],
-                          "left_out": args.skipped}))
+                          "left_out": skipped}))
         return 0
     print(describe(prof))
     state = f"{args.state_dtype} optimizer state" if args.state_dtype else "each optimizer's own state dtype"
@@ -123,6 +122,6 @@ def run_memory(args: argparse.Namespace) -> int:
     presets = [(name, OPTIMIZERS[name].about) for name, _ in estimates if name in OPTIMIZERS and OPTIMIZERS[name].about]
     if presets:
         print("\n" + "\n".join(f"{name}: {about}" for name, about in presets))
-    if args.skipped:
-        print(f"\nleft out (they keep no {args.state_dtype} state): " + ", ".join(args.skipped))
+    if skipped:
+        print(f"\nleft out (they keep no {args.state_dtype} state): " + ", ".join(skipped))
     return 0
