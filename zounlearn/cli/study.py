@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "forget, over three seeds; then attacks every result, the original and the retrain model "
                     "(relearning, retain-only fine-tuning at their strongest point, quantization, noise) and "
                     "measures weight distance and mode connectivity. Writes study.json, study.md and plots; "
-                    "study.md's first line records how long it took and the machine's load: 22 min for the full "
-                    "study on one thread of an otherwise idle 2-core CPU (docs/study/study.md), about 2 with "
-                    "--quick.")
+                    "study.md's first line records how long it took and the machine's load: 31 min for the full "
+                    "study on one thread of a 2-core CPU that was also running a benchmark (docs/study/study.md; "
+                    "22 on the idle CPU), about 2 with --quick.")
     study.add_argument("--quick", action="store_true", help="NPO only, four optimizers, short grids, two seeds")
     study.add_argument("--output", "-o", metavar="DIR",
                        help="where to write (default: runs/study-<date-time>); must not exist or be empty")
