@@ -33,7 +33,7 @@ demo: $(BUILT)
 info: $(BUILT)
 	$(VENV)/bin/zounlearn info
 
-# The default suite (about 11 minutes on 2 cores) leaves out the tests marked slow (the demo
+# The default suite (about 14 minutes on 2 cores) leaves out the tests marked slow (the demo
 # and a study end to end, long interpreter runs); `make test-slow` runs those, and CI runs
 # both. pytest exits 5 when it collected no test; make treats that as the failure it is.
 test: $(BUILT) lint
