@@ -137,6 +137,19 @@ def test_bad_presets_and_options_are_named(name, options, message):
         make_optimizer(name, make_params(torch.float32), **options)
 
 
+def test_an_error_names_the_defaults_in_effect_and_only_those():
+    with pytest.raises(UsageError, match=r"SophiaG keeps float32 state.*with hybrid's defaults fo_in_backward=True, "
+                                         r"fo_state_dtype=bfloat16, zo_state_dtype=bfloat16"):
+        make_optimizer("hybrid", make_params(torch.float32), fo_optimizer="sophia")
+    with pytest.raises(UsageError, match=r"SophiaG keeps float32 state.*defaults fo_in_backward=True, "
+                                         r"zo_state_dtype=bfloat16; give") as info:
+        make_optimizer("hybrid", make_params(torch.float32), fo_optimizer="sophia", fo_state_dtype="bfloat16")
+    assert "fo_state_dtype=bfloat16;" not in info.value.args[0].split("with hybrid's defaults")[1]
+    with pytest.raises(UsageError, match="SignSGD takes no update_clip") as info:  # a preset: no defaults
+        make_optimizer("hybrid_signsgd", make_params(torch.float32), fo_update_clip=1.0)
+    assert "defaults" not in str(info.value)
+
+
 def test_first_order_names_update_in_backward_on_request():
     params = make_params(torch.float32)
     for name in ("adamw", "sgd", "signsgd", "signadam", "compressed_adam", "sophia"):

@@ -156,7 +156,14 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], *, lr: float | Non
     check_range("lr", lr, 0.0)
     params = list(params)
     if spec.cls is HybridFOZO:
-        return _hybrid(params, lr, seed, total_steps, model, {**spec.defaults, **spec.preset, **options})
+        defaulted = {k: v for k, v in spec.defaults.items() if k not in options}
+        try:
+            return _hybrid(params, lr, seed, total_steps, model, {**defaulted, **spec.preset, **options})
+        except UsageError as err:
+            if not defaulted:
+                raise
+            in_effect = ", ".join(f"{k}={v}" for k, v in defaulted.items())
+            raise UsageError(f"{err} (with {name}'s defaults {in_effect}; give any of them as an option)") from None
     if spec.ours:
         options["seed"] = seed
     if spec.zeroth_order:
@@ -248,12 +255,7 @@ def _hybrid(params: list[torch.Tensor], lr: float, seed: int, total_steps: int |
         raise UsageError(f"the hybrid's zo_optimizer {zo_name} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(optimizer_options(zo_name))} (as zo_<option>)")
     # The first-order phase's rounding under its own key: the two phases' rounding words independent.
-    try:  # bad ones: fail now
-        make_optimizer(fo_name, [torch.nn.Parameter(torch.zeros(1))], seed=seed + 1, **fo_options)
-    except UsageError as err:
-        given = ", ".join(f"{k}={v}" for k, v in fo_options.items())
-        raise UsageError(f"the hybrid's first-order phase {fo_name} ({given}; the default hybrid's are "
-                         f"{', '.join(f'{k}={v}' for k, v in HYBRID_DEFAULTS.items())} unless given): {err}") from None
+    make_optimizer(fo_name, [torch.nn.Parameter(torch.zeros(1))], seed=seed + 1, **fo_options)  # bad ones: fail now
     return HybridFOZO(params, lr=fo_lr, zo_lr=zo_lr,
                       fo_optimizer=lambda groups: make_optimizer(fo_name, groups, seed=seed + 1, **fo_options),
                       zo_optimizer=lambda groups: zo_spec.cls(groups, lr=zo_lr, seed=seed, model=model, **zo),
